@@ -1,0 +1,54 @@
+"""Advice lines that follow from the host profile, the tier and the settings."""
+
+from __future__ import annotations
+
+from .settings import Settings
+from .threads import ThreadBudget
+from .tiers import HostProfile, Tier
+
+__all__ = ["COMPILE_MIN_MEMORY_BYTES", "host_advice"]
+
+#: Optional backends: (name, pip extra, what is lost without it).
+_OPTIONAL_BACKENDS = (
+    ("onnxruntime", "onnx", "ONNX Runtime candidates"),
+    ("openvino", "openvino", "OpenVINO candidates"),
+    ("nncf", "nncf", "OpenVINO int8 weight compression and static int8"),
+)
+
+#: Below this much usable memory torch.compile (inductor) tends to be killed or to swap.
+COMPILE_MIN_MEMORY_BYTES = 4 * 2**30
+
+
+def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: ThreadBudget) -> list[str]:
+    """What a practitioner should know about this host before optimizing on it."""
+    lines: list[str] = []
+    cpu = profile.cpu
+    x86 = cpu.architecture in ("x86_64", "AMD64", "i686")
+    if x86 and not (cpu.has("avx512_vnni") or cpu.has("avx_vnni") or cpu.has("amx")):
+        lines.append("No VNNI or AMX: int8 matmuls have no fast path here, so int8 is unlikely to pay off.")
+    if cpu.has("avx512_bf16") or cpu.has("amx_bf16"):
+        if profile.backend("openvino").available:
+            lines.append(
+                "OpenVINO silently runs bf16 on this CPU unless told otherwise; uniopt always sets "
+                "INFERENCE_PRECISION_HINT and validates bf16 against the FP32 reference."
+            )
+        lines.append("The CPU computes bf16 natively: bf16 candidates are worth measuring.")
+    usable_memory = profile.memory.usable_bytes
+    if usable_memory < COMPILE_MIN_MEMORY_BYTES:
+        state = "off" if not settings.use_model_compilation or "torch-compile" in tier.denied else "ON"
+        lines.append(
+            f"{usable_memory / 2**30:.1f} GiB usable memory is below the ~4 GiB torch.compile needs; "
+            f"torch.compile is {state} (USE_MODEL_COMPILATION)."
+        )
+    if profile.usable_cpus < profile.cpu.logical_cores:
+        lines.append(
+            f"This process may use {profile.usable_cpus:g} of {profile.cpu.logical_cores} CPUs "
+            f"(affinity or cgroup quota); every backend gets {threads.intra_op} thread(s)."
+        )
+    for name, extra, use in _OPTIONAL_BACKENDS:
+        info = profile.backend(name)
+        if not info.available:
+            lines.append(f"{name} is not available ({info.reason}), so {use} are skipped: pip install 'uniopt[{extra}]'.")
+    if tier.name == "low-resource" and settings.mode == "auto":
+        lines.append("Small host: UNIOPT_MODE=tier skips the timing search for a faster first start.")
+    return lines

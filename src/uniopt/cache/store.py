@@ -1,0 +1,423 @@
+"""On-disk artifact cache: atomic entries, per-key file locks, validation and LRU eviction.
+
+Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``),
+``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and
+``locks/<key>.lock``. A finished temporary directory is renamed into ``entries/``, so readers see a
+whole entry or none. An entry with a missing or corrupt manifest, or a missing or resized file, is
+a miss: it is deleted and rebuilt, with one warning per key and process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+from filelock import FileLock, Timeout
+
+from uniopt.cache.keys import jsonable
+from uniopt.errors import CacheError
+
+__all__ = ["ArtifactCache", "CacheEntry", "default_cache_dir"]
+
+logger = logging.getLogger("uniopt.cache")
+
+MANIFEST = "manifest.json"
+LAST_USED = ".last_used"
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+Build = Callable[[Path], Mapping[str, Any] | None]
+
+
+def default_cache_dir() -> Path:
+    """Return the platform's per-user cache directory for uniopt."""
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("uniopt"))
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cache entry as read from disk; ``problem`` is None for a valid entry."""
+
+    key: str
+    path: Path
+    kind: str
+    description: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    created: float
+    last_used: float
+    size_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Whether the entry passed the size check (``verify`` also checks sha256)."""
+        return self.problem is None
+
+
+def _unique(directory: Path, prefix: str) -> Path:
+    return directory / f"{prefix}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(6)}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush a file or directory to disk; best effort (directories cannot be opened on Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tree_stat(path: Path) -> tuple[int, float]:
+    """Return the total size of the files under ``path`` and the newest mtime in it."""
+    st = os.lstat(path)
+    size, newest = (0 if os.path.isdir(path) else st.st_size), st.st_mtime
+    for dirpath, dirs, names in os.walk(path):
+        for name in dirs + names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                size += 0 if name in dirs else st.st_size
+                newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _scan(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Hash and fsync every file a build wrote; return relpath -> {size, sha256}."""
+    files: dict[str, dict[str, Any]] = {}
+    for dirpath, dirs, names in os.walk(tmp):
+        dirs.sort()
+        for name in sorted(names):
+            full = Path(dirpath) / name
+            rel = full.relative_to(tmp).as_posix()
+            if rel in (MANIFEST, LAST_USED) or full.is_symlink():
+                raise ValueError(f"a cache build wrote a reserved name or a symlink: {rel!r}")
+            files[rel] = {"size": full.stat().st_size, "sha256": _sha256(full)}
+            _fsync(full)
+    return files
+
+
+def _check_manifest(m: Any, key: str, schema: int) -> str | None:
+    if not isinstance(m, dict) or m.get("schema") != schema or m.get("key") != key:
+        return f"manifest.json is not a schema {schema} manifest for this key"
+    if not isinstance(m.get("created"), (int, float)) or not isinstance(m.get("kind"), str):
+        return "manifest.json lacks kind or created"
+    if not all(isinstance(m.get(k), dict) for k in ("description", "extra", "files")):
+        return "manifest.json lacks description, extra or files"
+    for rel, info in m["files"].items():
+        parts = PurePosixPath(rel).parts
+        bad_name = not parts or rel.startswith("/") or ".." in parts or rel in (MANIFEST, LAST_USED)
+        if bad_name or not isinstance(info, dict) or not isinstance(info.get("size"), int):
+            return f"manifest.json has a bad record for {rel!r}"
+    return None
+
+
+class ArtifactCache:
+    """A directory of build artifacts keyed by :func:`uniopt.cache.cache_key`."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    LOCK_TIMEOUT: ClassVar[float] = 600.0
+    STALE_TEMP_SECONDS: ClassVar[float] = 3600.0
+    ORPHAN_TEMP_SECONDS: ClassVar[float] = 86400.0  # removed even if its pid seems alive
+
+    def __init__(self, root: Path | str, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        self.root = Path(root).expanduser()
+        self.max_bytes = max_bytes
+        self._entries, self._tmp, self._locks = (self.root / d for d in ("entries", "tmp", "locks"))
+        try:
+            for d in (self._entries, self._tmp, self._locks):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = _unique(self._tmp, "probe")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(
+                f"the uniopt cache directory {str(self.root)!r} is not writable ({exc}); "
+                "set UNIOPT_CACHE_DIR to a writable directory"
+            ) from exc
+        self._remove_stale_temporaries()
+
+    def path_for(self, key: str) -> Path:
+        """Return the directory of the entry for ``key`` (which may not exist)."""
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+            raise ValueError(f"invalid cache key {key!r}: use 1-128 characters from [A-Za-z0-9_-]")
+        return self._entries / key
+
+    def get(self, key: str) -> CacheEntry | None:
+        """Return the entry for ``key`` and mark it used, or None (an invalid one is deleted)."""
+        path = self.path_for(key)
+        entry = self._inspect(key, path)
+        if entry is None:
+            return None
+        if entry.problem is not None:
+            self._warn_once(entry)
+            self._discard(key, path, only_if_invalid=True)
+            return None
+        return replace(entry, last_used=self._touch(path))
+
+    def get_or_build(
+        self, key: str, build: Build, *, kind: str, description: Mapping[str, Any]
+    ) -> tuple[CacheEntry, bool]:
+        """Return ``(entry, built_now)``, calling ``build(tmpdir)`` only on a miss.
+
+        ``build`` writes its files into ``tmpdir`` and may return a JSON-able mapping, kept as
+        ``entry.extra``. If it raises, nothing is left behind and the error propagates.
+        """
+        entry = self.get(key)
+        if entry is not None:
+            return entry, False
+        desc = jsonable(dict(description))
+        lock = FileLock(self._locks / f"{key}.lock", timeout=self.LOCK_TIMEOUT)
+        try:
+            lock.acquire()
+        except (Timeout, OSError) as exc:  # correctness never depends on the lock
+            logger.warning("building cache entry %s without its lock (%s)", key, exc)
+        try:
+            entry = self.get(key) if lock.is_locked else None  # re-check once the lock is held
+            if entry is not None:
+                return entry, False
+            entry, built = self._build(key, build, kind, desc)
+        finally:
+            if lock.is_locked:
+                lock.release()
+        if built:
+            self._evict(self.max_bytes, keep=key)
+        return entry, built
+
+    def entries(self) -> list[CacheEntry]:
+        """Return every entry, valid or not, least recently used first."""
+        found = []
+        for name in os.listdir(self._entries):
+            if _KEY_RE.fullmatch(name) and (entry := self._inspect(name, self._entries / name)):
+                found.append(entry)
+        return sorted(found, key=lambda e: (e.last_used, e.key))
+
+    def verify(self) -> list[tuple[CacheEntry, str | None]]:
+        """Check every entry's files by size and sha256; return (entry, problem or None) pairs."""
+        results: list[tuple[CacheEntry, str | None]] = []
+        for entry in self.entries():
+            problem = entry.problem
+            for rel, info in entry.files.items():
+                try:
+                    if problem is None and _sha256(entry.path / rel) != info.get("sha256"):
+                        problem = f"file {rel!r} does not match its sha256"
+                except OSError as exc:
+                    problem = f"file {rel!r} cannot be read ({exc})"
+            results.append((entry, problem))
+        return results
+
+    def remove(self, key: str) -> None:
+        """Delete the entry for ``key`` if it exists."""
+        self._discard(key, self.path_for(key), only_if_invalid=False)
+
+    def clear(self) -> int:
+        """Delete every entry and stale temporary; return the number of entries deleted."""
+        removed = 0
+        for name in os.listdir(self._entries):
+            removed += self._discard(name, self._entries / name, only_if_invalid=False)
+        self._remove_stale_temporaries()
+        return removed
+
+    def evict(self, max_bytes: int | None = None) -> list[str]:
+        """Delete entries, invalid then least recently used, until the total fits; return their keys.
+
+        ``max_bytes`` defaults to the cache's own limit; with neither, nothing is deleted.
+        """
+        return self._evict(self.max_bytes if max_bytes is None else max_bytes, keep=None)
+
+    def total_bytes(self) -> int:
+        """Return the size of all entries in bytes (temporaries are not counted)."""
+        return sum(e.size_bytes for e in self.entries())
+
+    def _inspect(self, key: str, path: Path) -> CacheEntry | None:
+        """Read an entry, checking its manifest and file sizes; None if nothing is there."""
+        try:
+            raw = (path / MANIFEST).read_bytes()
+            m = json.loads(raw)
+            problem = _check_manifest(m, key, self.SCHEMA_VERSION)
+        except FileNotFoundError:
+            problem = "manifest.json is missing"
+        except (OSError, ValueError) as exc:
+            problem = f"manifest.json cannot be read ({exc})"
+        if problem is not None:
+            try:
+                size, mtime = _tree_stat(path)
+            except FileNotFoundError:
+                return None
+            return CacheEntry(key, path, "", {}, {}, mtime, mtime, size, {}, problem)
+        for rel, info in m["files"].items():
+            try:
+                size = os.stat(path / rel).st_size
+            except OSError:
+                problem = f"file {rel!r} is missing"
+                break
+            if size != info["size"]:
+                problem = f"file {rel!r} has {size} bytes, expected {info['size']}"
+                break
+        try:
+            last_used = float((path / LAST_USED).read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            last_used = float(m["created"])
+        files, created = m["files"], float(m["created"])
+        size = sum(info["size"] for info in files.values()) + len(raw)
+        return CacheEntry(
+            key, path, m["kind"], m["description"], files, created, last_used, size, m["extra"], problem
+        )
+
+    def _touch(self, path: Path, now: float | None = None) -> float:
+        """Record a use of an entry in its ``.last_used`` sidecar, atomically."""
+        now = time.time() if now is None else now
+        tmp = _unique(path, LAST_USED)
+        try:
+            tmp.write_text(repr(now), encoding="ascii")
+            os.replace(tmp, path / LAST_USED)
+        except OSError:  # the entry was removed meanwhile, or is read-only
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        return now
+
+    def _warn_once(self, entry: CacheEntry) -> None:
+        with _warned_lock:
+            if str(entry.path) in _warned:
+                return
+            _warned.add(str(entry.path))
+        logger.warning("cache entry %s is invalid (%s); it will be rebuilt", entry.path, entry.problem)
+
+    def _discard(self, key: str, path: Path, *, only_if_invalid: bool) -> bool:
+        """Move an entry out of ``entries/`` atomically and delete it; True if it was removed.
+
+        With ``only_if_invalid``, an entry that is valid once moved (another process published
+        it meanwhile) is put back.
+        """
+        trash = _unique(self._tmp, key)
+        try:
+            os.replace(path, trash)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            _remove_path(path)
+            return not os.path.lexists(path)
+        if only_if_invalid and (moved := self._inspect(key, trash)) and moved.problem is None:
+            with contextlib.suppress(OSError):
+                os.rename(trash, path)
+                return False
+        _remove_path(trash)
+        return True
+
+    def _build(self, key: str, build: Build, kind: str, desc: Any) -> tuple[CacheEntry, bool]:
+        """Build into a fresh temporary directory, write its manifest last, then publish it."""
+        tmp = _unique(self._tmp, key)
+        tmp.mkdir()
+        try:
+            result = build(tmp)
+            extra = jsonable(dict(result)) if result is not None else {}
+            files = _scan(tmp)
+            now = time.time()
+            manifest = dict(schema=self.SCHEMA_VERSION, key=key, kind=kind, description=desc)
+            manifest.update(files=files, created=now, extra=extra)
+            raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode()
+            part = _unique(tmp, MANIFEST)
+            with open(part, "wb", buffering=0) as f:
+                f.write(raw)
+                os.fsync(f.fileno())
+            os.replace(part, tmp / MANIFEST)
+            self._touch(tmp, now)
+            _fsync(tmp, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.path_for(key)
+        size = sum(info["size"] for info in files.values()) + len(raw)
+        entry = CacheEntry(key, final, kind, desc, files, now, now, size, extra)
+        error: OSError | None = None
+        for _ in range(5):
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                error, existing = exc, self._inspect(key, final)
+                if existing is None:  # gone meanwhile, or the error was not about it
+                    continue
+                if existing.problem is None:  # another process won without the lock: use theirs
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return replace(existing, last_used=self._touch(final)), False
+                self._warn_once(existing)
+                self._discard(key, final, only_if_invalid=True)
+                continue
+            _fsync(self._entries, directory=True)
+            return entry, True
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CacheError(f"cannot publish cache entry {final}: {error}") from error
+
+    def _evict(self, limit: int | None, keep: str | None) -> list[str]:
+        if limit is None:
+            return []
+        entries = self.entries()
+        total = sum(e.size_bytes for e in entries)
+        removed: list[str] = []
+        for e in sorted(entries, key=lambda e: (e.problem is None, e.last_used)):
+            if total <= limit:
+                break
+            if e.key != keep:
+                if self._discard(e.key, e.path, only_if_invalid=e.problem is not None):
+                    removed.append(e.key)
+                total -= e.size_bytes
+        return removed
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporaries older than STALE_TEMP_SECONDS whose process is gone."""
+        now = time.time()
+        for name in os.listdir(self._tmp):
+            try:
+                age = now - _tree_stat(self._tmp / name)[1]
+            except OSError:
+                continue
+            fields = name.split(".")
+            pid = int(fields[1]) if len(fields) >= 4 and fields[1].isdigit() else None
+            alive = pid is not None and age < self.ORPHAN_TEMP_SECONDS and _pid_alive(pid)
+            if age >= self.STALE_TEMP_SECONDS and not alive:
+                _remove_path(self._tmp / name)

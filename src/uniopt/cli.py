@@ -1,0 +1,97 @@
+"""The ``optimize`` command line: ``optimize doctor`` and friends."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import UniOptError
+
+app = typer.Typer(help="uniopt: make PyTorch speech engines faster on this machine.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """uniopt: make PyTorch speech engines faster on this machine."""
+
+
+def _gib(n: int | None) -> str:
+    return "none" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+def _print_doctor(data: dict[str, Any]) -> None:
+    cpu, mem = data["cpu"], data["memory"]
+    host = Table(title="Host", show_header=False)
+    host.add_row("CPU", f"{cpu['model']} ({cpu['vendor']}, {cpu['architecture']})")
+    host.add_row("cores", f"{cpu['physical_cores']} physical, {cpu['logical_cores']} logical")
+    host.add_row("affinity / cgroup quota", f"{cpu['affinity_cpus']} / {cpu['cgroup_cpu_quota'] or 'none'}")
+    host.add_row("usable CPUs", f"[bold]{cpu['usable_cpus']:g}[/]")
+    host.add_row("instruction sets", " ".join(f for f, on in cpu["flags"].items() if on) or "none of interest")
+    host.add_row("memory", f"{_gib(mem['total_bytes'])} total, {_gib(mem['available_bytes'])} available")
+    host.add_row("memory limit", _gib(mem["limit_bytes"]))
+    host.add_row("GPUs", ", ".join(g["name"] for g in data["gpus"]) or "none")
+    host.add_row("fingerprint", data["fingerprint"][:16] + "…")
+    console.print(host)
+
+    backends = Table(title="Backends")
+    for col in ("backend", "available", "version", "detail"):
+        backends.add_column(col)
+    for name, info in data["backends"].items():
+        detail = ", ".join(info["providers"]) or ", ".join(f"{d}: {'/'.join(p)}" for d, p in info["devices"].items()) or info["reason"]
+        backends.add_row(name, _yes(info["available"]), info["version"] or "-", escape(detail))
+    console.print(backends)
+
+    tier = data["tier"]
+    console.print(f"[bold]Tier:[/] {tier['name']} — {escape(tier['reason'])}")
+    console.print(f"[bold]Threads per backend:[/] {data['threads']['intra_op']} (inter-op {data['threads']['inter_op']})")
+
+    cands = Table(title="Candidates on this host")
+    for col in ("candidate", "plugin", "precision", "available", "why not"):
+        cands.add_column(col)
+    for row in data["candidates"]:
+        cands.add_row(row["name"], row["plugin"], row["precision"], _yes(row["available"]), escape(row["reason"]))
+    console.print(cands)
+
+    changed = {k: v for k, v in data["settings"].items() if v["source"] != "default"}
+    if changed:
+        settings = Table(title="Settings not at their default")
+        for col in ("setting", "value", "from"):
+            settings.add_column(col)
+        for name, v in changed.items():
+            settings.add_row(name, escape(str(v["value"])), v["source"])
+        console.print(settings)
+    if data["advice"]:
+        console.print("[bold]Advice[/]")
+        for line in data["advice"]:
+            console.print(f"  • {escape(line)}")
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Print the hardware report, the tier, what each backend can do here, and advice."""
+    from .doctor import doctor_report
+
+    try:
+        data = doctor_report().to_dict()
+    except UniOptError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        _print_doctor(data)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

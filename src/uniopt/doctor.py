@@ -1,0 +1,74 @@
+"""The doctor report: host profile, tier, thread budget, candidates and advice, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .advice import host_advice
+from .plugins import availability, candidates, plugin_manager
+from .settings import Settings, resolve_settings
+from .threads import ThreadBudget, thread_budget
+from .tiers import HostProfile, TierChoice, host_profile
+
+__all__ = ["DoctorReport", "doctor_report"]
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """Everything ``optimize doctor`` shows."""
+
+    profile: HostProfile
+    choice: TierChoice
+    settings: Settings
+    threads: ThreadBudget
+    plugins: list[tuple[str, str]]
+    candidates: list[dict[str, Any]]
+    advice: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.profile.to_dict()
+        data["tier"] = {
+            "name": self.choice.tier.name,
+            "reason": self.choice.reason,
+            "description": self.choice.tier.description,
+            "denied": list(self.choice.tier.denied),
+        }
+        data["threads"] = {"intra_op": self.threads.intra_op, "inter_op": self.threads.inter_op}
+        data["settings"] = {
+            name: {"value": _jsonable(getattr(self.settings, name)), "source": source}
+            for name, source in self.settings.sources.items()
+        }
+        data["plugins"] = [{"name": n, "origin": o} for n, o in self.plugins]
+        data["candidates"] = self.candidates
+        data["advice"] = self.advice
+        return data
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
+    """Build the doctor report for this process."""
+    profile = host_profile()
+    settings, choice = resolve_settings(overrides, profile)
+    threads = thread_budget(profile.usable_cpus, settings.threads)
+    pm = plugin_manager(settings.plugins)
+    plugins = [(name, type(p).__name__ if not hasattr(p, "__name__") else p.__name__) for name, p in pm.list_name_plugin()]
+    rows = []
+    for cand in candidates(pm).values():
+        ok, reason = availability(cand, profile, settings, choice.tier)
+        rows.append(
+            {
+                "name": cand.name,
+                "plugin": cand.plugin,
+                "precision": cand.requires.precision,
+                "available": ok,
+                "reason": reason,
+                "description": cand.description,
+            }
+        )
+    advice = host_advice(profile, choice.tier, settings, threads)
+    pm.hook.uniopt_doctor_advice(profile=profile, tier=choice.tier, settings=settings, add=advice.append)
+    return DoctorReport(profile, choice, settings, threads, plugins, rows, advice)

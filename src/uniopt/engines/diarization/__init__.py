@@ -1,0 +1,26 @@
+"""Diarization components with real pretrained weights, ported to plain PyTorch modules.
+
+* :class:`PyanNet` - pyannote segmentation-3.0 (powerset speaker activity, 7 classes);
+* :class:`SpeakerEncoder` - resemblyzer's GE2E speaker embedding network, with its preprocessing.
+"""
+
+from uniopt.engines.diarization.segmentation import PyanNet, load_segmentation_model, powerset_to_speakers
+from uniopt.engines.diarization.speaker_encoder import (
+    SpeakerEncoder,
+    embed_utterance,
+    load_speaker_encoder,
+    wav_to_mel_spectrogram,
+)
+from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
+
+__all__ = [
+    "PyanNet",
+    "SpeakerEncoder",
+    "embed_utterance",
+    "find_segmentation_onnx",
+    "find_speaker_encoder_weights",
+    "load_segmentation_model",
+    "load_speaker_encoder",
+    "powerset_to_speakers",
+    "wav_to_mel_spectrogram",
+]

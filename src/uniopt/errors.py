@@ -1,0 +1,82 @@
+"""Errors raised by uniopt.
+
+Every error derives from :class:`UniOptError`, so ``except UniOptError`` catches them all::
+
+    UniOptError
+    ├── SettingsError          a setting has a value that is not allowed
+    ├── InputError             bad input to an engine (dtype, shape, sample rate, NaN, empty audio)
+    ├── PluginError            a plugin is broken: bad registration, duplicate name, unknown hook
+    ├── BackendUnavailable     an optional backend (onnxruntime, openvino, nncf) is not installed
+    ├── OptimizationError      a candidate stage failed to build, load or run on this host
+    │   └── ValidationError    a stage ran but disagrees with the FP32 reference
+    └── CacheError             the artifact cache cannot be used (unwritable directory, ...)
+
+A user's mistake raises with a message that says what to do. A plugin's failure on this host is
+recorded as a fallback in the report; it is raised only when ``FALLBACK_ON_OPTIMIZATION_ERROR``
+is false, as an :class:`OptimizationError` whose ``__cause__`` is the original exception.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "CacheError",
+    "InputError",
+    "OptimizationError",
+    "PluginError",
+    "SettingsError",
+    "UniOptError",
+    "ValidationError",
+]
+
+
+class UniOptError(Exception):
+    """Base class of every error uniopt raises."""
+
+
+class SettingsError(UniOptError, ValueError):
+    """A setting has a value that is not allowed; the message names the variable and the choices."""
+
+    def __init__(self, variable: str, value: object, allowed: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{variable}={value!r} is not allowed: expected {allowed}")
+
+
+class InputError(UniOptError, ValueError):
+    """Input to an engine or component is malformed (dtype, shape, sample rate, NaN, empty)."""
+
+
+class PluginError(UniOptError):
+    """A plugin is malformed: duplicate candidate name, unknown hook, bad registration."""
+
+
+class BackendUnavailable(UniOptError, ImportError):
+    """An optional backend is not installed; the message names the pip extra that provides it."""
+
+    def __init__(self, backend: str, extra: str, reason: str = "") -> None:
+        self.backend = backend
+        self.extra = extra
+        detail = f" ({reason})" if reason else ""
+        super().__init__(
+            f"{backend} is not available{detail}; install it with: pip install 'uniopt[{extra}]'"
+        )
+
+
+class OptimizationError(UniOptError):
+    """A candidate stage failed to build, load or run; ``__cause__`` holds the original error."""
+
+    def __init__(self, component: str, candidate: str, reason: str) -> None:
+        self.component = component
+        self.candidate = candidate
+        self.reason = reason
+        super().__init__(f"{candidate} failed for component {component!r}: {reason}")
+
+
+class ValidationError(OptimizationError):
+    """A stage ran but its outputs disagree with the FP32 reference beyond the guard."""
+
+
+class CacheError(UniOptError, OSError):
+    """The artifact cache cannot be used (for example its directory is not writable)."""

@@ -1,0 +1,89 @@
+"""A component: one ``nn.Module`` of an engine, with what uniopt needs to optimize it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Component", "Metric"]
+
+#: Accuracy metrics a component can declare; the guard knows how to compute each.
+METRICS = ("allclose", "cosine", "argmax_agreement", "snr_db", "token_agreement")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a reduced-precision stage is judged against the FP32 reference.
+
+    ``name`` is one of :data:`METRICS`; ``threshold`` is the worst value accepted
+    (a minimum for cosine, agreement and SNR).
+    """
+
+    name: str = "cosine"
+    threshold: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.name not in METRICS:
+            raise ValueError(f"unknown metric {self.name!r}; expected one of {', '.join(METRICS)}")
+
+
+@dataclass
+class Component:
+    """One optimizable part of an engine.
+
+    ``module`` is called as ``module(*example_inputs)``. ``input_names`` name the positional
+    inputs (used for ONNX export); ``dynamic_axes`` maps an input or output name to
+    ``{axis: symbolic_name}`` for the axes whose size varies between calls.
+    ``kind`` hints the tier's default chain ("encoder", "decoder", "embedding",
+    "segmentation", "codec", "generic"). ``exporter`` prefers "dynamo" or "legacy"
+    for ONNX export (the other is tried when the first fails).
+    """
+
+    name: str
+    module: torch.nn.Module
+    example_inputs: tuple[Any, ...]
+    input_names: Sequence[str] = ()
+    output_names: Sequence[str] = ()
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    metric: Metric = field(default_factory=Metric)
+    kind: str = "generic"
+    exporter: str = "dynamo"
+    calibration_inputs: Sequence[tuple[Any, ...]] = ()
+
+    def key(self) -> str:
+        """sha256 of the weights, the module's class and code, the inputs and the export spec.
+
+        Computed once per component object; build a new Component after changing weights.
+        """
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            from ..cache import cache_key, hash_module, input_signature
+
+            cached = cache_key(
+                {
+                    "module": hash_module(self.module),
+                    "inputs": input_signature(self.example_inputs),
+                    "input_names": list(self.input_names),
+                    "output_names": list(self.output_names),
+                    "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
+                    "exporter": self.exporter,
+                }
+            )
+            self.__dict__["_key"] = cached
+        return cached
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, torch.nn.Module):
+            raise TypeError(f"component {self.name!r}: module must be a torch.nn.Module")
+        if not isinstance(self.example_inputs, tuple):
+            self.example_inputs = (self.example_inputs,)
+        if not self.input_names:
+            self.input_names = tuple(f"input_{i}" for i in range(len(self.example_inputs)))
+        if len(self.input_names) != len(self.example_inputs):
+            raise ValueError(
+                f"component {self.name!r}: {len(self.input_names)} input names "
+                f"for {len(self.example_inputs)} example inputs"
+            )

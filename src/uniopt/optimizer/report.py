@@ -1,0 +1,81 @@
+"""The optimization report: typed, with ``to_dict()`` for plain JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CandidateResult", "ComponentReport", "OptimizationReport"]
+
+
+@dataclass
+class CandidateResult:
+    """One candidate's fate for one component."""
+
+    name: str
+    accepted: bool
+    reason: str = ""
+    metric: str | None = None
+    metric_value: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    speedup: float | None = None
+    peak_memory_bytes: int | None = None
+    build_seconds: float | None = None
+    warmup_seconds: float | None = None
+    from_cache: bool = False
+
+
+@dataclass
+class ComponentReport:
+    """What happened to one component: the chosen stage and every candidate tried."""
+
+    component: str
+    chosen: str
+    candidates: list[CandidateResult] = field(default_factory=list)
+    decision_from_cache: bool = False
+    stage: Any = field(default=None, repr=False, compare=False)
+
+    def candidate(self, name: str) -> CandidateResult:
+        """The result for candidate ``name``."""
+        for result in self.candidates:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "component": self.component,
+            "chosen": self.chosen,
+            "decision_from_cache": self.decision_from_cache,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+@dataclass
+class OptimizationReport:
+    """The host, the tier, and one :class:`ComponentReport` per component."""
+
+    fingerprint: str
+    tier: str
+    tier_reason: str
+    mode: str
+    components: list[ComponentReport]
+    setup_seconds: float = 0.0
+
+    def component(self, name: str) -> ComponentReport:
+        """The report for component ``name``."""
+        for report in self.components:
+            if report.component == name:
+                return report
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "tier": self.tier,
+            "tier_reason": self.tier_reason,
+            "mode": self.mode,
+            "setup_seconds": self.setup_seconds,
+            "components": [c.to_dict() for c in self.components],
+        }

@@ -1,0 +1,264 @@
+"""Choosing a stage per component: tier defaults, or measured candidates behind the guard.
+
+``tier`` mode walks the tier's chain for the component's kind and keeps the first candidate that
+is available, builds and passes the guard. ``auto`` mode builds every available candidate,
+validates each against the FP32 reference, warms the survivors up, times them interleaved, and
+keeps the fastest if it beats eager by ``min_speedup``; otherwise eager stays. The decision is
+stored in the artifact cache, keyed by host fingerprint, component and settings, so the next
+process applies it without timing anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pluggy
+import torch
+
+from ..errors import OptimizationError, ValidationError
+from ..plugins.model_cache import model_cache, stage_key
+from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from .component import Component
+from .guard import check_outputs, run_reference
+from .report import CandidateResult, ComponentReport
+from .timing import measure_interleaved
+
+__all__ = ["optimize_component"]
+
+log = logging.getLogger("uniopt")
+DECISION_FORMAT = 1
+
+
+def _ordered(cands: dict[str, Candidate], component: Component, context: BuildContext) -> list[Candidate]:
+    """The tier's chain first (its order), then every other candidate (registration order)."""
+    chain = [n for n in context.tier.chain_for(component.kind) if n in cands]
+    if context.settings.mode == "tier":
+        names = chain if "eager" in chain else [*chain, "eager"]
+    else:
+        names = ["eager", *[n for n in chain if n != "eager"], *[n for n in cands if n not in chain and n != "eager"]]
+    return [cands[n] for n in names if n in cands]
+
+
+def _decision_key(component: Component, context: BuildContext, names: list[str]) -> str:
+    from ..cache import cache_key, library_versions
+
+    s = context.settings
+    return cache_key(
+        {
+            "decision": DECISION_FORMAT,
+            "host": context.profile.fingerprint,
+            "component": component.key(),
+            "metric": [component.metric.name, component.metric.threshold],
+            "candidates": sorted(names),
+            "settings": [s.mode, s.atol, s.rtol, s.min_speedup, context.threads.intra_op],
+            "versions": library_versions(),
+        }
+    )
+
+
+class _Selector:
+    def __init__(self, component: Component, context: BuildContext, pm: pluggy.PluginManager) -> None:
+        self.component = component
+        self.context = context
+        self.pm = pm
+        self.results: list[CandidateResult] = []
+        self.stages: dict[str, Stage] = {}
+        self.started = time.perf_counter()
+        component.module.eval()
+        torch.manual_seed(0)
+        self.reference = run_reference(component.module, component.example_inputs)
+        self.extra_references = [
+            (inputs, run_reference(component.module, inputs)) for inputs in component.calibration_inputs[:1]
+        ]
+
+    def reject(self, name: str, reason: str, **figures: Any) -> None:
+        self.results.append(CandidateResult(name, accepted=False, reason=reason, **figures))
+
+    def try_candidate(self, cand: Candidate) -> Stage | None:
+        """Build and validate one candidate; record and return None when it fails."""
+        started = time.perf_counter()
+        built = model_cache.get_or_build(
+            stage_key(cand, self.component, self.context),
+            lambda: self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context),
+        )
+        build_seconds = time.perf_counter() - started
+        if isinstance(built, BuildFailure):
+            self.reject(cand.name, f"build failed: {built.reason}", build_seconds=build_seconds)
+            return None
+        try:
+            verdict = self.validate(cand, built)
+        except Exception as exc:
+            if not self.context.settings.fallback_on_optimization_error:
+                raise OptimizationError(self.component.name, cand.name, f"first call failed: {exc}") from exc
+            self.reject(cand.name, f"first call failed: {type(exc).__name__}: {str(exc)[:200]}", build_seconds=build_seconds)
+            return None
+        if not verdict.passed:
+            if not self.context.settings.fallback_on_optimization_error:
+                raise ValidationError(self.component.name, cand.name, verdict.reason)
+            self.reject(cand.name, f"guard: {verdict.reason}", metric=verdict.metric, metric_value=verdict.value, build_seconds=build_seconds)
+            return None
+        self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
+        self.results.append(
+            CandidateResult(
+                cand.name,
+                accepted=True,
+                metric=verdict.metric,
+                metric_value=verdict.value,
+                build_seconds=build_seconds,
+                warmup_seconds=built.info.get("warmup_seconds"),
+                from_cache=bool(built.info.get("from_cache")),
+            )
+        )
+        self.stages[cand.name] = built
+        return built
+
+    def validate(self, cand: Candidate, stage: Stage) -> Any:
+        s = self.context.settings
+        checks = [(self.component.example_inputs, self.reference), *self.extra_references]
+        verdict = None
+        for inputs, reference in checks:
+            with torch.inference_mode():
+                outputs = stage(*copy.deepcopy(inputs))
+            verdict = check_outputs(
+                reference, outputs, precision=cand.requires.precision, metric=self.component.metric, atol=s.atol, rtol=s.rtol
+            )
+            if not verdict.passed:
+                return verdict
+        return verdict
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.started > self.context.settings.search_budget_s
+
+
+def _result(selector: _Selector, name: str) -> CandidateResult:
+    return next(r for r in selector.results if r.name == name and r.accepted)
+
+
+def _time_survivors(selector: _Selector) -> None:
+    inputs = selector.component.example_inputs
+    calls = {name: _call(stage, inputs) for name, stage in selector.stages.items()}
+    remaining = max(1.0, selector.context.settings.search_budget_s - (time.perf_counter() - selector.started))
+    timings = measure_interleaved(calls, budget_s=remaining)
+    eager_p50 = timings["eager"].p50
+    for name, timing in timings.items():
+        result = _result(selector, name)
+        result.p50_ms = timing.p50 * 1e3
+        result.p95_ms = timing.quantile(0.95) * 1e3
+        result.speedup = eager_p50 / timing.p50
+
+
+def _call(stage: Stage, inputs: tuple[Any, ...]) -> Any:
+    def run() -> Any:
+        with torch.inference_mode():
+            return stage(*inputs)
+
+    return run
+
+
+def _winner(selector: _Selector) -> str:
+    accepted = [r for r in selector.results if r.accepted and r.speedup is not None]
+    best = max(accepted, key=lambda r: r.speedup or 0.0)
+    if best.name != "eager" and (best.speedup or 0.0) >= selector.context.settings.min_speedup:
+        return best.name
+    return "eager"
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Any]:
+    import sys
+
+    if not sys.stderr.isatty():
+        yield lambda name: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(name: str) -> None:
+            progress.update(task, advance=1, description=f"{label}: {name}")
+
+        yield advance
+
+
+def _load_decision(context: BuildContext, key: str) -> dict[str, Any] | None:
+    if context.cache is None:
+        return None
+    entry = context.cache.get(key)
+    if entry is None:
+        return None
+    try:
+        return json.loads((entry.path / "decision.json").read_text())
+    except (OSError, ValueError):
+        context.cache.remove(key)
+        return None
+
+
+def _store_decision(context: BuildContext, key: str, component: Component, report: ComponentReport) -> None:
+    if context.cache is None:
+        return
+    payload = report.to_dict()
+
+    def write(directory: Any) -> None:
+        (directory / "decision.json").write_text(json.dumps(payload, indent=1))
+
+    context.cache.remove(key)
+    context.cache.get_or_build(key, write, kind="decision", description={"component": component.name, "chosen": report.chosen})
+
+
+def optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
+    """Pick the stage for ``component`` according to ``context.settings.mode``."""
+    registered = candidates(pm)
+    selector = _Selector(component, context, pm)
+    ordered = _ordered(registered, component, context)
+    usable = []
+    for cand in ordered:
+        ok, why = availability(cand, context.profile, context.settings, context.tier)
+        if ok:
+            usable.append(cand)
+        else:
+            selector.reject(cand.name, f"not available: {why}")
+    if context.settings.mode == "auto":
+        key = _decision_key(component, context, [c.name for c in usable])
+        decision = _load_decision(context, key)
+        if decision is not None:
+            report = _apply_decision(selector, registered, decision)
+            if report is not None:
+                return report
+    with _progress(len(usable), f"optimizing {component.name}") as advance:
+        for cand in usable:
+            if context.settings.mode == "auto" and cand.name != "eager" and selector.over_budget():
+                selector.reject(cand.name, "search budget spent")
+                continue
+            advance(cand.name)
+            stage = selector.try_candidate(cand)
+            if context.settings.mode == "tier" and stage is not None:
+                return ComponentReport(component.name, cand.name, selector.results, stage=stage)
+    if context.settings.mode == "tier":
+        raise AssertionError("eager always passes its own guard")
+    _time_survivors(selector)
+    chosen = _winner(selector)
+    report = ComponentReport(component.name, chosen, selector.results, stage=selector.stages[chosen])
+    _store_decision(context, key, component, report)
+    return report
+
+
+def _apply_decision(selector: _Selector, registered: dict[str, Candidate], decision: dict[str, Any]) -> ComponentReport | None:
+    """Rebuild the stored choice without timing; None when it no longer builds or validates."""
+    chosen = decision["chosen"]
+    if chosen not in registered:
+        return None
+    stage = selector.try_candidate(registered[chosen])
+    if stage is None:
+        return None
+    stored = [CandidateResult(**c) for c in decision["candidates"]]
+    for result in stored:
+        if result.name == chosen:
+            result.from_cache = bool(stage.info.get("from_cache"))
+    return ComponentReport(selector.component.name, chosen, stored, decision_from_cache=True, stage=stage)

@@ -1,0 +1,65 @@
+"""Interleaved timing: candidates take turns (A B C A B C ...), so a neighbour's load hits all alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Timing", "measure_interleaved"]
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one candidate, in seconds."""
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.samples)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _ranking(timings: Mapping[str, Timing]) -> list[str]:
+    return sorted(timings, key=lambda name: timings[name].p50)
+
+
+def measure_interleaved(
+    calls: Mapping[str, Callable[[], Any]],
+    *,
+    budget_s: float,
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    stable_rounds: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing]:
+    """Time every call once per round, rotating the order, until the ranking holds or time runs out.
+
+    Stops after ``min_rounds`` once the ranking by median has not changed for ``stable_rounds``
+    rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs).
+    """
+    names = list(calls)
+    timings = {name: Timing() for name in names}
+    started = clock()
+    previous: list[str] | None = None
+    unchanged = 0
+    for round_index in range(max_rounds):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            t0 = clock()
+            calls[name]()
+            timings[name].samples.append(clock() - t0)
+        ranking = _ranking(timings)
+        unchanged = unchanged + 1 if ranking == previous else 0
+        previous = ranking
+        if round_index + 1 >= min_rounds and unchanged >= stable_rounds:
+            break
+        if clock() - started >= budget_s:
+            break
+    return timings

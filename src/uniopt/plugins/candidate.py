@@ -1,0 +1,111 @@
+"""Candidates: what a plugin offers, what it needs (as data), and whether this host has it."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..optimizer.component import Component
+    from ..settings import Settings
+    from ..threads import ThreadBudget
+    from ..tiers import HostProfile, Tier
+
+__all__ = ["BuildContext", "BuildFailure", "Candidate", "Requirements", "Stage", "availability"]
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a candidate needs, readable without importing any backend.
+
+    ``packages`` are import names; ``extra`` is the pip extra that installs them;
+    ``cpu_flags_any`` needs at least one of those flags (empty: none needed);
+    ``setting`` names a boolean setting that must be true (``use_model_quantization``).
+    """
+
+    packages: tuple[str, ...] = ()
+    extra: str | None = None
+    cpu_flags_any: tuple[str, ...] = ()
+    min_memory_bytes: int = 0
+    precision: str = "fp32"
+    setting: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A runnable replacement for a component: same call signature, same output structure."""
+
+    candidate: str
+    run: Callable[..., Any]
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.run(*args)
+
+
+@dataclass(frozen=True)
+class BuildFailure:
+    """A candidate that could not be built here, and why (recorded as a fallback)."""
+
+    candidate: str
+    reason: str
+    error: BaseException | None = field(default=None, compare=False)
+
+
+@dataclass
+class BuildContext:
+    """What a plugin may use while building: settings, host, tier, thread budget, cache."""
+
+    settings: Settings
+    profile: HostProfile
+    tier: Tier
+    threads: ThreadBudget
+    cache: Any = None
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a component, offered by a plugin."""
+
+    name: str
+    plugin: str
+    description: str
+    build: Callable[[Component, BuildContext], Stage] = field(compare=False, repr=False)
+    requires: Requirements = Requirements()
+
+
+def _package_available(package: str, profile: HostProfile) -> tuple[bool, str]:
+    probed = {b.name: b for b in profile.backends}
+    if package in probed:
+        info = probed[package]
+        return info.available, info.reason or "not available"
+    if importlib.util.find_spec(package) is None:
+        return False, "not installed"
+    return True, ""
+
+
+def availability(candidate: Candidate, profile: HostProfile, settings: Settings, tier: Tier) -> tuple[bool, str]:
+    """Whether ``candidate`` can run here, and if not, why (a sentence for the report)."""
+    req = candidate.requires
+    name = candidate.name
+    if settings.allow is not None and not any(name == a or name.startswith(a + "-") or name.startswith(a) for a in settings.allow):
+        return False, f"not in UNIOPT_ALLOW={','.join(settings.allow)}"
+    denied = [d for d in (*settings.deny, *tier.denied) if name == d or name.startswith(d + "-")]
+    if denied and name != "eager":
+        source = "UNIOPT_DENY" if denied[0] in settings.deny else f"tier {tier.name}"
+        return False, f"ruled out by {source}"
+    if req.setting and not getattr(settings, req.setting):
+        return False, f"{req.setting.upper()}=false"
+    for package in req.packages:
+        ok, reason = _package_available(package, profile)
+        if not ok:
+            hint = f"; pip install 'uniopt[{req.extra}]'" if req.extra else ""
+            return False, f"{package}: {reason}{hint}"
+    if req.cpu_flags_any and not any(profile.cpu.has(f) for f in req.cpu_flags_any):
+        return False, f"CPU lacks {' / '.join(req.cpu_flags_any)}"
+    if req.min_memory_bytes and profile.memory.usable_bytes < req.min_memory_bytes:
+        return False, f"needs {req.min_memory_bytes / 2**30:.1f} GiB, {profile.memory.usable_bytes / 2**30:.1f} GiB usable"
+    return True, ""

@@ -1,0 +1,27 @@
+"""Warm-up: ``MODEL_WARMUP_RUNS`` calls with the example inputs before a stage serves or is timed."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def uniopt_stage_ready(component: Any, stage: Any, context: Any) -> None:
+    runs = context.settings.model_warmup_runs
+    if runs == 0 or stage.info.get("warmed_up"):
+        return
+    inputs_per_shape = [component.example_inputs, *component.calibration_inputs[:1]]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for inputs in inputs_per_shape:
+            for _ in range(runs):
+                stage(*copy.deepcopy(inputs))
+    stage.info["warmup_seconds"] = time.perf_counter() - started
+    stage.info["warmup_runs"] = runs * len(inputs_per_shape)
+    stage.info["warmed_up"] = True

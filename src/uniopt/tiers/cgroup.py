@@ -1,0 +1,128 @@
+"""Read the CPU quota and memory limit of this process's cgroup (v1 and v2).
+
+Every function takes ``root`` (the filesystem root, ``/`` in production) so tests can point it at
+recorded files. A process in a child cgroup sees its own limit: the path comes from
+``/proc/self/cgroup``, and the tightest limit on the way up to the mount point wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CgroupLimits", "read_cgroup_limits"]
+
+#: cgroup v1 reports "no memory limit" as a huge page-aligned number; anything above this is none.
+_V1_UNLIMITED_BYTES = 1 << 60
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """The limits found: ``cpu_quota`` in CPUs (None = no quota), ``memory_limit_bytes``."""
+
+    version: int | None
+    cpu_quota: float | None
+    memory_limit_bytes: int | None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
+    """Return ({v1 controller: path}, v2 path) from the text of /proc/self/cgroup."""
+    v1: dict[str, str] = {}
+    v2: str | None = None
+    for line in text.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+            continue
+        for controller in controllers.split(","):
+            if controller:
+                v1[controller] = path
+    return v1, v2
+
+
+def _candidate_dirs(mount: Path, cgroup_path: str) -> list[Path]:
+    """The cgroup's own directory, then its parents up to the mount point."""
+    parts = [p for p in cgroup_path.split("/") if p]
+    dirs = [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _v2_cpu(dirs: list[Path]) -> float | None:
+    quotas = []
+    for d in dirs:
+        text = _read(d / "cpu.max")
+        if not text:
+            continue
+        fields = text.split()
+        if fields[0] != "max" and len(fields) == 2 and int(fields[1]) > 0:
+            quotas.append(int(fields[0]) / int(fields[1]))
+    return min(quotas) if quotas else None
+
+
+def _v2_memory(dirs: list[Path]) -> int | None:
+    limits = []
+    for d in dirs:
+        text = _read(d / "memory.max")
+        if text and text != "max":
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def _v1_cpu(dirs: list[Path]) -> float | None:
+    quotas = []
+    for d in dirs:
+        quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+        if quota and period and int(quota) > 0 and int(period) > 0:
+            quotas.append(int(quota) / int(period))
+    return min(quotas) if quotas else None
+
+
+def _v1_memory(dirs: list[Path]) -> int | None:
+    limits = []
+    for d in dirs:
+        text = _read(d / "memory.limit_in_bytes")
+        if text and int(text) < _V1_UNLIMITED_BYTES:
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def _v1_dirs(root: Path, v1: dict[str, str], controller: str) -> list[Path]:
+    path = v1.get(controller)
+    if path is None:
+        return []
+    base = root / "sys/fs/cgroup"
+    for mount_name in (controller, "cpu,cpuacct", "cpuacct,cpu"):
+        mount = base / mount_name
+        if mount.is_dir():
+            return _candidate_dirs(mount, path)
+    return []
+
+
+def read_cgroup_limits(root: Path | str = "/") -> CgroupLimits:
+    """Read this process's cgroup CPU quota and memory limit under ``root``."""
+    root = Path(root)
+    text = _read(root / "proc/self/cgroup")
+    if text is None:
+        return CgroupLimits(version=None, cpu_quota=None, memory_limit_bytes=None)
+    v1, v2 = _parse_proc_cgroup(text)
+    unified = root / "sys/fs/cgroup"
+    if v2 is not None and (unified / "cgroup.controllers").exists():
+        dirs = _candidate_dirs(unified, v2)
+        return CgroupLimits(version=2, cpu_quota=_v2_cpu(dirs), memory_limit_bytes=_v2_memory(dirs))
+    if v1:
+        return CgroupLimits(
+            version=1,
+            cpu_quota=_v1_cpu(_v1_dirs(root, v1, "cpu")),
+            memory_limit_bytes=_v1_memory(_v1_dirs(root, v1, "memory")),
+        )
+    return CgroupLimits(version=None, cpu_quota=None, memory_limit_bytes=None)
