@@ -92,6 +92,70 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         _print_doctor(data)
 
 
+cache_app = typer.Typer(help="List, verify and clear the artifact cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _open_cache() -> Any:
+    from .cache import ArtifactCache, default_cache_dir
+    from .settings import load_settings
+
+    settings = load_settings()
+    return ArtifactCache(settings.cache_dir or default_cache_dir(), max_bytes=settings.cache_size_limit)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List cache entries, least recently used first, with sizes and what each entry is."""
+    cache = _open_cache()
+    entries = cache.entries()
+    if as_json:
+        rows = [
+            {"key": e.key, "kind": e.kind, "description": e.description, "size_bytes": e.size_bytes,
+             "last_used": e.last_used, "valid": e.valid, "problem": e.problem}
+            for e in entries
+        ]
+        typer.echo(json.dumps({"root": str(cache.root), "total_bytes": cache.total_bytes(), "entries": rows}, indent=2))
+        return
+    table = Table(title=f"uniopt cache at {cache.root}")
+    for col in ("key", "kind", "what", "size", "state"):
+        table.add_column(col)
+    for e in entries:
+        what = ", ".join(f"{k}={v}" for k, v in e.description.items())
+        table.add_row(e.key[:16], e.kind, escape(what), _size(e.size_bytes), "ok" if e.valid else f"[red]{escape(e.problem or '')}[/]")
+    console.print(table)
+    console.print(f"{len(entries)} entries, {_size(cache.total_bytes())} in all (limit {_size(cache.max_bytes or 0)})")
+
+
+@cache_app.command("verify")
+def cache_verify() -> None:
+    """Check every file of every entry against its recorded size and sha256."""
+    cache = _open_cache()
+    bad = 0
+    for entry, problem in cache.verify():
+        if problem:
+            bad += 1
+            console.print(f"[red]bad[/] {entry.key[:16]} {entry.kind}: {escape(problem)}")
+    console.print(f"{bad} bad entr{'y' if bad == 1 else 'ies'}; bad entries are rebuilt on next use")
+    if bad:
+        raise typer.Exit(1)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every cache entry and stale temporary."""
+    removed = _open_cache().clear()
+    console.print(f"removed {removed} entries")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

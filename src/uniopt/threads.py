@@ -39,6 +39,9 @@ class ThreadBudget:
         options = options or ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op
         options.inter_op_num_threads = self.inter_op
+        # Idle ORT workers spin by default, stealing the CPU from whatever runs next (another
+        # backend, the engine's own Python code, a neighbour on a shared VM).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def openvino_config(self) -> dict[str, str]:

@@ -73,8 +73,8 @@ class UniversalOptimizer:
         if not chosen:
             return engine
         if isinstance(engine, torch.nn.Module) and not callable(getattr(engine, "uniopt_components", None)):
-            return StageModule(chosen["module"].stage, engine)
-        modules = {name: StageModule(r.stage, _resolve(engine, name)) for name, r in chosen.items()}
+            return _installable(chosen["module"].stage, engine)
+        modules = {name: _installable(r.stage, _resolve(engine, name)) for name, r in chosen.items()}
         return with_replaced(engine, modules)
 
     # -- the wrapped engine -----------------------------------------------------------------------
@@ -122,6 +122,13 @@ class UniversalOptimizer:
 
     def __repr__(self) -> str:
         return f"UniversalOptimizer({type(self._original).__name__}, mode={self._settings.mode!r}, tier={self._tier.tier.name!r})"
+
+
+def _installable(stage: Any, original: torch.nn.Module) -> torch.nn.Module:
+    """The stage's own module when it is one of the original's kind (all methods work), else a shim."""
+    if isinstance(stage.run, type(original)):
+        return stage.run
+    return StageModule(stage, original)
 
 
 def _resolve(engine: Any, path: str) -> Any:

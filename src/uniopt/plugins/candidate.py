@@ -22,7 +22,8 @@ class Requirements:
 
     ``packages`` are import names; ``extra`` is the pip extra that installs them;
     ``cpu_flags_any`` needs at least one of those flags (empty: none needed);
-    ``setting`` names a boolean setting that must be true (``use_model_quantization``).
+    ``setting`` names a boolean setting that must be true (``use_model_quantization``);
+    ``providers`` are ONNX Runtime execution providers that must be installed.
     """
 
     packages: tuple[str, ...] = ()
@@ -31,6 +32,7 @@ class Requirements:
     min_memory_bytes: int = 0
     precision: str = "fp32"
     setting: str | None = None
+    providers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ def availability(candidate: Candidate, profile: HostProfile, settings: Settings,
         if not ok:
             hint = f"; pip install 'uniopt[{req.extra}]'" if req.extra else ""
             return False, f"{package}: {reason}{hint}"
+    ort_providers = profile.backend("onnxruntime").providers
+    missing = [p for p in req.providers if p not in ort_providers]
+    if missing:
+        return False, f"ONNX Runtime lacks {', '.join(missing)}"
     if req.cpu_flags_any and not any(profile.cpu.has(f) for f in req.cpu_flags_any):
         return False, f"CPU lacks {' / '.join(req.cpu_flags_any)}"
     if req.min_memory_bytes and profile.memory.usable_bytes < req.min_memory_bytes:

@@ -29,6 +29,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("fallback", "uniopt.plugins.fallback"),
     ("warmup", "uniopt.plugins.warmup"),
     ("eager", "uniopt.plugins.eager"),
+    ("torch_native", "uniopt.plugins.torch_native"),
+    ("onnx_runtime", "uniopt.plugins.onnx_runtime"),
+    ("openvino", "uniopt.plugins.openvino_backend"),
 )
 
 

@@ -1,0 +1,103 @@
+"""ONNX Runtime candidates: FP32 with full graph optimization, dynamic int8, and FP16 on CUDA.
+
+The ORT-optimized model is saved in the artifact cache, so a second process loads it without
+exporting or optimizing again. Threads come from the one budget; providers from what is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .candidate import BuildContext, Candidate, Requirements, Stage
+from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
+from .hookspecs import hookimpl
+
+__all__ = ["providers_for"]
+
+_EXTRA = "onnx"
+
+
+def providers_for(available: list[str], want_cuda: bool = False) -> list[str]:
+    """The execution providers to ask for, best first, among the ones installed."""
+    order = ["CUDAExecutionProvider"] if want_cuda else []
+    order.append("CPUExecutionProvider")
+    return [p for p in order if p in available]
+
+
+def _session(path: Path, context: BuildContext, *, optimized_out: Path | None = None, cuda: bool = False) -> Any:
+    import onnxruntime as ort
+
+    options = context.threads.onnxruntime_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_out is not None:
+        options.optimized_model_filepath = str(optimized_out)
+    return ort.InferenceSession(str(path), options, providers=providers_for(ort.get_available_providers(), cuda))
+
+
+def _derived(context: BuildContext, export: Any, variant: str, make: Any, loaded: list[str]) -> tuple[Path, bool]:
+    """A model derived from the export (ORT-optimized, int8), cached under its own key."""
+    from ..cache import cache_key, library_versions
+
+    key = cache_key({"artifact": f"onnxruntime-{variant}", "export": export.key, "versions": library_versions(), "host": context.profile.fingerprint})
+    entry, built = context.cache.get_or_build(key, lambda d: make(export.path, d / "model.onnx"), kind=f"onnxruntime-{variant}", description={"from": export.key[:16]})
+    if not built:
+        loaded.append(key)
+    return entry.path / "model.onnx", not built
+
+
+def _stage(name: str, component: Any, session: Any, info: dict[str, Any]) -> Stage:
+    output_names = [o.name for o in session.get_outputs()]
+    input_names = [i.name for i in session.get_inputs()]
+
+    def run_arrays(arrays: list[Any]) -> list[Any]:
+        return session.run(output_names, dict(zip(input_names, arrays, strict=True)))
+
+    return Stage(name, graph_stage_runner(component, run_arrays), info)
+
+
+@rebuild_on_failure
+def _build_fp32(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+    export = exported_onnx(component, context, loaded)
+
+    def optimize(source: Path, target: Path) -> None:
+        _session(source, context, optimized_out=target)
+
+    path, cached = _derived(context, export, "fp32", optimize, loaded)
+    session = _session(path, context)
+    info = {"exporter": export.exporter, "from_cache": cached and export.from_cache, "export_seconds": export.seconds}
+    return _stage("onnxruntime-fp32", component, session, info)
+
+
+@rebuild_on_failure
+def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    export = exported_onnx(component, context, loaded)
+
+    def quantize(source: Path, target: Path) -> None:
+        with quiet_loggers(""):  # onnxruntime.quantization logs advice on the root logger
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+    path, cached = _derived(context, export, "int8", quantize, loaded)
+    session = _session(path, context)
+    info = {"exporter": export.exporter, "from_cache": cached and export.from_cache}
+    return _stage("onnxruntime-int8", component, session, info)
+
+
+@rebuild_on_failure
+def _build_cuda_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+    export = exported_onnx(component, context, loaded)
+    session = _session(export.path, context, cuda=True)
+    if "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError("ONNX Runtime did not start its CUDA provider")
+    return _stage("onnxruntime-cuda", component, session, {"exporter": export.exporter, "from_cache": export.from_cache})
+
+
+@hookimpl
+def uniopt_register_candidates(register: Any) -> None:
+    needs = ("onnxruntime", "onnx")
+    register(Candidate("onnxruntime-fp32", "onnx_runtime", "ONNX Runtime FP32, all graph optimizations", _build_fp32, Requirements(packages=needs, extra=_EXTRA)))
+    register(Candidate("onnxruntime-int8", "onnx_runtime", "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph)", _build_int8, Requirements(packages=needs, extra=_EXTRA, precision="int8", setting="use_model_quantization")))
+    register(Candidate("onnxruntime-cuda", "onnx_runtime", "ONNX Runtime on the CUDA execution provider", _build_cuda_fp16, Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",))))

@@ -1,0 +1,129 @@
+"""OpenVINO candidates: f32 and bf16 with an explicit precision hint, and int8 through nncf.
+
+OpenVINO silently runs bf16 on CPUs with avx512_bf16 (MEASURED.md), so every compiled model gets
+``INFERENCE_PRECISION_HINT`` set explicitly. The IR is converted from the component's ONNX export
+and kept in the artifact cache; OpenVINO's own compiled-blob cache (``CACHE_DIR``) lives inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+from .candidate import BuildContext, Candidate, Requirements, Stage
+from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
+from .hookspecs import hookimpl
+
+__all__ = ["compile_config"]
+
+_EXTRA = "openvino"
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def compile_config(context: BuildContext, precision: str) -> dict[str, str]:
+    """The ``compile_model`` properties: explicit precision, latency hint, the thread budget, cache."""
+    config = {
+        "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+        **context.threads.openvino_config(),
+    }
+    if context.cache is not None:
+        config["CACHE_DIR"] = str(context.cache.root / "openvino")
+    return config
+
+
+def _calibration_arrays(component: Any) -> list[list[Any]]:
+    sets = [component.example_inputs, *component.calibration_inputs]
+    return [[t.detach().cpu().numpy() for t in inputs] for inputs in sets]
+
+
+def _nncf_int8(model: Any, component: Any, variant: str) -> Any:
+    import nncf
+
+    if variant == "int8-weights":
+        return nncf.compress_weights(model)
+    names = [p.get_any_name() for p in model.inputs]
+    samples = _calibration_arrays(component)
+    dataset = nncf.Dataset(samples, lambda arrays: dict(zip(names, arrays, strict=True)))
+    return nncf.quantize(model, dataset, subset_size=len(samples))
+
+
+def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> tuple[Path, bool, Any]:
+    """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached."""
+    import openvino as ov
+
+    from ..cache import cache_key, library_versions
+
+    export = exported_onnx(component, context, loaded)
+
+    def build(directory: Path) -> dict[str, Any]:
+        model = ov.convert_model(str(export.path))
+        if variant != "plain":
+            with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("nncf"):
+                model = _nncf_int8(model, component, variant)
+        ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+        return {"variant": variant}
+
+    key = cache_key({"artifact": f"openvino-{variant}", "export": export.key, "versions": library_versions()})
+    entry, built = context.cache.get_or_build(key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]})
+    if not built:
+        loaded.append(key)
+    return entry.path / "model.xml", not built and export.from_cache, export
+
+
+def _build(variant: str, precision: str, name: str) -> Any:
+    @rebuild_on_failure
+    def build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+        import openvino as ov
+
+        path, cached, export = _ir(component, context, variant, loaded)
+        compiled = ov.Core().compile_model(str(path), "CPU", compile_config(context, precision))
+        request = compiled.create_infer_request()
+        lock = threading.Lock()
+        outputs = list(compiled.outputs)
+
+        def run_arrays(arrays: list[Any]) -> list[Any]:
+            with lock:  # one infer request per stage; stages are shared across threads
+                request.infer(arrays)
+                return [request.get_tensor(port).data.copy() for port in outputs]
+
+        info = {"exporter": export.exporter, "from_cache": cached, "precision_hint": _PRECISION_HINTS[precision]}
+        return Stage(name, graph_stage_runner(component, run_arrays), info)
+
+    return build
+
+
+@hookimpl
+def uniopt_register_candidates(register: Any) -> None:
+    needs = ("openvino", "onnx")
+    register(Candidate("openvino-f32", "openvino", "OpenVINO CPU, f32 forced", _build("plain", "fp32", "openvino-f32"), Requirements(packages=needs, extra=_EXTRA)))
+    register(
+        Candidate(
+            "openvino-bf16",
+            "openvino",
+            "OpenVINO CPU, bf16 inference precision",
+            _build("plain", "bf16", "openvino-bf16"),
+            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=("avx512_bf16", "amx_bf16"), precision="bf16"),
+        )
+    )
+    register(
+        Candidate(
+            "openvino-int8-weights",
+            "openvino",
+            "OpenVINO with nncf int8 weight compression (data-free)",
+            _build("int8-weights", "int8", "openvino-int8-weights"),
+            Requirements(packages=(*needs, "nncf"), extra="nncf", precision="int8", setting="use_model_quantization"),
+        )
+    )
+    register(
+        Candidate(
+            "openvino-int8-static",
+            "openvino",
+            "OpenVINO with nncf static int8, calibrated on the component's example inputs",
+            _build("int8-static", "int8", "openvino-int8-static"),
+            Requirements(packages=(*needs, "nncf"), extra="nncf", precision="int8", setting="use_model_quantization"),
+        )
+    )

@@ -1,0 +1,156 @@
+"""Candidates that stay in PyTorch: dynamic int8, bf16 weights, and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from typing import Any, Protocol
+
+import torch
+
+from .candidate import BuildContext, Candidate, Requirements, Stage
+from .hookspecs import hookimpl
+
+__all__ = ["Int8Backend", "TorchDynamicInt8", "int8_backend"]
+
+log = logging.getLogger("uniopt")
+
+
+class Int8Backend(Protocol):
+    """Turns the given layer types of a module into int8 layers; replaceable by another backend."""
+
+    name: str
+
+    def quantize(self, module: torch.nn.Module, layer_types: set[type[torch.nn.Module]]) -> torch.nn.Module: ...
+
+
+class TorchDynamicInt8:
+    """``torch.ao.quantization.quantize_dynamic``: deprecated upstream, still the fast eager CPU path.
+
+    Its deprecation warning is shown at most once per process. Two of its traps are handled here:
+    a bare root layer is returned unchanged (so it is wrapped first), and an output projection
+    written as ``F.linear(x, embedding.weight)`` is invisible to it (submodules that offer
+    ``to_linear()`` are replaced by the ``nn.Linear`` it returns).
+    """
+
+    name = "torch.ao dynamic"
+    _warned = False
+
+    def quantize(self, module: torch.nn.Module, layer_types: set[type[torch.nn.Module]]) -> torch.nn.Module:
+        work = _untie_projections(copy.deepcopy(module))
+        wrapped = isinstance(work, tuple(layer_types))
+        if wrapped:
+            work = torch.nn.Sequential(work)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantized = torch.ao.quantization.quantize_dynamic(work, layer_types, dtype=torch.qint8)
+        for warning in caught:
+            if issubclass(warning.category, DeprecationWarning) and not TorchDynamicInt8._warned:
+                TorchDynamicInt8._warned = True
+                log.warning("uniopt uses torch.ao dynamic quantization: %s", str(warning.message).splitlines()[0])
+        return quantized[0] if wrapped else quantized
+
+
+def _untie_projections(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every submodule that offers ``to_linear()`` with that ``nn.Linear``."""
+    if callable(getattr(module, "to_linear", None)):
+        return module.to_linear()
+    for name, child in list(module.named_children()):
+        replacement = _untie_projections(child)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+#: The int8 backend the torch-int8 candidates use.
+int8_backend: Int8Backend = TorchDynamicInt8()
+
+_RNN_TYPES: set[type[torch.nn.Module]] = {torch.nn.LSTM, torch.nn.GRU}
+
+
+def _has_layers(module: torch.nn.Module, types: set[type[torch.nn.Module]]) -> bool:
+    return any(isinstance(m, tuple(types)) for m in module.modules())
+
+
+def _build_int8(layer_types: set[type[torch.nn.Module]], name: str) -> Any:
+    def build(component: Any, context: BuildContext) -> Stage:
+        module = component.module
+        if not _has_layers(module, layer_types) and not _has_layers(module, {torch.nn.Linear}):
+            raise ValueError("no Linear/LSTM/GRU layer to quantize")
+        if name == "torch-int8-rnn" and not _has_layers(module, _RNN_TYPES):
+            raise ValueError("no LSTM/GRU layer in this component")
+        quantized = int8_backend.quantize(module, layer_types).eval()
+        return Stage(name, quantized, {"int8_backend": int8_backend.name})
+
+    return build
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _build_bf16(component: Any, context: BuildContext) -> Stage:
+    module = copy.deepcopy(component.module).to(torch.bfloat16).eval()
+
+    def run(*args: Any) -> Any:
+        out = module(*_cast(args, torch.bfloat16))
+        return torch.utils._pytree.tree_map(
+            lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, out
+        )
+
+    return Stage("torch-bf16", run)
+
+
+def _build_compile(component: Any, context: BuildContext) -> Stage:
+    if context.cache is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(context.cache.root / "inductor"))
+    compiled = torch.compile(component.module, mode=os.environ.get("UNIOPT_COMPILE_MODE", "default"), dynamic=bool(component.dynamic_axes))
+    return Stage("torch-compile", compiled, {"note": "compiles on its first call"})
+
+
+@hookimpl
+def uniopt_register_candidates(register: Any) -> None:
+    register(
+        Candidate(
+            "torch-int8",
+            "torch_native",
+            "dynamic int8 Linear layers (quantize_dynamic)",
+            _build_int8({torch.nn.Linear}, "torch-int8"),
+            Requirements(packages=("torch",), precision="int8", setting="use_model_quantization"),
+        )
+    )
+    register(
+        Candidate(
+            "torch-int8-rnn",
+            "torch_native",
+            "dynamic int8 Linear, LSTM and GRU layers",
+            _build_int8({torch.nn.Linear, *_RNN_TYPES}, "torch-int8-rnn"),
+            Requirements(packages=("torch",), precision="int8", setting="use_model_quantization"),
+        )
+    )
+    register(
+        Candidate(
+            "torch-bf16",
+            "torch_native",
+            "bf16 weights and activations in eager PyTorch",
+            _build_bf16,
+            Requirements(packages=("torch",), cpu_flags_any=("avx512_bf16", "amx_bf16"), precision="bf16"),
+        )
+    )
+    register(
+        Candidate(
+            "torch-compile",
+            "torch_native",
+            "torch.compile with inductor; its cache lives in uniopt's cache directory",
+            _build_compile,
+            Requirements(packages=("torch",), min_memory_bytes=4 * 2**30, setting="use_model_compilation"),
+        )
+    )
