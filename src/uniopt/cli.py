@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import typer
@@ -13,7 +14,7 @@ from rich.table import Table
 from .errors import UniOptError
 
 app = typer.Typer(help="uniopt: make PyTorch speech engines faster on this machine.", no_args_is_help=True)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @app.callback()
@@ -90,6 +91,49 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_doctor(data)
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    info = result.get("engine_info") or {}
+    trained = "" if info.get("trained", True) else " (random weights: speed figures only)"
+    console.print(f"[bold]{result['engine']}[/]{escape(trained)} — tier {result['tier']}, set-up {result['setup_seconds']:.1f} s")
+    for comp in result["components"]:
+        table = Table(title=f"{result['engine']} / {comp['component']}")
+        for col in ("candidate", "p50 ms", "p95 ms", "p99 ms", "x eager", "RTF", "accuracy", "chosen", "note"):
+            table.add_column(col, justify="right" if col.endswith(("ms", "eager", "RTF")) else "left")
+        for c in comp["candidates"]:
+            accuracy = "-" if c["metric_value"] is None else f"{c['metric']} {c['metric_value']:.4g}"
+            note = "" if c["accepted"] else escape(c["reason"][:80])
+            chosen = "[green]✔[/]" if c["name"] == comp["chosen"] else ""
+            table.add_row(c["name"], _fmt(c["p50_ms"]), _fmt(c["p95_ms"]), _fmt(c["p99_ms"]), _fmt(c["speedup"], ".2f"), _fmt(c["real_time_factor"], ".3f"), accuracy, chosen, note)
+        console.print(table)
+
+
+@app.command()
+def bench(
+    engines: list[str] = typer.Argument(None, help="Built-in engines (phoneme, diarization, tts) or package.module:factory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    budget: float = typer.Option(None, "--budget", help="Seconds of measuring per component."),
+    mode: str = typer.Option("auto", "--mode", help="auto or tier."),
+) -> None:
+    """Optimize engines on this host and print each candidate's latency, speed-up and accuracy."""
+    from .bench import run_bench
+    from .engines.registry import BUILTIN_ENGINES
+
+    try:
+        results = run_bench(list(engines or BUILTIN_ENGINES), budget_s=budget, mode=mode)
+    except UniOptError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        _print_bench(result)
 
 
 cache_app = typer.Typer(help="List, verify and clear the artifact cache.", no_args_is_help=True)

@@ -116,6 +116,7 @@ class Settings:
     rtol: float = _setting("UNIOPT_RTOL", _positive_float, 1e-4, "relative tolerance for FP32 stages against the reference", "a positive number")
     min_speedup: float = _setting("UNIOPT_MIN_SPEEDUP", _positive_float, 1.05, "a candidate must beat eager by this factor to be chosen", "a positive number")
     search_budget_s: float = _setting("UNIOPT_SEARCH_BUDGET", _positive_float, 300.0, "seconds auto mode may spend measuring one component", "a positive number of seconds")
+    reuse_decisions: bool = _setting("UNIOPT_REUSE_DECISIONS", _bool, True, "apply a cached auto-mode decision instead of measuring again", "true or false")
     plugins: tuple[str, ...] | None = _setting("UNIOPT_PLUGINS", _optional_names, None, "plugins to load (comma list; unset: all installed; empty: none)", "a comma-separated list")
     use_model_quantization: bool = _setting("USE_MODEL_QUANTIZATION", _bool, True, "allow int8 candidates", "true or false")
     use_model_compilation: bool = _setting("USE_MODEL_COMPILATION", _bool, True, "allow torch.compile candidates", "true or false")

@@ -239,17 +239,23 @@ class ArtifactCache:
 
     def verify(self) -> list[tuple[CacheEntry, str | None]]:
         """Check every entry's files by size and sha256; return (entry, problem or None) pairs."""
-        results: list[tuple[CacheEntry, str | None]] = []
-        for entry in self.entries():
-            problem = entry.problem
-            for rel, info in entry.files.items():
-                try:
-                    if problem is None and _sha256(entry.path / rel) != info.get("sha256"):
-                        problem = f"file {rel!r} does not match its sha256"
-                except OSError as exc:
-                    problem = f"file {rel!r} cannot be read ({exc})"
-            results.append((entry, problem))
-        return results
+        return [(entry, self._full_check(entry)) for entry in self.entries()]
+
+    def verify_entry(self, key: str) -> str | None:
+        """Check one entry by size and sha256: None when intact, else what is wrong."""
+        entry = self._inspect(key, self.path_for(key))
+        return "missing" if entry is None else self._full_check(entry)
+
+    @staticmethod
+    def _full_check(entry: CacheEntry) -> str | None:
+        problem = entry.problem
+        for rel, info in entry.files.items():
+            try:
+                if problem is None and _sha256(entry.path / rel) != info.get("sha256"):
+                    problem = f"file {rel!r} does not match its sha256"
+            except OSError as exc:
+                problem = f"file {rel!r} cannot be read ({exc})"
+        return problem
 
     def remove(self, key: str) -> None:
         """Delete the entry for ``key`` if it exists."""

@@ -31,6 +31,7 @@ __all__ = [
     "normalize_volume",
     "prepare_audio",
     "resample",
+    "speech_like_audio",
     "validate_sample_rate",
 ]
 
@@ -68,8 +69,8 @@ def _to_numpy(audio: Any) -> np.ndarray:
         if audio.dtype == torch.bfloat16:
             audio = audio.float()
         return audio.numpy()
-    if isinstance(audio, np.ndarray):
-        return audio
+    if isinstance(audio, (np.ndarray, np.generic)):
+        return np.asarray(audio)
     if isinstance(audio, (list, tuple)):
         try:
             return np.asarray(audio)
@@ -145,7 +146,9 @@ def prepare_audio(
         raise InputError(
             f"audio must hold numeric samples, got dtype {wav.dtype}; pass float32 samples in [-1, 1]"
         )
-    if wav.ndim == 0 or wav.size == 0:
+    if wav.ndim == 0:
+        raise InputError("audio is a single number, not a waveform; pass an array of samples")
+    if wav.size == 0:
         raise InputError(f"audio is empty (shape {wav.shape}); pass at least some samples")
     wav = _to_mono(_to_float(wav))
     if not np.isfinite(wav).all():
@@ -178,3 +181,16 @@ def normalize_volume(
     if change < 0 and increase_only:
         return wav
     return (wav * (10 ** (change / 20))).astype(wav.dtype, copy=False)
+
+
+def speech_like_audio(seconds: float = 5.0, seed: int = 0, sample_rate: int = 16_000) -> np.ndarray:
+    """Deterministic speech-like float32 audio (harmonics of a voice pitch at syllable rate, plus noise).
+
+    Meant as example and calibration input for speech models, not as speech.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    phases = rng.uniform(0, 2 * np.pi, (8, 1))
+    voiced = np.sin(2 * np.pi * rng.uniform(90, 220) * np.arange(1, 9)[:, None] * t + phases).mean(axis=0)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 5) * t)
+    return (0.3 * envelope * voiced + 0.02 * rng.standard_normal(t.size)).astype(np.float32)

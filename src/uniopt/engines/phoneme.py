@@ -30,24 +30,13 @@ import torch
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-from uniopt.engines.audio import prepare_audio
+from uniopt.engines.audio import prepare_audio, speech_like_audio
 from uniopt.errors import InputError, UniOptError
 from uniopt.optimizer.component import Component, Metric
 from uniopt.settings import Settings, load_settings
 
-__all__ = [
-    "IPA_VOCAB",
-    "SAMPLE_RATE",
-    "SPECIAL_TOKENS",
-    "CTCLogits",
-    "PhonemeExtractor",
-    "PhonemeSegment",
-    "clear_fast_instances",
-    "ctc_greedy_decode",
-    "default_config",
-    "example_audio",
-    "get_fast_instance",
-]
+__all__ = ["IPA_VOCAB", "SAMPLE_RATE", "SPECIAL_TOKENS", "CTCLogits", "PhonemeExtractor", "PhonemeSegment",
+           "clear_fast_instances", "ctc_greedy_decode", "default_config", "get_fast_instance"]  # fmt: skip
 
 log = logging.getLogger("uniopt.engines.phoneme")
 
@@ -56,16 +45,8 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 #: ``<pad>`` (the CTC blank), the special tokens, then an espeak-style IPA phoneme set.
 IPA_VOCAB: tuple[str, ...] = (
     *SPECIAL_TOKENS,
-    *"a e i o u y ø œ æ ɑ ɒ ɐ ʌ ɔ ə ɚ ɛ ɜ ɪ ʊ ɨ ɯ".split(),
-    *"aɪ aʊ eɪ oʊ ɔɪ ː".split(),
-    *"p b t d k ɡ ʔ f v θ ð s z ʃ ʒ x ç ɣ h β ʁ".split(),
-    *"m n ŋ ɲ l ʎ ɹ r ɾ j w ts tʃ dʒ".split(),
-)
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+    *"a e i o u y ø œ æ ɑ ɒ ɐ ʌ ɔ ə ɚ ɛ ɜ ɪ ʊ ɨ ɯ aɪ aʊ eɪ oʊ ɔɪ ː".split(),
+    *"p b t d k ɡ ʔ f v θ ð s z ʃ ʒ x ç ɣ h β ʁ m n ŋ ɲ l ʎ ɹ r ɾ j w ts tʃ dʒ".split(),
 )
 
 
@@ -102,50 +83,21 @@ def default_config(fast: bool = True, vocab_size: int = len(IPA_VOCAB)) -> Wav2V
     )  # fmt: skip
 
 
-def example_audio(seconds: float = 5.0, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Deterministic speech-like float32 audio: syllable-rate modulated harmonics plus noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = rng.uniform(90, 220)
-    voiced = sum(
-        rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * k * pitch * t + rng.uniform(0, 2 * np.pi))
-        for k in range(1, 9)
-    )
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 5) * t)
-    wav = 0.3 * envelope * voiced / 3 + 0.02 * rng.standard_normal(t.size)
-    return wav.astype(np.float32)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def _runs(
-    logits: Any, vocab: Sequence[str], blank: int, ignore: Collection[str]
-) -> list[tuple[str, int, int, float]]:
-    """(token, first frame, last frame, mean probability) of each kept run of equal argmax."""
-    scores = (
-        logits.detach().float().cpu().numpy()
-        if isinstance(logits, torch.Tensor)
-        else np.asarray(logits, np.float64)
-    )
-    if scores.ndim == 3 and scores.shape[0] == 1:
-        scores = scores[0]
-    if scores.ndim != 2 or scores.shape[-1] != len(vocab):
+def _runs(logits: Any, vocab: Sequence[str], blank: int, ignore: Collection[str]) -> list[list[Any]]:
+    """[token, first frame, last frame, summed probability] of each kept run of equal argmax."""
+    scores = torch.as_tensor(logits).detach().cpu().double()
+    scores = scores[0] if scores.dim() == 3 and scores.shape[0] == 1 else scores
+    if scores.dim() != 2 or scores.shape[-1] != len(vocab):
         raise InputError(
-            f"logits must be (frames, {len(vocab)}) or (1, frames, {len(vocab)}), got shape {scores.shape}"
+            f"logits must be (frames, {len(vocab)}) or (1, frames, {len(vocab)}), got {tuple(scores.shape)}"
         )
-    probs = _softmax(scores.astype(np.float64))
-    ids = probs.argmax(axis=-1)
-    runs = []
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    for first, stop in zip(starts, [*starts[1:], ids.size], strict=True):
-        token = int(ids[first])
-        if token == blank or vocab[token] in ignore:
-            continue
-        runs.append((vocab[token], int(first), int(stop) - 1, float(probs[first:stop, token].mean())))
+    probs, ids = scores.softmax(-1).max(-1)
+    ids_list, runs = ids.tolist(), []
+    starts = [i for i in range(len(ids_list)) if i == 0 or ids_list[i] != ids_list[i - 1]]
+    for first, stop in zip(starts, [*starts[1:], len(ids_list)], strict=True):
+        token = ids_list[first]
+        if token != blank and vocab[token] not in ignore:
+            runs.append([vocab[token], first, stop - 1, float(probs[first:stop].sum())])
     return runs
 
 
@@ -165,24 +117,21 @@ def ctc_greedy_decode(
     softmax probability of the phoneme over those frames.
     """
     return [
-        PhonemeSegment(p, offset_s + first * frame_seconds, offset_s + (last + 1) * frame_seconds, conf)
-        for p, first, last, conf in _runs(logits, vocab, blank, ignore)
+        PhonemeSegment(
+            p, offset_s + a * frame_seconds, offset_s + (b + 1) * frame_seconds, total / (b - a + 1)
+        )
+        for p, a, b, total in _runs(logits, vocab, blank, ignore)
     ]
 
 
 def _read_vocab(path: Path, size: int) -> list[str]:
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UniOptError(f"cannot read the vocabulary {path}: {exc}") from exc
-    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
-        raise UniOptError(
-            f"{path} must map each token to its integer id, like a Wav2Vec2 tokenizer's vocab.json"
-        )
+    mapping = json.loads(path.read_text(encoding="utf-8"))  # a tokenizer's vocab.json: {token: id}
     vocab = ["<unk>"] * size
     for token, index in mapping.items():
-        if not 0 <= index < size:
-            raise UniOptError(f"{path}: token {token!r} has id {index}, outside the model's {size} outputs")
+        if not isinstance(index, int) or not 0 <= index < size:
+            raise UniOptError(
+                f"{path}: token {token!r} has id {index!r}, not one of the model's {size} outputs"
+            )
         vocab[index] = token
     return vocab
 
@@ -194,7 +143,7 @@ def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], 
             f"phoneme model directory {path} does not exist; pass a local Wav2Vec2ForCTC checkpoint"
         )
     missing = [] if (path / "config.json").is_file() else ["config.json"]
-    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+    if not any(path.glob("model*.safetensors*")) and not any(path.glob("pytorch_model*.bin*")):
         missing.append("model.safetensors (or pytorch_model.bin)")
     if not (path / "vocab.json").is_file():
         missing.append("vocab.json")
@@ -205,14 +154,14 @@ def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], 
         )
     try:
         ctc = Wav2Vec2ForCTC.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        vocab = _read_vocab(path / "vocab.json", ctc.config.vocab_size)
+    except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         raise UniOptError(f"cannot load the wav2vec2 CTC checkpoint in {path}: {exc}") from exc
-    normalize = True
-    if (path / "preprocessor_config.json").is_file():
-        normalize = bool(
-            json.loads((path / "preprocessor_config.json").read_text()).get("do_normalize", True)
-        )
-    return ctc, _read_vocab(path / "vocab.json", ctc.config.vocab_size), normalize
+    preprocessor = path / "preprocessor_config.json"
+    normalize = (
+        json.loads(preprocessor.read_text()).get("do_normalize", True) if preprocessor.is_file() else True
+    )
+    return ctc, vocab, bool(normalize)
 
 
 class PhonemeExtractor:
@@ -273,7 +222,7 @@ class PhonemeExtractor:
         self.chunk_samples = max(
             self.frame_samples, round(chunk_seconds * SAMPLE_RATE) // self.frame_samples * self.frame_samples
         )
-        self._info = self._describe(ctc)
+        self.parameters = sum(p.numel() for p in ctc.parameters())
         self._lock = threading.Lock()
         self._stats = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
 
@@ -284,36 +233,26 @@ class PhonemeExtractor:
         """An extractor with ``config``'s topology and seeded random weights."""
         return cls(config=config, vocab=vocab, **kwargs)
 
-    def _describe(self, ctc: Wav2Vec2ForCTC) -> dict[str, Any]:
-        c = self.config
+    def info(self) -> dict[str, Any]:
+        """The model: source, ``trained`` flag, parameter count, topology, frame stride, chunk size."""
+        topology = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                    "feat_extract_norm", "do_stable_layer_norm", "conv_stride", "conv_kernel")  # fmt: skip
         return {
             "source": self.source,
             "trained": self.trained,
-            "parameters": sum(p.numel() for p in ctc.parameters()),
-            "topology": {
-                "layers": c.num_hidden_layers,
-                "hidden_size": c.hidden_size,
-                "heads": c.num_attention_heads,
-                "feat_extract_norm": c.feat_extract_norm,
-                "do_stable_layer_norm": c.do_stable_layer_norm,
-                "conv_stride": list(c.conv_stride),
-                "conv_kernel": list(c.conv_kernel),
-            },  # fmt: skip
+            "parameters": self.parameters,
+            "topology": {name: getattr(self.config, name) for name in topology},
             "vocab_size": len(self.vocab),
             "frame_seconds": self.frame_seconds,
             "receptive_field_samples": self.receptive_field,
             "chunk_seconds": self.chunk_samples / SAMPLE_RATE,
         }
 
-    def info(self) -> dict[str, Any]:
-        """The model: source, ``trained`` flag, parameter count, topology, frame stride, chunk size."""
-        return dict(self._info)
-
     def uniopt_components(self) -> list[Component]:
         """The CTC network, ``self.model``, with 5 s of deterministic speech-like audio as example."""
 
         def inputs(seed: int) -> tuple[torch.Tensor]:
-            return (torch.from_numpy(self._normalized(example_audio(5.0, seed)))[None],)
+            return (torch.from_numpy(self._normalized(speech_like_audio(5.0, seed)))[None],)
 
         return [
             Component(
@@ -351,45 +290,33 @@ class PhonemeExtractor:
         started = time.perf_counter()
         wav = prepare_audio(audio, sample_rate, SAMPLE_RATE, min_samples=self.receptive_field)
         duration = wav.size / SAMPLE_RATE
-        runs: list[tuple[str, int, int, float]] = []  # frames counted from the start of the audio
+        runs: list[list[Any]] = []  # frames counted from the start of the audio
         chunk_end = -2  # the last frame of the previous chunk
         for start, stop in self._chunks(wav.size):
             logits = self._logits(wav[start:stop])
             offset = start // self.frame_samples
-            for phoneme, first, last, conf in _runs(logits, self.vocab, self.blank, SPECIAL_TOKENS):
-                first, last = first + offset, last + offset
+            for phoneme, first, last, total in _runs(logits, self.vocab, self.blank, SPECIAL_TOKENS):
                 prev = runs[-1] if runs else None
                 # A run cut by a chunk boundary: one pass over the whole audio would give one run.
-                if prev and first == offset and prev[2] == chunk_end and prev[0] == phoneme:
-                    weights = (prev[2] - prev[1] + 1, last - first + 1)
-                    runs[-1] = (
-                        phoneme,
-                        prev[1],
-                        last,
-                        (prev[3] * weights[0] + conf * weights[1]) / sum(weights),
-                    )
+                if prev and first == 0 and prev[2] == chunk_end and prev[0] == phoneme:
+                    prev[2], prev[3] = last + offset, prev[3] + total
                 else:
-                    runs.append((phoneme, first, last, conf))
+                    runs.append([phoneme, first + offset, last + offset, total])
             chunk_end = offset + int(logits.shape[-2]) - 1
         fs = self.frame_seconds
-        segments = [PhonemeSegment(p, a * fs, min((b + 1) * fs, duration), c) for p, a, b, c in runs]
-        self._record(duration, time.perf_counter() - started)
+        segments = [
+            PhonemeSegment(p, a * fs, min((b + 1) * fs, duration), t / (b - a + 1)) for p, a, b, t in runs
+        ]
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._stats["calls"] += 1
+            self._stats["audio_seconds"] += duration
+            self._stats["processing_seconds"] += seconds
+        if self.settings.enable_performance_logging:
+            log.info("phonemes of %.2f s of audio in %.1f ms", duration, seconds * 1e3)
         return segments
 
     __call__ = extract_phonemes
-
-    def _record(self, audio_seconds: float, seconds: float) -> None:
-        with self._lock:
-            self._stats["calls"] += 1
-            self._stats["audio_seconds"] += audio_seconds
-            self._stats["processing_seconds"] += seconds
-        if self.settings.enable_performance_logging:
-            log.info(
-                "phonemes of %.2f s of audio in %.1f ms (RTF %.3f)",
-                audio_seconds,
-                seconds * 1e3,
-                seconds / audio_seconds,
-            )
 
     def get_performance_info(self) -> dict[str, Any]:
         """Calls made, seconds of audio and of processing, real-time factor, and :meth:`info`."""

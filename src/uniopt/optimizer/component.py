@@ -39,7 +39,10 @@ class Component:
     ``{axis: symbolic_name}`` for the axes whose size varies between calls.
     ``kind`` hints the tier's default chain ("encoder", "decoder", "embedding",
     "segmentation", "codec", "generic"). ``exporter`` prefers "dynamo" or "legacy"
-    for ONNX export (the other is tried when the first fails).
+    for ONNX export (the other is tried when the first fails). ``calibration_inputs`` are more
+    representative inputs (another length, another speaker): int8 calibration uses them and the
+    guard checks the first of them too. ``audio_seconds`` is how much audio the example input
+    stands for, for real-time factors.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Component:
     kind: str = "generic"
     exporter: str = "dynamo"
     calibration_inputs: Sequence[tuple[Any, ...]] = ()
+    audio_seconds: float | None = None
 
     def key(self) -> str:
         """sha256 of the weights, the module's class and code, the inputs and the export spec.

@@ -19,6 +19,8 @@ class CandidateResult:
     metric_value: float | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
+    p99_ms: float | None = None
+    real_time_factor: float | None = None
     speedup: float | None = None
     peak_memory_bytes: int | None = None
     build_seconds: float | None = None

@@ -56,7 +56,7 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
             "component": component.key(),
             "metric": [component.metric.name, component.metric.threshold],
             "candidates": sorted(names),
-            "settings": [s.mode, s.atol, s.rtol, s.min_speedup, context.threads.intra_op],
+            "settings": [s.mode, s.atol, s.rtol, s.min_speedup, s.fallback_on_optimization_error, context.threads.intra_op],
             "versions": library_versions(),
         }
     )
@@ -150,6 +150,9 @@ def _time_survivors(selector: _Selector) -> None:
         result = _result(selector, name)
         result.p50_ms = timing.p50 * 1e3
         result.p95_ms = timing.quantile(0.95) * 1e3
+        result.p99_ms = timing.quantile(0.99) * 1e3
+        if selector.component.audio_seconds:
+            result.real_time_factor = timing.p50 / selector.component.audio_seconds
         result.speedup = eager_p50 / timing.p50
 
 
@@ -226,7 +229,7 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
             selector.reject(cand.name, f"not available: {why}")
     if context.settings.mode == "auto":
         key = _decision_key(component, context, [c.name for c in usable])
-        decision = _load_decision(context, key)
+        decision = _load_decision(context, key) if context.settings.reuse_decisions else None
         if decision is not None:
             report = _apply_decision(selector, registered, decision)
             if report is not None:

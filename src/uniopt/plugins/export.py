@@ -122,10 +122,11 @@ def export_key(component: Any) -> dict[str, Any]:
 
 
 def rebuild_on_failure(build: Callable[[Any, BuildContext, list[str]], Any]) -> Callable[[Any, BuildContext], Any]:
-    """Run ``build``; if it fails while using cached artifacts, drop those entries and build afresh.
+    """Run ``build``; if it fails on a corrupt cached artifact, drop that entry and build afresh.
 
-    ``build`` appends the keys of the cache entries it *loaded* (not built) to the list it gets,
-    so a corrupt file that passed the cheap size check is still a miss, not a lost candidate.
+    ``build`` appends the keys of the cache entries it *loaded* (not built) to the list it gets.
+    On failure those entries are checked in full (sha256): a corrupt file that passed the cheap
+    size check is a miss and is rebuilt; intact entries mean the failure is real and is raised.
     """
 
     def wrapped(component: Any, context: BuildContext) -> Any:
@@ -133,10 +134,11 @@ def rebuild_on_failure(build: Callable[[Any, BuildContext, list[str]], Any]) -> 
         try:
             return build(component, context, loaded)
         except Exception as exc:
-            if not loaded or context.cache is None:
+            corrupt = [key for key in loaded if context.cache.verify_entry(key) is not None]
+            if not corrupt:
                 raise
-            log.warning("cached artifacts for %s did not load (%s); rebuilding them", component.name, exc)
-            for key in loaded:
+            log.warning("cached artifacts for %s are corrupt (%s); rebuilding them", component.name, exc)
+            for key in corrupt:
                 context.cache.remove(key)
             return build(component, context, [])
 

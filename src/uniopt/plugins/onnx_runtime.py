@@ -77,8 +77,17 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
     export = exported_onnx(component, context, loaded)
 
     def quantize(source: Path, target: Path) -> None:
+        import onnx
+
+        # The dynamo exporter's value_info can disagree with ORT's shape inference after
+        # quantization ("Inferred shape and existing shape differ"); shapes are re-inferred anyway.
+        model = onnx.load(str(source))
+        del model.graph.value_info[:]
+        plain = target.with_name("plain.onnx")
+        onnx.save(model, str(plain))
         with quiet_loggers(""):  # onnxruntime.quantization logs advice on the root logger
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8)
+        plain.unlink()
 
     path, cached = _derived(context, export, "int8", quantize, loaded)
     session = _session(path, context)

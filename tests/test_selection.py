@@ -1,0 +1,213 @@
+"""Auto and tier selection with fake candidates of known speed and accuracy."""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+import pytest
+import torch
+
+from uniopt import Component, Metric, UniversalOptimizer
+from uniopt.errors import OptimizationError, ValidationError
+from uniopt.optimizer.timing import measure_interleaved
+from uniopt.plugins import Candidate, DEFAULT_PLUGINS, Requirements, Stage, hookimpl
+from uniopt.plugins import manager as plugin_manager_module
+from uniopt.plugins.model_cache import model_cache
+
+EAGER_SLEEP = 0.012
+
+
+class SlowNet(torch.nn.Module):
+    """Eager takes a known time: it sleeps, then computes a fixed function."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(EAGER_SLEEP)
+        return self.linear(x)
+
+
+def _fake(name: str, seconds: float, *, wrong: bool = False, precision: str = "fp32", fails: bool = False, counter: dict[str, int] | None = None) -> Candidate:
+    def build(component: Any, context: Any) -> Stage:
+        if fails:
+            raise RuntimeError(f"{name} cannot be built here")
+        module = component.module
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if counter is not None:
+                counter[name] = counter.get(name, 0) + 1
+            time.sleep(seconds)
+            with torch.no_grad():
+                out = module.linear(x)
+            return out + 1.0 if wrong else out
+
+        return Stage(name, run)
+
+    return Candidate(name, "fake", f"fake {name}", build, Requirements(precision=precision))
+
+
+@pytest.fixture
+def fake_plugins(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Register a fake plugin (as a built-in) offering the given candidates; real backends off."""
+    model_cache.clear()
+
+    def install(*cands: Candidate) -> None:
+        module = types.ModuleType("uniopt_fake_plugin")
+
+        @hookimpl
+        def uniopt_register_candidates(register: Any) -> None:
+            for cand in cands:
+                register(cand)
+
+        module.uniopt_register_candidates = uniopt_register_candidates  # type: ignore[attr-defined]
+        monkeypatch.setitem(__import__("sys").modules, "uniopt_fake_plugin", module)
+        builtins = [(n, m) for n, m in DEFAULT_PLUGINS if n in ("build", "fallback", "warmup", "eager")]
+        monkeypatch.setattr(plugin_manager_module, "DEFAULT_PLUGINS", (*builtins, ("fake", "uniopt_fake_plugin")))
+        monkeypatch.setenv("UNIOPT_PLUGINS", ",".join(n for n, _ in builtins) + ",fake")
+
+    yield install
+    model_cache.clear()
+
+
+def _optimize(module: torch.nn.Module, tmp_path: Any, **settings: Any) -> UniversalOptimizer:
+    settings.setdefault("model_warmup_runs", 1)
+    return UniversalOptimizer(module, (torch.randn(2, 8),), cache_dir=str(tmp_path / "cache"), **settings)
+
+
+def test_fastest_candidate_that_passes_the_guard_wins(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("fast", 0.002), _fake("fastest-wrong", 0.0005, wrong=True), _fake("slower", 0.020))
+    opt = _optimize(SlowNet(), tmp_path)
+    report = opt.report().component("module")
+    assert report.chosen == "fast"
+    wrong = report.candidate("fastest-wrong")
+    assert not wrong.accepted and wrong.reason.startswith("guard:")
+    assert report.candidate("slower").speedup < 1.0
+    assert report.candidate("fast").speedup > 2.0
+    x = torch.randn(3, 8)
+    assert torch.allclose(opt(x), opt.engine(x)) and torch.allclose(opt(x), SlowNet()(x))
+
+
+def test_reduced_precision_is_judged_by_the_component_metric(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("int8ish", 0.002, wrong=True, precision="int8"))
+    module = SlowNet()
+    component = Component("module", module, (torch.randn(2, 8),), metric=Metric("cosine", 0.99999))
+    engine = types.SimpleNamespace(module=module, uniopt_components=lambda: [component])
+    report = UniversalOptimizer(engine, cache_dir=str(tmp_path), model_warmup_runs=0).report().component("module")
+    result = report.candidate("int8ish")
+    assert not result.accepted and result.metric == "cosine" and result.metric_value < 0.99999
+    assert report.chosen == "eager"
+
+
+def test_eager_stays_when_no_candidate_beats_the_margin(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("barely", EAGER_SLEEP * 0.97))
+    report = _optimize(SlowNet(), tmp_path, min_speedup=1.5).report().component("module")
+    assert report.candidate("barely").accepted
+    assert report.chosen == "eager"
+
+
+def test_search_budget_skips_remaining_candidates(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("first", 0.001), _fake("second", 0.001))
+    slow_build = _fake("first", 0.001)
+
+    def build(component: Any, context: Any) -> Stage:
+        time.sleep(0.3)
+        return slow_build.build(component, context)
+
+    fake_plugins(Candidate("first", "fake", "slow to build", build), _fake("second", 0.001))
+    report = _optimize(SlowNet(), tmp_path, search_budget_s=0.2).report().component("module")
+    assert report.candidate("second").reason == "search budget spent"
+    assert report.candidate("first").accepted
+
+
+def test_build_failure_is_recorded_and_can_be_raised(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("broken", 0.001, fails=True))
+    report = _optimize(SlowNet(), tmp_path).report().component("module")
+    reason = report.candidate("broken").reason
+    assert reason.startswith("build failed:") and "cannot be built here" in reason
+    assert report.chosen == "eager"
+    with pytest.raises(OptimizationError) as info:
+        _optimize(SlowNet(), tmp_path, fallback_on_optimization_error=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_guard_failure_raises_when_fallback_is_off(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("wrong", 0.001, wrong=True))
+    with pytest.raises(ValidationError, match="wrong"):
+        _optimize(SlowNet(), tmp_path, fallback_on_optimization_error=False)
+
+
+def test_decision_is_cached_and_applied_without_timing(fake_plugins: Any, tmp_path: Any) -> None:
+    calls: dict[str, int] = {}
+    fake_plugins(_fake("fast", 0.002, counter=calls))
+    first = _optimize(SlowNet(), tmp_path).report().component("module")
+    assert first.chosen == "fast" and not first.decision_from_cache
+    model_cache.clear()
+    calls.clear()
+    second = _optimize(SlowNet(), tmp_path, model_warmup_runs=0).report().component("module")
+    assert second.chosen == "fast" and second.decision_from_cache
+    assert calls["fast"] == 1  # the validation call only: nothing was timed
+
+
+def test_decision_is_invalidated_by_weights_and_settings(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("fast", 0.002))
+    assert not _optimize(SlowNet(seed=0), tmp_path).report().component("module").decision_from_cache
+    model_cache.clear()
+    assert not _optimize(SlowNet(seed=1), tmp_path).report().component("module").decision_from_cache
+    model_cache.clear()
+    assert not _optimize(SlowNet(seed=0), tmp_path, min_speedup=1.2).report().component("module").decision_from_cache
+    model_cache.clear()
+    assert _optimize(SlowNet(seed=0), tmp_path).report().component("module").decision_from_cache
+
+
+def test_tier_mode_takes_the_first_passing_candidate_of_the_chain(fake_plugins: Any, tmp_path: Any) -> None:
+    calls: dict[str, int] = {}
+    # The low-resource and AVX-512 tiers put torch-int8 first for decoders; a fake stands in for it.
+    fake_plugins(_fake("torch-int8", 0.005, wrong=True, counter=calls), _fake("torch-bf16", 0.005, counter=calls))
+    module = SlowNet()
+    component = Component("module", module, (torch.randn(2, 8),), kind="decoder")
+    engine = types.SimpleNamespace(module=module, uniopt_components=lambda: [component])
+    opt = UniversalOptimizer(engine, mode="tier", tier="cpu-avx512", cache_dir=str(tmp_path), model_warmup_runs=0)
+    report = opt.report().component("module")
+    assert report.chosen == "torch-bf16"
+    assert report.candidate("torch-int8").reason.startswith("guard:")
+    assert all(r.p50_ms is None for r in report.candidates)  # no timing in tier mode
+
+
+def test_mode_off_leaves_the_engine_alone(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("fast", 0.001))
+    module = SlowNet()
+    opt = _optimize(module, tmp_path, mode="off")
+    assert opt.engine is module and opt.report().components == []
+
+
+def test_interleaving_rotates_order_and_stops_when_stable() -> None:
+    order: list[str] = []
+    now = [0.0]
+    cost = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def call(name: str) -> Any:
+        def run() -> None:
+            order.append(name)
+            now[0] += cost[name]
+
+        return run
+
+    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=3, stable_rounds=2, clock=lambda: now[0])
+    assert order[:6] == ["a", "b", "c", "b", "c", "a"]
+    assert len(timings["a"].samples) == 3  # ranking stable from round 1: stops at min_rounds
+    assert [timings[n].p50 for n in "abc"] == [1.0, 2.0, 3.0]
+
+
+def test_interleaving_respects_the_budget() -> None:
+    now = [0.0]
+
+    def run() -> None:
+        now[0] += 10.0
+
+    timings = measure_interleaved({"a": run, "b": run}, budget_s=15.0, min_rounds=5, clock=lambda: now[0])
+    assert len(timings["a"].samples) == 1  # one round always runs, then the budget is spent
