@@ -7,6 +7,7 @@ from typing import Any
 
 from .advice import host_advice
 from .plugins import availability, candidates, plugin_manager
+from .plugins.manager import plugin_origins
 from .settings import Settings, resolve_settings
 from .threads import ThreadBudget, thread_budget
 from .tiers import HostProfile, TierChoice, host_profile
@@ -55,7 +56,8 @@ def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
     settings, choice = resolve_settings(overrides, profile)
     threads = thread_budget(profile.usable_cpus, settings.threads)
     pm = plugin_manager(settings.plugins)
-    plugins = [(name, type(p).__name__ if not hasattr(p, "__name__") else p.__name__) for name, p in pm.list_name_plugin()]
+    origins = plugin_origins()
+    plugins = [(name, origins.get(name, "registered at run time")) for name, _ in pm.list_name_plugin()]
     rows = []
     for cand in candidates(pm).values():
         ok, reason = availability(cand, profile, settings, choice.tier)

@@ -37,11 +37,13 @@ class UniOptError(Exception):
 class SettingsError(UniOptError, ValueError):
     """A setting has a value that is not allowed; the message names the variable and the choices."""
 
-    def __init__(self, variable: str, value: object, allowed: str) -> None:
+    def __init__(self, variable: str, value: object, allowed: str, origin: str = "") -> None:
         self.variable = variable
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{variable}={value!r} is not allowed: expected {allowed}")
+        self.origin = origin
+        where = f" (from {origin})" if origin else ""
+        super().__init__(f"{variable}={value!r}{where} is not allowed: expected {allowed}")
 
 
 class InputError(UniOptError, ValueError):

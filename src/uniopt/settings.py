@@ -55,7 +55,7 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 def _optional_names(value: str) -> tuple[str, ...] | None:
-    return _names(value)
+    return _names(value) or None
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -117,7 +117,7 @@ class Settings:
     min_speedup: float = _setting("UNIOPT_MIN_SPEEDUP", _positive_float, 1.05, "a candidate must beat eager by this factor to be chosen", "a positive number")
     search_budget_s: float = _setting("UNIOPT_SEARCH_BUDGET", _positive_float, 300.0, "seconds auto mode may spend measuring one component", "a positive number of seconds")
     reuse_decisions: bool = _setting("UNIOPT_REUSE_DECISIONS", _bool, True, "apply a cached auto-mode decision instead of measuring again", "true or false")
-    plugins: tuple[str, ...] | None = _setting("UNIOPT_PLUGINS", _optional_names, None, "plugins to load (comma list; unset: all installed; empty: none)", "a comma-separated list")
+    plugins: tuple[str, ...] | None = _setting("UNIOPT_PLUGINS", _names, None, "plugins to load (comma list; unset: all installed; empty: none)", "a comma-separated list")
     use_model_quantization: bool = _setting("USE_MODEL_QUANTIZATION", _bool, True, "allow int8 candidates", "true or false")
     use_model_compilation: bool = _setting("USE_MODEL_COMPILATION", _bool, True, "allow torch.compile candidates", "true or false")
     use_fast_models: bool = _setting("USE_FAST_MODELS", _bool, True, "engines build their smaller default models", "true or false")
@@ -137,13 +137,17 @@ def _setting_fields() -> list[Any]:
     return [f for f in fields(Settings) if "env" in f.metadata]
 
 
-def _parse(f: Any, raw: str, origin: str) -> Any:
+def _parse(f: Any, raw: Any, origin: str) -> Any:
+    """Parse and check one value; typed arguments go through the same checks as text."""
+    if raw is None and f.default is None:
+        return None
+    text = ",".join(map(str, raw)) if isinstance(raw, (tuple, list)) else str(raw)
     try:
-        return f.metadata["parse"](raw)
+        return f.metadata["parse"](text)
     except _NotAllowed as exc:
-        raise SettingsError(f"{f.metadata['env']} (from {origin})", raw, str(exc)) from None
+        raise SettingsError(f.metadata["env"], raw, str(exc), origin) from None
     except ValueError:
-        raise SettingsError(f"{f.metadata['env']} (from {origin})", raw, f.metadata["allowed"]) from None
+        raise SettingsError(f.metadata["env"], raw, f.metadata["allowed"], origin) from None
 
 
 def load_settings(
@@ -173,7 +177,7 @@ def load_settings(
         env = f.metadata["env"]
         if name in overrides:
             value = overrides[name]
-            values[name] = _parse(f, value, "argument") if isinstance(value, str) else value
+            values[name] = _parse(f, value, "argument")
             sources[name] = "argument"
         elif env in environ:
             values[name], sources[name] = _parse(f, environ[env], "environment"), "environment"

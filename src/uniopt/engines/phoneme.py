@@ -73,7 +73,7 @@ class CTCLogits(nn.Module):
 
 def default_config(fast: bool = True, vocab_size: int = len(IPA_VOCAB)) -> Wav2Vec2Config:
     """wav2vec2-base topology (``fast``, ~95M parameters) or the large espeak phoneme one (~315M)."""
-    ids = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if fast:  # as facebook/wav2vec2-base
         return Wav2Vec2Config(**ids)
     # as facebook/wav2vec2-lv-60-espeak-cv-ft
@@ -154,7 +154,7 @@ def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], 
         )
     try:
         ctc = Wav2Vec2ForCTC.from_pretrained(path, local_files_only=True)
-        vocab = _read_vocab(path / "vocab.json", ctc.config.vocab_size)
+        vocab = _read_vocab(path / "vocab.json", int(ctc.config.vocab_size))
     except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         raise UniOptError(f"cannot load the wav2vec2 CTC checkpoint in {path}: {exc}") from exc
     preprocessor = path / "preprocessor_config.json"
@@ -224,7 +224,7 @@ class PhonemeExtractor:
         )
         self.parameters = sum(p.numel() for p in ctc.parameters())
         self._lock = threading.Lock()
-        self._stats = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
+        self._stats: dict[str, Any] = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
 
     @classmethod
     def from_config(

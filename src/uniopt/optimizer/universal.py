@@ -44,7 +44,9 @@ class UniversalOptimizer:
         self._profile = profile or host_profile()
         self._settings, self._tier = resolve_settings(settings, self._profile)
         self._original = engine
-        self._timings: list[dict[str, float]] = []
+        self._timings: list[dict[str, Any]] = []
+        self._context: BuildContext | None = None
+        self._plugins: Any = None
         self._components = [] if self._settings.mode == "off" else engine_components(engine, example_inputs)
         started = time.perf_counter()
         reports = [self._optimize(c) for c in self._components]
@@ -62,20 +64,41 @@ class UniversalOptimizer:
     def _optimize(self, component: Component) -> ComponentReport:
         from .selection import optimize_component
 
-        threads = thread_budget(self._profile.usable_cpus, self._settings.threads)
-        threads.apply_torch()
-        context = BuildContext(self._settings, self._profile, self._tier.tier, threads, cache=_cache(self._settings))
-        pm = plugin_manager(self._settings.plugins)
-        return optimize_component(component, context, pm)
+        if self._context is None:
+            threads = thread_budget(self._profile.usable_cpus, self._settings.threads)
+            threads.apply_torch()
+            cache = _cache(self._settings)
+            self._context = BuildContext(self._settings, self._profile, self._tier.tier, threads, cache=cache)
+            self._plugins = plugin_manager(self._settings.plugins)
+        return optimize_component(component, self._context, self._plugins)
 
     def _assemble(self, engine: Any, reports: list[ComponentReport]) -> Any:
-        chosen = {r.component: r for r in reports if r.stage is not None and r.chosen != "eager"}
+        logging_on = self._settings.enable_performance_logging
+        chosen = {r.component: r for r in reports if r.stage is not None and (logging_on or r.chosen != "eager")}
         if not chosen:
             return engine
         if isinstance(engine, torch.nn.Module) and not callable(getattr(engine, "uniopt_components", None)):
-            return _installable(chosen["module"].stage, engine)
-        modules = {name: _installable(r.stage, _resolve(engine, name)) for name, r in chosen.items()}
+            return self._timed(_installable(chosen["module"].stage, engine), "module")
+        modules = {name: self._timed(_installable(r.stage, _resolve(engine, name)), name) for name, r in chosen.items()}
         return with_replaced(engine, modules)
+
+    def _timed(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
+        """With ENABLE_PERFORMANCE_LOGGING, time every call of a component (uniopt's own module only)."""
+        if not self._settings.enable_performance_logging:
+            return module
+        starts: list[float] = []
+
+        def before(_module: Any, _args: Any) -> None:
+            starts.append(time.perf_counter())
+
+        def after(_module: Any, _args: Any, _output: Any) -> None:
+            elapsed = time.perf_counter() - starts.pop()
+            self._timings.append({"component": name, "seconds": elapsed})
+            log.info("%s: %.2f ms", name, elapsed * 1e3)
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+        return module
 
     # -- the wrapped engine -----------------------------------------------------------------------
     @property
@@ -98,17 +121,10 @@ class UniversalOptimizer:
         return self._report
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._settings.enable_performance_logging:
-            return self._engine(*args, **kwargs)
-        started = time.perf_counter()
-        result = self._engine(*args, **kwargs)
-        elapsed = time.perf_counter() - started
-        self._timings.append({"seconds": elapsed})
-        log.info("call took %.2f ms", elapsed * 1e3)
-        return result
+        return self._engine(*args, **kwargs)
 
     def get_performance_info(self) -> dict[str, Any]:
-        """Per-call timings recorded with ``ENABLE_PERFORMANCE_LOGGING``, and the report."""
+        """Per-component call timings (with ``ENABLE_PERFORMANCE_LOGGING``), the engine's own figures, the report."""
         info: dict[str, Any] = {"calls": list(self._timings), "report": self._report.to_dict()}
         engine_info = getattr(self._engine, "get_performance_info", None)
         if callable(engine_info):
@@ -126,7 +142,7 @@ class UniversalOptimizer:
 
 def _installable(stage: Any, original: torch.nn.Module) -> torch.nn.Module:
     """The stage's own module when it is one of the original's kind (all methods work), else a shim."""
-    if isinstance(stage.run, type(original)):
+    if isinstance(stage.run, type(original)) and stage.run is not original:
         return stage.run
     return StageModule(stage, original)
 

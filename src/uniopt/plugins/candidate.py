@@ -93,8 +93,9 @@ def availability(candidate: Candidate, profile: HostProfile, settings: Settings,
     """Whether ``candidate`` can run here, and if not, why (a sentence for the report)."""
     req = candidate.requires
     name = candidate.name
-    if settings.allow is not None and not any(name == a or name.startswith(a + "-") or name.startswith(a) for a in settings.allow):
-        return False, f"not in UNIOPT_ALLOW={','.join(settings.allow)}"
+    allowed = settings.allow is None or any(name == a or name.startswith(a + "-") for a in settings.allow)
+    if name != "eager" and not allowed:
+        return False, f"not in UNIOPT_ALLOW={','.join(settings.allow or ())}"
     denied = [d for d in (*settings.deny, *tier.denied) if name == d or name.startswith(d + "-")]
     if denied and name != "eager":
         source = "UNIOPT_DENY" if denied[0] in settings.deny else f"tier {tier.name}"

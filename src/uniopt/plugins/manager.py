@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -22,6 +23,7 @@ from .candidate import Candidate
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "candidates", "plugin_manager"]
 
 ENTRY_POINT_GROUP = "uniopt.plugins"
+log = logging.getLogger("uniopt")
 
 #: Built-in plugins: (name, module).
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
@@ -42,8 +44,10 @@ def _sources() -> list[tuple[str, str, object]]:
     ]
     builtin = {name for name, _ in DEFAULT_PLUGINS}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in builtin:
-            found.append((ep.name, f"entry point {ep.value}", ep))
+        if ep.name in builtin:
+            log.warning("plugin entry point %r (%s) has a built-in plugin's name; it is not loaded", ep.name, ep.value)
+            continue
+        found.append((ep.name, f"entry point {ep.value}", ep))
     return found
 
 
@@ -51,6 +55,11 @@ def _load(loader: object) -> ModuleType | object:
     if isinstance(loader, str):
         return importlib.import_module(loader)
     return loader.load()  # type: ignore[attr-defined]
+
+
+def plugin_origins() -> dict[str, str]:
+    """Where each plugin that could load comes from: "built-in" or its entry point."""
+    return {name: origin for name, origin, _ in _sources()}
 
 
 def plugin_manager(selected: Iterable[str] | None = None) -> pluggy.PluginManager:

@@ -60,7 +60,7 @@ class HostProfile:
         facts = {
             "cpu": [self.cpu.model, self.cpu.architecture, self.cpu.physical_cores, self.cpu.flags],
             "usable_cpus": self.usable_cpus,
-            "memory_limit_gib": round(self.memory.usable_bytes / 2**30),
+            "usable_memory_bytes": self.memory.usable_bytes,
             "gpus": [(g.kind, g.name) for g in self.gpus],
             "backends": [(b.name, b.available, b.version, b.providers) for b in self.backends],
         }

@@ -9,6 +9,7 @@ module or an exported graph. The weights are untrained: the audio is noise-like,
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,9 +197,9 @@ class FishSpeechEngine:
         c = self.config
         prompt = self.example_prompt()
         greedy = (prompt, torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(0, dtype=torch.long))
-        sampled = (self.example_prompt(c.example_prompt_length + 5), torch.tensor(0.7), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(7, dtype=torch.long))
+        sampled = (self.example_prompt(c.example_prompt_length // 2 + 4), torch.tensor(0.7), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(7, dtype=torch.long))
         generator = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, c.codec.codebook_size, (1, c.codec.num_codebooks, 2 * c.decode_steps), generator=generator)
+        codes = torch.randint(0, c.codec.codebook_size, (1, c.codec.num_codebooks, c.decode_steps), generator=generator)
         return [
             Component(
                 name="decoder", module=self.decoder, example_inputs=greedy,
@@ -215,10 +216,10 @@ class FishSpeechEngine:
 
 
 def _check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, repetition_penalty: Any, seed: Any) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value!r}")
     if temperature < 0:
         raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
@@ -226,5 +227,5 @@ def _check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, repetitio
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
+        raise InputError(f"seed must be an int64, got {seed!r}")

@@ -1,0 +1,154 @@
+"""Declare uniopt components for an engine of the ``fish_speech`` package (PyPI fish-speech 0.1.0, S1 code).
+
+Duck-typed: nothing here imports ``fish_speech``. The package's ``TTSInferenceEngine`` keeps its
+codec as ``decoder_model`` (a ``DAC`` decoded through ``decode(indices, feature_lengths)``, not
+``forward``) and runs its ``DualARTransformer`` inside a worker thread behind ``llama_queue``,
+out of reach of attribute replacement. So the adapter gives each a module whose ``forward`` is
+the whole stage: :class:`RealCodecDecoder` and :class:`RealTokenGenerator` (greedy prefill and
+decode loop through ``forward_generate`` / ``forward_generate_fast``, as ``decode_one_token_ar``
+does). The text-to-semantic model must be passed in; the adapter's ``inference`` decodes audio
+through its ``codec`` attribute, while the worker thread keeps generating with its own model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...optimizer.component import Component, Metric
+
+__all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator"]
+
+
+class RealCodecDecoder(nn.Module):
+    """``forward(codes [1, C, frames]) -> audio [1, 1, samples]`` through a ``DAC``'s ``decode``."""
+
+    def __init__(self, dac: Any) -> None:
+        super().__init__()
+        if not callable(getattr(dac, "decode", None)):
+            raise TypeError(f"{type(dac).__name__} has no decode(indices, feature_lengths); expected a fish_speech DAC")
+        self.dac = dac
+
+    def forward(self, codes: Tensor) -> Tensor:
+        lengths = torch.full((codes.shape[0],), codes.shape[-1], dtype=torch.long, device=codes.device)
+        audio, _ = self.dac.decode(indices=codes, feature_lengths=lengths)
+        return audio
+
+
+class RealTokenGenerator(nn.Module):
+    """Greedy prefill plus ``decode_steps`` frames with a ``fish_speech`` ``DualARTransformer``.
+
+    ``forward(prompt [1, C+1, T]) -> [1, C+1, decode_steps]``. The model's key/value caches are set
+    up once and zeroed on every call. Fast-decoder logits are cut to ``codebook_limit`` as
+    ``decode_one_token_ar`` does.
+    """
+
+    def __init__(self, model: nn.Module, decode_steps: int = 64, codebook_limit: int = 1024) -> None:
+        super().__init__()
+        for name in ("forward_generate", "forward_generate_fast", "setup_caches", "fast_embeddings", "config", "tokenizer"):
+            if not hasattr(model, name):
+                raise TypeError(f"{type(model).__name__} lacks {name!r}; expected a fish_speech DualARTransformer")
+        self.model = model
+        self.decode_steps = decode_steps
+        self.codebook_limit = codebook_limit
+        config = model.config
+        model.setup_caches(max_batch_size=1, max_seq_len=config.max_seq_len, dtype=next(model.parameters()).dtype)
+        self.register_buffer("fast_positions", torch.arange(config.num_codebooks), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"decode_steps={self.decode_steps}, codebook_limit={self.codebook_limit}"
+
+    def _caches(self) -> list[Any]:
+        blocks = [*self.model.layers, *self.model.fast_layers]
+        return [b.attention.kv_cache for b in blocks if getattr(b.attention, "kv_cache", None) is not None]
+
+    def forward(self, prompt: Tensor) -> Tensor:
+        model, config = self.model, self.model.config
+        for cache in self._caches():
+            cache.k_cache.zero_()
+            cache.v_cache.zero_()
+        input_pos = torch.arange(prompt.shape[-1], device=prompt.device)
+        tokens, frames = prompt, []
+        for _ in range(self.decode_steps):
+            result = model.forward_generate(tokens, input_pos)
+            main = result.logits[0, -1].argmax(dim=-1, keepdim=True)
+            code = (main - model.tokenizer.semantic_begin_id).clamp_min(0)
+            model.forward_generate_fast(result.hidden_states, self.fast_positions[:1])
+            frame = [main, code]
+            for index in range(1, config.num_codebooks):
+                logits = model.forward_generate_fast(model.fast_embeddings(code), self.fast_positions[index : index + 1])
+                code = logits[0, -1, : self.codebook_limit].argmax(dim=-1, keepdim=True)
+                frame.append(code)
+            frame_tensor = torch.cat(frame)
+            frames.append(frame_tensor)
+            tokens, input_pos = frame_tensor.view(1, -1, 1), input_pos[-1:] + 1
+        return torch.stack(frames, dim=-1).unsqueeze(0)
+
+
+class FishSpeechAdapter:
+    """uniopt components for a ``fish_speech`` ``TTSInferenceEngine`` (anything with ``decoder_model``).
+
+    ``text2semantic`` (a ``DualARTransformer``) adds the ``decoder`` component. Other attributes
+    are looked up on the wrapped engine.
+    """
+
+    def __init__(
+        self, engine: Any, text2semantic: nn.Module | None = None, *, decode_steps: int = 64,
+        num_codebooks: int | None = None, prompt_length: int = 16, example_frames: int = 43,
+    ) -> None:
+        if not hasattr(engine, "decoder_model"):
+            raise TypeError(f"{type(engine).__name__} has no decoder_model; expected a fish_speech TTSInferenceEngine")
+        self.engine = engine
+        self.codec = RealCodecDecoder(engine.decoder_model)
+        self.decoder = RealTokenGenerator(text2semantic, decode_steps) if text2semantic is not None else None
+        if num_codebooks is None:
+            num_codebooks = text2semantic.config.num_codebooks if text2semantic is not None else 10
+        self.num_codebooks = num_codebooks
+        self.prompt_length = prompt_length
+        self.example_frames = example_frames
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def decode_vq_tokens(self, codes: Tensor) -> Tensor:
+        """As the package's ``VQManager.decode_vq_tokens`` (codes ``[C, frames]``), through ``self.codec``."""
+        return self.codec(codes[None])[0].squeeze()
+
+    def generate_tokens(self, prompt: Tensor) -> Tensor:
+        """Greedy frames ``[1, C+1, decode_steps]`` after ``prompt``, through ``self.decoder``."""
+        if self.decoder is None:
+            raise TypeError("no text2semantic model was given to the adapter")
+        return self.decoder(prompt)
+
+    def inference(self, request: Any) -> Any:
+        """The engine's own ``inference``, with audio decoded through ``self.codec``."""
+        return type(self.engine).inference(self, request)
+
+    def uniopt_components(self) -> list[Component]:
+        """``codec`` always; ``decoder`` when a text-to-semantic model was given."""
+        generator = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 1024, (1, self.num_codebooks, self.example_frames), generator=generator)
+        components = [
+            Component(
+                name="codec", module=self.codec, example_inputs=(codes,), input_names=("codes",), output_names=("audio",),
+                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}}, metric=Metric("snr_db", 20.0),
+                kind="codec", exporter="dynamo",
+            )
+        ]
+        if self.decoder is not None:
+            begin = int(self.decoder.model.tokenizer.semantic_begin_id)
+            prompt = torch.zeros(1, self.num_codebooks + 1, self.prompt_length, dtype=torch.long)
+            prompt[0, 0] = torch.randint(0, min(begin, 256), (self.prompt_length,), generator=generator)
+            components.insert(
+                0,
+                Component(
+                    name="decoder", module=self.decoder, example_inputs=(prompt,), input_names=("prompt",),
+                    output_names=("tokens",), dynamic_axes={"prompt": {2: "prompt_frames"}},
+                    metric=Metric("token_agreement", 0.9), kind="decoder", exporter="dynamo",
+                ),
+            )
+        return components
