@@ -24,7 +24,9 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _host() -> str:
-    out = subprocess.run([sys.executable, "-m", "uniopt.cli", "doctor", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "uniopt.cli", "doctor", "--json"], capture_output=True, text=True, check=True
+    )
     d = json.loads(out.stdout)
     flags = " ".join(f for f, on in d["cpu"]["flags"].items() if on)
     return (
@@ -36,7 +38,10 @@ def _host() -> str:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    lines = ["| engine / component | candidate | p50 ms | x eager | accuracy | chosen |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| engine / component | candidate | p50 ms | x eager | accuracy | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
     for result in results:
         for comp in result["components"]:
             rows = [c for c in comp["candidates"] if c["accepted"] or c["metric_value"] is not None]
@@ -47,7 +52,9 @@ def _table(results: list[dict[str, Any]]) -> str:
                 p50 = "-" if c["p50_ms"] is None else f"{c['p50_ms']:.1f}"
                 speed = "-" if c["speedup"] is None else f"{c['speedup']:.2f}"
                 mark = "**yes**" if c["name"] == comp["chosen"] else ""
-                lines.append(f"| {result['engine']} / {comp['component']} | {c['name']} | {p50} | {speed} | {acc} | {mark} |")
+                lines.append(
+                    f"| {result['engine']} / {comp['component']} | {c['name']} | {p50} | {speed} | {acc} | {mark} |"
+                )
     return "\n".join(lines)
 
 
@@ -80,7 +87,9 @@ def main() -> None:
     if args.source:
         results = json.loads(Path(args.source).read_text())
     else:
-        out = subprocess.run([sys.executable, "-m", "uniopt.cli", *command[1:]], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "uniopt.cli", *command[1:]], capture_output=True, text=True, check=True
+        )
         results = json.loads(out.stdout)
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     table = _table(results)

@@ -55,7 +55,8 @@ def main() -> None:
     print(f"{'':8} {'optimize s':>10} {'process s':>10}  chosen / from cache")
     for label, rep in (("cold", cold), ("warm", warm)):
         chosen = ", ".join(
-            f"{c['component']}={c['chosen']}{' (decision cached)' if c['decision_from_cache'] else ''}" for c in rep["components"]
+            f"{c['component']}={c['chosen']}{' (decision cached)' if c['decision_from_cache'] else ''}"
+            for c in rep["components"]
         )
         print(f"{label:8} {rep['optimize_seconds']:10.2f} {rep['process_seconds']:10.2f}  {chosen}")
     ratio = warm["optimize_seconds"] / cold["optimize_seconds"]

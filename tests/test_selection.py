@@ -32,7 +32,15 @@ class SlowNet(torch.nn.Module):
         return self.linear(x)
 
 
-def _fake(name: str, seconds: float, *, wrong: bool = False, precision: str = "fp32", fails: bool = False, counter: dict[str, int] | None = None) -> Candidate:
+def _fake(
+    name: str,
+    seconds: float,
+    *,
+    wrong: bool = False,
+    precision: str = "fp32",
+    fails: bool = False,
+    counter: dict[str, int] | None = None,
+) -> Candidate:
     def build(component: Any, context: Any) -> Stage:
         if fails:
             raise RuntimeError(f"{name} cannot be built here")
@@ -197,7 +205,9 @@ def test_interleaving_rotates_order_and_stops_when_stable() -> None:
 
         return run
 
-    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=3, stable_rounds=2, clock=lambda: now[0])
+    timings = measure_interleaved(
+        {n: call(n) for n in cost}, budget_s=1e9, min_rounds=3, stable_rounds=2, clock=lambda: now[0]
+    )
     assert order[:6] == ["a", "b", "c", "b", "c", "a"]
     assert len(timings["a"].samples) == 3  # ranking stable from round 1: stops at min_rounds
     assert [timings[n].p50 for n in "abc"] == [1.0, 2.0, 3.0]

@@ -48,7 +48,9 @@ def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: T
     for name, extra, use in _OPTIONAL_BACKENDS:
         info = profile.backend(name)
         if not info.available:
-            lines.append(f"{name} is not available ({info.reason}), so {use} are skipped: pip install 'uniopt[{extra}]'.")
+            lines.append(
+                f"{name} is not available ({info.reason}), so {use} are skipped: pip install 'uniopt[{extra}]'."
+            )
     if tier.name == "low-resource" and settings.mode == "auto":
         lines.append("Small host: UNIOPT_MODE=tier skips the timing search for a faster first start.")
     return lines

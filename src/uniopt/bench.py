@@ -11,7 +11,9 @@ from .optimizer import UniversalOptimizer
 __all__ = ["run_bench"]
 
 
-def run_bench(names: list[str], *, budget_s: float | None = None, mode: str = "auto", **settings: Any) -> list[dict[str, Any]]:
+def run_bench(
+    names: list[str], *, budget_s: float | None = None, mode: str = "auto", **settings: Any
+) -> list[dict[str, Any]]:
     """Build each engine, optimize it with fresh measurements, return one report dict per engine."""
     results = []
     for name in names:

@@ -48,13 +48,19 @@ def _print_doctor(data: dict[str, Any]) -> None:
     for col in ("backend", "available", "version", "detail"):
         backends.add_column(col)
     for name, info in data["backends"].items():
-        detail = ", ".join(info["providers"]) or ", ".join(f"{d}: {'/'.join(p)}" for d, p in info["devices"].items()) or info["reason"]
+        detail = (
+            ", ".join(info["providers"])
+            or ", ".join(f"{d}: {'/'.join(p)}" for d, p in info["devices"].items())
+            or info["reason"]
+        )
         backends.add_row(name, _yes(info["available"]), info["version"] or "-", escape(detail))
     console.print(backends)
 
     tier = data["tier"]
     console.print(f"[bold]Tier:[/] {tier['name']} — {escape(tier['reason'])}")
-    console.print(f"[bold]Threads per backend:[/] {data['threads']['intra_op']} (inter-op {data['threads']['inter_op']})")
+    console.print(
+        f"[bold]Threads per backend:[/] {data['threads']['intra_op']} (inter-op {data['threads']['inter_op']})"
+    )
 
     cands = Table(title="Candidates on this host")
     for col in ("candidate", "plugin", "precision", "available", "why not"):
@@ -100,22 +106,46 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 def _print_bench(result: dict[str, Any]) -> None:
     info = result.get("engine_info") or {}
     trained = "" if info.get("trained", True) else " (random weights: speed figures only)"
-    console.print(f"[bold]{result['engine']}[/]{escape(trained)} — tier {result['tier']}, set-up {result['setup_seconds']:.1f} s")
+    console.print(
+        f"[bold]{result['engine']}[/]{escape(trained)} — tier {result['tier']}, set-up {result['setup_seconds']:.1f} s"
+    )
     for comp in result["components"]:
         table = Table(title=f"{result['engine']} / {comp['component']}")
-        for col in ("candidate", "p50 ms", "p95 ms", "p99 ms", "x eager", "RTF", "accuracy", "chosen", "note"):
+        for col in (
+            "candidate",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "x eager",
+            "RTF",
+            "accuracy",
+            "chosen",
+            "note",
+        ):
             table.add_column(col, justify="right" if col.endswith(("ms", "eager", "RTF")) else "left")
         for c in comp["candidates"]:
             accuracy = "-" if c["metric_value"] is None else f"{c['metric']} {c['metric_value']:.4g}"
             note = "" if c["accepted"] else escape(c["reason"][:80])
             chosen = "[green]✔[/]" if c["name"] == comp["chosen"] else ""
-            table.add_row(c["name"], _fmt(c["p50_ms"]), _fmt(c["p95_ms"]), _fmt(c["p99_ms"]), _fmt(c["speedup"], ".2f"), _fmt(c["real_time_factor"], ".3f"), accuracy, chosen, note)
+            table.add_row(
+                c["name"],
+                _fmt(c["p50_ms"]),
+                _fmt(c["p95_ms"]),
+                _fmt(c["p99_ms"]),
+                _fmt(c["speedup"], ".2f"),
+                _fmt(c["real_time_factor"], ".3f"),
+                accuracy,
+                chosen,
+                note,
+            )
         console.print(table)
 
 
 @app.command()
 def bench(
-    engines: list[str] = typer.Argument(None, help="Built-in engines (phoneme, diarization, tts) or package.module:factory."),
+    engines: list[str] = typer.Argument(
+        None, help="Built-in engines (phoneme, diarization, tts) or package.module:factory."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     budget: float = typer.Option(None, "--budget", help="Seconds of measuring per component."),
     mode: str = typer.Option("auto", "--mode", help="auto or tier."),
@@ -163,8 +193,15 @@ def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
     entries = cache.entries()
     if as_json:
         rows = [
-            {"key": e.key, "kind": e.kind, "description": e.description, "size_bytes": e.size_bytes,
-             "last_used": e.last_used, "valid": e.valid, "problem": e.problem}
+            {
+                "key": e.key,
+                "kind": e.kind,
+                "description": e.description,
+                "size_bytes": e.size_bytes,
+                "last_used": e.last_used,
+                "valid": e.valid,
+                "problem": e.problem,
+            }
             for e in entries
         ]
         typer.echo(json.dumps({"root": str(cache.root), "total_bytes": cache.total_bytes(), "entries": rows}, indent=2))
@@ -174,7 +211,13 @@ def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         table.add_column(col)
     for e in entries:
         what = ", ".join(f"{k}={v}" for k, v in e.description.items())
-        table.add_row(e.key[:16], e.kind, escape(what), _size(e.size_bytes), "ok" if e.valid else f"[red]{escape(e.problem or '')}[/]")
+        table.add_row(
+            e.key[:16],
+            e.kind,
+            escape(what),
+            _size(e.size_bytes),
+            "ok" if e.valid else f"[red]{escape(e.problem or '')}[/]",
+        )
     console.print(table)
     console.print(f"{len(entries)} entries, {_size(cache.total_bytes())} in all (limit {_size(cache.max_bytes or 0)})")
 

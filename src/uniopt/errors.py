@@ -61,9 +61,7 @@ class BackendUnavailable(UniOptError, ImportError):
         self.backend = backend
         self.extra = extra
         detail = f" ({reason})" if reason else ""
-        super().__init__(
-            f"{backend} is not available{detail}; install it with: pip install 'uniopt[{extra}]'"
-        )
+        super().__init__(f"{backend} is not available{detail}; install it with: pip install 'uniopt[{extra}]'")
 
 
 class OptimizationError(UniOptError):

@@ -105,26 +105,126 @@ def _setting(env: str, parse: Callable[[str], Any], default: Any, help: str, all
 class Settings:
     """Every setting uniopt reads; ``describe()`` lists them with their variables."""
 
-    mode: str = _setting("UNIOPT_MODE", _mode, "auto", "auto: measure candidates; tier: tier defaults; off: no change", "auto, tier or off")
-    tier: str | None = _setting("UNIOPT_TIER", _tier, None, "force a hardware tier instead of detecting it", "a tier name")
-    allow: tuple[str, ...] | None = _setting("UNIOPT_ALLOW", _optional_names, None, "only these candidates (comma list of names or prefixes such as openvino)", "a comma-separated list")
-    deny: tuple[str, ...] = _setting("UNIOPT_DENY", _names, (), "never these candidates (comma list of names or prefixes)", "a comma-separated list")
-    cache_dir: str | None = _setting("UNIOPT_CACHE_DIR", _optional_str, None, "where exported models and decisions are kept (default: the user cache directory)", "a directory path")
-    cache_size_limit: int = _setting("UNIOPT_CACHE_SIZE_LIMIT", _size, 5 * 2**30, "evict least-recently-used cache entries above this size", "a size such as 5GiB")
-    threads: int | None = _setting("UNIOPT_THREADS", _int_at_least(1), None, "threads per backend (default: the usable CPUs, rounded down)", "an integer >= 1")
-    atol: float = _setting("UNIOPT_ATOL", _positive_float, 1e-4, "absolute tolerance for FP32 stages against the reference", "a positive number")
-    rtol: float = _setting("UNIOPT_RTOL", _positive_float, 1e-4, "relative tolerance for FP32 stages against the reference", "a positive number")
-    min_speedup: float = _setting("UNIOPT_MIN_SPEEDUP", _positive_float, 1.05, "a candidate must beat eager by this factor to be chosen", "a positive number")
-    search_budget_s: float = _setting("UNIOPT_SEARCH_BUDGET", _positive_float, 300.0, "seconds auto mode may spend measuring one component", "a positive number of seconds")
-    reuse_decisions: bool = _setting("UNIOPT_REUSE_DECISIONS", _bool, True, "apply a cached auto-mode decision instead of measuring again", "true or false")
-    plugins: tuple[str, ...] | None = _setting("UNIOPT_PLUGINS", _names, None, "plugins to load (comma list; unset: all installed; empty: none)", "a comma-separated list")
-    use_model_quantization: bool = _setting("USE_MODEL_QUANTIZATION", _bool, True, "allow int8 candidates", "true or false")
-    use_model_compilation: bool = _setting("USE_MODEL_COMPILATION", _bool, True, "allow torch.compile candidates", "true or false")
-    use_fast_models: bool = _setting("USE_FAST_MODELS", _bool, True, "engines build their smaller default models", "true or false")
-    use_optimized_phoneme_model: bool = _setting("USE_OPTIMIZED_PHONEME_MODEL", _bool, True, "optimize the phoneme engine (false keeps it eager)", "true or false")
-    model_warmup_runs: int = _setting("MODEL_WARMUP_RUNS", _int_at_least(0), 2, "warm-up calls per stage and input shape", "an integer >= 0")
-    enable_performance_logging: bool = _setting("ENABLE_PERFORMANCE_LOGGING", _bool, False, "log per-call timings and real-time factor", "true or false")
-    fallback_on_optimization_error: bool = _setting("FALLBACK_ON_OPTIMIZATION_ERROR", _bool, True, "keep the previous stage when a candidate fails (false: raise)", "true or false")
+    mode: str = _setting(
+        "UNIOPT_MODE",
+        _mode,
+        "auto",
+        "auto: measure candidates; tier: tier defaults; off: no change",
+        "auto, tier or off",
+    )
+    tier: str | None = _setting(
+        "UNIOPT_TIER", _tier, None, "force a hardware tier instead of detecting it", "a tier name"
+    )
+    allow: tuple[str, ...] | None = _setting(
+        "UNIOPT_ALLOW",
+        _optional_names,
+        None,
+        "only these candidates (comma list of names or prefixes such as openvino)",
+        "a comma-separated list",
+    )
+    deny: tuple[str, ...] = _setting(
+        "UNIOPT_DENY",
+        _names,
+        (),
+        "never these candidates (comma list of names or prefixes)",
+        "a comma-separated list",
+    )
+    cache_dir: str | None = _setting(
+        "UNIOPT_CACHE_DIR",
+        _optional_str,
+        None,
+        "where exported models and decisions are kept (default: the user cache directory)",
+        "a directory path",
+    )
+    cache_size_limit: int = _setting(
+        "UNIOPT_CACHE_SIZE_LIMIT",
+        _size,
+        5 * 2**30,
+        "evict least-recently-used cache entries above this size",
+        "a size such as 5GiB",
+    )
+    threads: int | None = _setting(
+        "UNIOPT_THREADS",
+        _int_at_least(1),
+        None,
+        "threads per backend (default: the usable CPUs, rounded down)",
+        "an integer >= 1",
+    )
+    atol: float = _setting(
+        "UNIOPT_ATOL",
+        _positive_float,
+        1e-4,
+        "absolute tolerance for FP32 stages against the reference",
+        "a positive number",
+    )
+    rtol: float = _setting(
+        "UNIOPT_RTOL",
+        _positive_float,
+        1e-4,
+        "relative tolerance for FP32 stages against the reference",
+        "a positive number",
+    )
+    min_speedup: float = _setting(
+        "UNIOPT_MIN_SPEEDUP",
+        _positive_float,
+        1.05,
+        "a candidate must beat eager by this factor to be chosen",
+        "a positive number",
+    )
+    search_budget_s: float = _setting(
+        "UNIOPT_SEARCH_BUDGET",
+        _positive_float,
+        300.0,
+        "seconds auto mode may spend measuring one component",
+        "a positive number of seconds",
+    )
+    reuse_decisions: bool = _setting(
+        "UNIOPT_REUSE_DECISIONS",
+        _bool,
+        True,
+        "apply a cached auto-mode decision instead of measuring again",
+        "true or false",
+    )
+    plugins: tuple[str, ...] | None = _setting(
+        "UNIOPT_PLUGINS",
+        _names,
+        None,
+        "plugins to load (comma list; unset: all installed; empty: none)",
+        "a comma-separated list",
+    )
+    use_model_quantization: bool = _setting(
+        "USE_MODEL_QUANTIZATION", _bool, True, "allow int8 candidates", "true or false"
+    )
+    use_model_compilation: bool = _setting(
+        "USE_MODEL_COMPILATION", _bool, True, "allow torch.compile candidates", "true or false"
+    )
+    use_fast_models: bool = _setting(
+        "USE_FAST_MODELS", _bool, True, "engines build their smaller default models", "true or false"
+    )
+    use_optimized_phoneme_model: bool = _setting(
+        "USE_OPTIMIZED_PHONEME_MODEL",
+        _bool,
+        True,
+        "optimize the phoneme engine (false keeps it eager)",
+        "true or false",
+    )
+    model_warmup_runs: int = _setting(
+        "MODEL_WARMUP_RUNS", _int_at_least(0), 2, "warm-up calls per stage and input shape", "an integer >= 0"
+    )
+    enable_performance_logging: bool = _setting(
+        "ENABLE_PERFORMANCE_LOGGING",
+        _bool,
+        False,
+        "log per-call timings and real-time factor",
+        "true or false",
+    )
+    fallback_on_optimization_error: bool = _setting(
+        "FALLBACK_ON_OPTIMIZATION_ERROR",
+        _bool,
+        True,
+        "keep the previous stage when a candidate fails (false: raise)",
+        "true or false",
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

@@ -35,8 +35,19 @@ from uniopt.errors import InputError, UniOptError
 from uniopt.optimizer.component import Component, Metric
 from uniopt.settings import Settings, load_settings
 
-__all__ = ["IPA_VOCAB", "SAMPLE_RATE", "SPECIAL_TOKENS", "CTCLogits", "PhonemeExtractor", "PhonemeSegment", "bench_engine",
-           "clear_fast_instances", "ctc_greedy_decode", "default_config", "get_fast_instance"]  # fmt: skip
+__all__ = [
+    "IPA_VOCAB",
+    "SAMPLE_RATE",
+    "SPECIAL_TOKENS",
+    "CTCLogits",
+    "PhonemeExtractor",
+    "PhonemeSegment",
+    "bench_engine",
+    "clear_fast_instances",
+    "ctc_greedy_decode",
+    "default_config",
+    "get_fast_instance",
+]
 
 log = logging.getLogger("uniopt.engines.phoneme")
 

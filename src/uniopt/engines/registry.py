@@ -21,7 +21,9 @@ BUILTIN_ENGINES: dict[str, str] = {
 def _factory(spec: str) -> Callable[[], Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise UniOptError(f"engine {spec!r}: use a built-in name ({', '.join(BUILTIN_ENGINES)}) or 'package.module:factory'")
+        raise UniOptError(
+            f"engine {spec!r}: use a built-in name ({', '.join(BUILTIN_ENGINES)}) or 'package.module:factory'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

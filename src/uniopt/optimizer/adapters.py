@@ -47,9 +47,7 @@ def engine_components(engine: Any, example_inputs: Any = None) -> list[Component
         return components
     if isinstance(engine, torch.nn.Module):
         if example_inputs is None:
-            raise UniOptError(
-                "a plain nn.Module needs example inputs: UniversalOptimizer(module, example_inputs=(x,))"
-            )
+            raise UniOptError("a plain nn.Module needs example inputs: UniversalOptimizer(module, example_inputs=(x,))")
         return [Component("module", engine, example_inputs)]
     raise UniOptError(
         f"{type(engine).__name__} is neither an nn.Module nor an engine that declares "

@@ -95,18 +95,30 @@ def check_outputs(
             continue
         if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
             got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-            return GuardResult(False, "structure", None, f"output {index}: got {got}, expected {tuple(ref.shape)} {ref.dtype}")
+            return GuardResult(
+                False,
+                "structure",
+                None,
+                f"output {index}: got {got}, expected {tuple(ref.shape)} {ref.dtype}",
+            )
         if ref.is_floating_point() and bool(torch.isfinite(ref).all()) and not bool(torch.isfinite(out).all()):
             return GuardResult(False, metric_name, None, f"output {index} has NaN or infinity")
         if metric_name == "allclose" or not ref.is_floating_point():
             if not torch.allclose(out.double(), ref.double(), atol=atol, rtol=rtol, equal_nan=True):
                 diff = metric_value("allclose", ref, out)
-                return GuardResult(False, "allclose", diff, f"output {index}: max abs diff {diff:.3g} > atol {atol:g} (rtol {rtol:g})")
+                return GuardResult(
+                    False,
+                    "allclose",
+                    diff,
+                    f"output {index}: max abs diff {diff:.3g} > atol {atol:g} (rtol {rtol:g})",
+                )
             value = metric_value("allclose", ref, out)
             worst = value if worst is None else max(worst, value)
             continue
         value = metric_value(metric_name, ref, out)
         if value < metric.threshold:
-            return GuardResult(False, metric_name, value, f"output {index}: {metric_name} {value:.4f} < {metric.threshold}")
+            return GuardResult(
+                False, metric_name, value, f"output {index}: {metric_name} {value:.4f} < {metric.threshold}"
+            )
         worst = value if worst is None else min(worst, value)
     return GuardResult(True, metric_name, worst)

@@ -22,8 +22,8 @@ import pluggy
 import torch
 
 from ..errors import OptimizationError, ValidationError
-from ..plugins.model_cache import model_cache, stage_key
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
 from .guard import check_outputs, run_reference
 from .report import CandidateResult, ComponentReport
@@ -41,7 +41,11 @@ def _ordered(cands: dict[str, Candidate], component: Component, context: BuildCo
     if context.settings.mode == "tier":
         names = chain if "eager" in chain else [*chain, "eager"]
     else:
-        names = ["eager", *[n for n in chain if n != "eager"], *[n for n in cands if n not in chain and n != "eager"]]
+        names = [
+            "eager",
+            *[n for n in chain if n != "eager"],
+            *[n for n in cands if n not in chain and n != "eager"],
+        ]
     return [cands[n] for n in names if n in cands]
 
 
@@ -56,7 +60,14 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
             "component": component.key(),
             "metric": [component.metric.name, component.metric.threshold],
             "candidates": sorted(names),
-            "settings": [s.mode, s.atol, s.rtol, s.min_speedup, s.fallback_on_optimization_error, context.threads.intra_op],
+            "settings": [
+                s.mode,
+                s.atol,
+                s.rtol,
+                s.min_speedup,
+                s.fallback_on_optimization_error,
+                context.threads.intra_op,
+            ],
             "versions": library_versions(),
         }
     )
@@ -96,12 +107,22 @@ class _Selector:
         except Exception as exc:
             if not self.context.settings.fallback_on_optimization_error:
                 raise OptimizationError(self.component.name, cand.name, f"first call failed: {exc}") from exc
-            self.reject(cand.name, f"first call failed: {type(exc).__name__}: {str(exc)[:200]}", build_seconds=build_seconds)
+            self.reject(
+                cand.name,
+                f"first call failed: {type(exc).__name__}: {str(exc)[:200]}",
+                build_seconds=build_seconds,
+            )
             return None
         if not verdict.passed:
             if not self.context.settings.fallback_on_optimization_error:
                 raise ValidationError(self.component.name, cand.name, verdict.reason)
-            self.reject(cand.name, f"guard: {verdict.reason}", metric=verdict.metric, metric_value=verdict.value, build_seconds=build_seconds)
+            self.reject(
+                cand.name,
+                f"guard: {verdict.reason}",
+                metric=verdict.metric,
+                metric_value=verdict.value,
+                build_seconds=build_seconds,
+            )
             return None
         self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
         self.results.append(
@@ -126,7 +147,12 @@ class _Selector:
             with torch.inference_mode():
                 outputs = stage(*copy.deepcopy(inputs))
             verdict = check_outputs(
-                reference, outputs, precision=cand.requires.precision, metric=self.component.metric, atol=s.atol, rtol=s.rtol
+                reference,
+                outputs,
+                precision=cand.requires.precision,
+                metric=self.component.metric,
+                atol=s.atol,
+                rtol=s.rtol,
             )
             if not verdict.passed:
                 return verdict
@@ -212,7 +238,9 @@ def _store_decision(context: BuildContext, key: str, component: Component, repor
         (directory / "decision.json").write_text(json.dumps(payload, indent=1))
 
     context.cache.remove(key)
-    context.cache.get_or_build(key, write, kind="decision", description={"component": component.name, "chosen": report.chosen})
+    context.cache.get_or_build(
+        key, write, kind="decision", description={"component": component.name, "chosen": report.chosen}
+    )
 
 
 def optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
@@ -252,7 +280,9 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
     return report
 
 
-def _apply_decision(selector: _Selector, registered: dict[str, Candidate], decision: dict[str, Any]) -> ComponentReport | None:
+def _apply_decision(
+    selector: _Selector, registered: dict[str, Candidate], decision: dict[str, Any]
+) -> ComponentReport | None:
     """Rebuild the stored choice without timing; None when it no longer builds or validates."""
     chosen = decision["chosen"]
     if chosen not in registered:

@@ -50,7 +50,7 @@ def measure_interleaved(
     previous: list[str] | None = None
     unchanged = 0
     for round_index in range(max_rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             t0 = clock()
             calls[name]()

@@ -137,7 +137,8 @@ class UniversalOptimizer:
         return getattr(self._engine, name)
 
     def __repr__(self) -> str:
-        return f"UniversalOptimizer({type(self._original).__name__}, mode={self._settings.mode!r}, tier={self._tier.tier.name!r})"
+        name, mode, tier = type(self._original).__name__, self._settings.mode, self._tier.tier.name
+        return f"UniversalOptimizer({name}, mode={mode!r}, tier={tier!r})"
 
 
 def _installable(stage: Any, original: torch.nn.Module) -> torch.nn.Module:

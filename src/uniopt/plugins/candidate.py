@@ -114,5 +114,8 @@ def availability(candidate: Candidate, profile: HostProfile, settings: Settings,
     if req.cpu_flags_any and not any(profile.cpu.has(f) for f in req.cpu_flags_any):
         return False, f"CPU lacks {' / '.join(req.cpu_flags_any)}"
     if req.min_memory_bytes and profile.memory.usable_bytes < req.min_memory_bytes:
-        return False, f"needs {req.min_memory_bytes / 2**30:.1f} GiB, {profile.memory.usable_bytes / 2**30:.1f} GiB usable"
+        return (
+            False,
+            f"needs {req.min_memory_bytes / 2**30:.1f} GiB, {profile.memory.usable_bytes / 2**30:.1f} GiB usable",
+        )
     return True, ""

@@ -53,7 +53,11 @@ class OnnxExporter:
         axes = {k: dict(v) for k, v in component.dynamic_axes.items()}
         module = component.module.eval()
         sink = io.StringIO()
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings(), quiet_loggers("torch.onnx", "torch.export"):
+        with (
+            contextlib.redirect_stdout(sink),
+            warnings.catch_warnings(),
+            quiet_loggers("torch.onnx", "torch.export"),
+        ):
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 shapes = tuple(
@@ -121,7 +125,9 @@ def export_key(component: Any) -> dict[str, Any]:
     }
 
 
-def rebuild_on_failure(build: Callable[[Any, BuildContext, list[str]], Any]) -> Callable[[Any, BuildContext], Any]:
+def rebuild_on_failure(
+    build: Callable[[Any, BuildContext, list[str]], Any],
+) -> Callable[[Any, BuildContext], Any]:
     """Run ``build``; if it fails on a corrupt cached artifact, drop that entry and build afresh.
 
     ``build`` appends the keys of the cache entries it *loaded* (not built) to the list it gets.
@@ -160,7 +166,8 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
                 _check_loadable(directory / "model.onnx")
                 return {"exporter": name, "failed": errors}
             except Exception as exc:  # exporter failures are many and varied; the other may work
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                errors.append(f"{name}: {type(exc).__name__}: {first_line}")
                 for leftover in directory.iterdir():
                     leftover.unlink()
         raise RuntimeError("ONNX export failed with every exporter: " + " | ".join(errors))
@@ -232,7 +239,11 @@ def graph_stage_runner(component: Any, run_arrays: Any) -> Any:
         if not _fits(args, signature):
             if not warned:
                 warned.append(True)
-                log.warning("%s: input %s is outside the exported graph's shapes; running eager", component.name, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+                log.warning(
+                    "%s: input %s is outside the exported graph's shapes; running eager",
+                    component.name,
+                    [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)],
+                )
             return eager(*args)
         arrays = [a.detach().cpu().numpy() for a in args]
         outputs = run_arrays(arrays)

@@ -39,9 +39,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 
 def _sources() -> list[tuple[str, str, object]]:
     """(name, origin, loader) for every plugin that could load, built-ins first."""
-    found: list[tuple[str, str, object]] = [
-        (name, "built-in", module) for name, module in DEFAULT_PLUGINS
-    ]
+    found: list[tuple[str, str, object]] = [(name, "built-in", module) for name, module in DEFAULT_PLUGINS]
     builtin = {name for name, _ in DEFAULT_PLUGINS}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in builtin:

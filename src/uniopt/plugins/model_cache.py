@@ -61,5 +61,12 @@ model_cache = ModelCache()
 def stage_key(candidate: Any, component: Any, context: Any) -> str:
     """What makes two builds the same: component, candidate, tier, threads and tolerances."""
     s = context.settings
-    parts = [component.key(), candidate.name, context.tier.name, str(context.threads.intra_op), str(s.atol), str(s.rtol)]
+    parts = [
+        component.key(),
+        candidate.name,
+        context.tier.name,
+        str(context.threads.intra_op),
+        str(s.atol),
+        str(s.rtol),
+    ]
     return "|".join(parts)

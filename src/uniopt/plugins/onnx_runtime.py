@@ -40,8 +40,20 @@ def _derived(context: BuildContext, export: Any, variant: str, make: Any, loaded
     """A model derived from the export (ORT-optimized, int8), cached under its own key."""
     from ..cache import cache_key, library_versions
 
-    key = cache_key({"artifact": f"onnxruntime-{variant}", "export": export.key, "versions": library_versions(), "host": context.profile.fingerprint})
-    entry, built = context.cache.get_or_build(key, lambda d: make(export.path, d / "model.onnx"), kind=f"onnxruntime-{variant}", description={"from": export.key[:16]})
+    key = cache_key(
+        {
+            "artifact": f"onnxruntime-{variant}",
+            "export": export.key,
+            "versions": library_versions(),
+            "host": context.profile.fingerprint,
+        }
+    )
+    entry, built = context.cache.get_or_build(
+        key,
+        lambda d: make(export.path, d / "model.onnx"),
+        kind=f"onnxruntime-{variant}",
+        description={"from": export.key[:16]},
+    )
     if not built:
         loaded.append(key)
     return entry.path / "model.onnx", not built
@@ -66,7 +78,11 @@ def _build_fp32(component: Any, context: BuildContext, loaded: list[str]) -> Sta
 
     path, cached = _derived(context, export, "fp32", optimize, loaded)
     session = _session(path, context)
-    info = {"exporter": export.exporter, "from_cache": cached and export.from_cache, "export_seconds": export.seconds}
+    info = {
+        "exporter": export.exporter,
+        "from_cache": cached and export.from_cache,
+        "export_seconds": export.seconds,
+    }
     return _stage("onnxruntime-fp32", component, session, info)
 
 
@@ -101,12 +117,38 @@ def _build_cuda_fp16(component: Any, context: BuildContext, loaded: list[str]) -
     session = _session(export.path, context, cuda=True)
     if "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError("ONNX Runtime did not start its CUDA provider")
-    return _stage("onnxruntime-cuda", component, session, {"exporter": export.exporter, "from_cache": export.from_cache})
+    return _stage(
+        "onnxruntime-cuda", component, session, {"exporter": export.exporter, "from_cache": export.from_cache}
+    )
 
 
 @hookimpl
 def uniopt_register_candidates(register: Any) -> None:
     needs = ("onnxruntime", "onnx")
-    register(Candidate("onnxruntime-fp32", "onnx_runtime", "ONNX Runtime FP32, all graph optimizations", _build_fp32, Requirements(packages=needs, extra=_EXTRA)))
-    register(Candidate("onnxruntime-int8", "onnx_runtime", "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph)", _build_int8, Requirements(packages=needs, extra=_EXTRA, precision="int8", setting="use_model_quantization")))
-    register(Candidate("onnxruntime-cuda", "onnx_runtime", "ONNX Runtime on the CUDA execution provider", _build_cuda_fp16, Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",))))
+    register(
+        Candidate(
+            "onnxruntime-fp32",
+            "onnx_runtime",
+            "ONNX Runtime FP32, all graph optimizations",
+            _build_fp32,
+            Requirements(packages=needs, extra=_EXTRA),
+        )
+    )
+    register(
+        Candidate(
+            "onnxruntime-int8",
+            "onnx_runtime",
+            "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph)",
+            _build_int8,
+            Requirements(packages=needs, extra=_EXTRA, precision="int8", setting="use_model_quantization"),
+        )
+    )
+    register(
+        Candidate(
+            "onnxruntime-cuda",
+            "onnx_runtime",
+            "ONNX Runtime on the CUDA execution provider",
+            _build_cuda_fp16,
+            Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",)),
+        )
+    )

@@ -68,7 +68,9 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
         return {"variant": variant}
 
     key = cache_key({"artifact": f"openvino-{variant}", "export": export.key, "versions": library_versions()})
-    entry, built = context.cache.get_or_build(key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]})
+    entry, built = context.cache.get_or_build(
+        key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
+    )
     if not built:
         loaded.append(key)
     return entry.path / "model.xml", not built and export.from_cache, export
@@ -90,7 +92,11 @@ def _build(variant: str, precision: str, name: str) -> Any:
                 request.infer(arrays)
                 return [request.get_tensor(port).data.copy() for port in outputs]
 
-        info = {"exporter": export.exporter, "from_cache": cached, "precision_hint": _PRECISION_HINTS[precision]}
+        info = {
+            "exporter": export.exporter,
+            "from_cache": cached,
+            "precision_hint": _PRECISION_HINTS[precision],
+        }
         return Stage(name, graph_stage_runner(component, run_arrays), info)
 
     return build
@@ -99,7 +105,15 @@ def _build(variant: str, precision: str, name: str) -> Any:
 @hookimpl
 def uniopt_register_candidates(register: Any) -> None:
     needs = ("openvino", "onnx")
-    register(Candidate("openvino-f32", "openvino", "OpenVINO CPU, f32 forced", _build("plain", "fp32", "openvino-f32"), Requirements(packages=needs, extra=_EXTRA)))
+    register(
+        Candidate(
+            "openvino-f32",
+            "openvino",
+            "OpenVINO CPU, f32 forced",
+            _build("plain", "fp32", "openvino-f32"),
+            Requirements(packages=needs, extra=_EXTRA),
+        )
+    )
     register(
         Candidate(
             "openvino-bf16",

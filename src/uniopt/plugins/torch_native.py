@@ -112,7 +112,11 @@ def _build_bf16(component: Any, context: BuildContext) -> Stage:
 def _build_compile(component: Any, context: BuildContext) -> Stage:
     if context.cache is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(context.cache.root / "inductor"))
-    compiled = torch.compile(component.module, mode=os.environ.get("UNIOPT_COMPILE_MODE", "default"), dynamic=bool(component.dynamic_axes))
+    compiled = torch.compile(
+        component.module,
+        mode=os.environ.get("UNIOPT_COMPILE_MODE", "default"),
+        dynamic=bool(component.dynamic_axes),
+    )
     return Stage("torch-compile", compiled, {"note": "compiles on its first call"})
 
 

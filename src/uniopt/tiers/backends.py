@@ -101,9 +101,7 @@ def probe_gpus(backends: tuple[BackendInfo, ...]) -> tuple[GpuInfo, ...]:
         if torch.cuda.is_available():
             for index in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(index)
-                gpus.append(
-                    GpuInfo("cuda", props.name, props.total_memory, f"{props.major}.{props.minor}")
-                )
+                gpus.append(GpuInfo("cuda", props.name, props.total_memory, f"{props.major}.{props.minor}"))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             gpus.append(GpuInfo("mps", "Apple MPS"))
