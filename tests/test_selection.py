@@ -221,3 +221,21 @@ def test_interleaving_respects_the_budget() -> None:
 
     timings = measure_interleaved({"a": run, "b": run}, budget_s=15.0, min_rounds=5, clock=lambda: now[0])
     assert len(timings["a"].samples) == 1  # one round always runs, then the budget is spent
+
+
+def test_clearly_slower_candidates_leave_the_rotation_but_eager_stays() -> None:
+    now = [0.0]
+    cost = {"eager": 10.0, "fast": 1.0, "slow": 5.0, "close": 1.5}
+    counts = dict.fromkeys(cost, 0)
+
+    def call(name: str) -> Any:
+        def run() -> None:
+            counts[name] += 1
+            now[0] += cost[name]
+
+        return run
+
+    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, stable_rounds=10, clock=lambda: now[0])
+    assert counts["slow"] == 2  # pruned after round 2: 5x the best
+    assert counts["eager"] == counts["fast"] == counts["close"] > 2
+    assert timings["slow"].p50 == 5.0

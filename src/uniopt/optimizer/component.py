@@ -39,7 +39,9 @@ class Component:
     ``{axis: symbolic_name}`` for the axes whose size varies between calls.
     ``kind`` hints the tier's default chain ("encoder", "decoder", "embedding",
     "segmentation", "codec", "generic"). ``exporter`` prefers "dynamo" or "legacy"
-    for ONNX export (the other is tried when the first fails). ``calibration_inputs`` are more
+    for ONNX export (the other is tried when the first fails); "none" rules out every graph
+    backend, for modules no exporter can capture faithfully (a Python decode loop over an
+    in-place KV cache, say). ``calibration_inputs`` are more
     representative inputs (another length, another speaker): int8 calibration uses them and the
     guard checks the first of them too. ``audio_seconds`` is how much audio the example input
     stands for, for real-time factors.
@@ -82,6 +84,8 @@ class Component:
     def __post_init__(self) -> None:
         if not isinstance(self.module, torch.nn.Module):
             raise TypeError(f"component {self.name!r}: module must be a torch.nn.Module")
+        if self.exporter not in ("dynamo", "legacy", "none"):
+            raise ValueError(f"component {self.name!r}: exporter must be dynamo, legacy or none")
         if not isinstance(self.example_inputs, tuple):
             self.example_inputs = (self.example_inputs,)
         if not self.input_names:

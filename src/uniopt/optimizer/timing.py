@@ -37,12 +37,16 @@ def measure_interleaved(
     min_rounds: int = 3,
     max_rounds: int = 15,
     stable_rounds: int = 2,
+    keep: tuple[str, ...] = ("eager",),
+    prune_factor: float | None = 2.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time every call once per round, rotating the order, until the ranking holds or time runs out.
 
     Stops after ``min_rounds`` once the ranking by median has not changed for ``stable_rounds``
     rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs).
+    From the second round on, a call whose median is ``prune_factor`` times the best one's leaves
+    the rotation (its samples are kept), except the ``keep`` calls every ratio is taken against.
     """
     names = list(calls)
     timings = {name: Timing() for name in names}
@@ -50,16 +54,21 @@ def measure_interleaved(
     previous: list[str] | None = None
     unchanged = 0
     for round_index in range(max_rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             t0 = clock()
             calls[name]()
             timings[name].samples.append(clock() - t0)
-        ranking = _ranking(timings)
+        active = {name: timings[name] for name in names}
+        ranking = _ranking(active)
         unchanged = unchanged + 1 if ranking == previous else 0
         previous = ranking
         if round_index + 1 >= min_rounds and unchanged >= stable_rounds:
             break
         if clock() - started >= budget_s:
             break
+        if prune_factor is not None and round_index >= 1:
+            best = timings[ranking[0]].p50
+            names = [n for n in names if n in keep or timings[n].p50 <= prune_factor * best]
+            previous = [n for n in previous if n in names]
     return timings

@@ -155,6 +155,8 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
     """The component's ONNX export, from the cache or made now (preferred exporter, then the other)."""
     from ..cache import cache_key
 
+    if component.exporter == "none":
+        raise ValueError(f"component {component.name!r} declares that it does not export to ONNX")
     key = cache_key(export_key(component))
     order = [component.exporter, "legacy" if component.exporter == "dynamo" else "dynamo"]
 
