@@ -1,9 +1,12 @@
 """Diarization components with real pretrained weights, ported to plain PyTorch modules.
 
 * :class:`PyanNet` - pyannote segmentation-3.0 (powerset speaker activity, 7 classes);
-* :class:`SpeakerEncoder` - resemblyzer's GE2E speaker embedding network, with its preprocessing.
+* :class:`SpeakerEncoder` - resemblyzer's GE2E speaker embedding network, with its preprocessing;
+* :class:`Diarizer` - the pipeline built on both: who spoke when, as :class:`Segment` lists.
 """
 
+from uniopt.engines.diarization.clustering import cluster_embeddings
+from uniopt.engines.diarization.pipeline import Diarizer, Segment, bench_engine, postprocess_segments
 from uniopt.engines.diarization.segmentation import PyanNet, load_segmentation_model, powerset_to_speakers
 from uniopt.engines.diarization.speaker_encoder import (
     SpeakerEncoder,
@@ -14,13 +17,18 @@ from uniopt.engines.diarization.speaker_encoder import (
 from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
 
 __all__ = [
+    "Diarizer",
     "PyanNet",
+    "Segment",
     "SpeakerEncoder",
+    "bench_engine",
+    "cluster_embeddings",
     "embed_utterance",
     "find_segmentation_onnx",
     "find_speaker_encoder_weights",
     "load_segmentation_model",
     "load_speaker_encoder",
+    "postprocess_segments",
     "powerset_to_speakers",
     "wav_to_mel_spectrogram",
 ]
