@@ -42,6 +42,7 @@ class ThreadBudget:
         # Idle ORT workers spin by default, stealing the CPU from whatever runs next (another
         # backend, the engine's own Python code, a neighbour on a shared VM).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
 
     def openvino_config(self) -> dict[str, str]:

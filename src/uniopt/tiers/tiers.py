@@ -65,7 +65,8 @@ class TierChoice:
     reason: str
 
 
-_ENCODER_CPU = ("openvino-int8-static", "openvino-bf16", "onnxruntime-fp32", "eager")
+# Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
+_ENCODER_CPU = ("openvino-bf16", "openvino-int8-static", "onnxruntime-fp32", "eager")
 _DECODER_CPU = ("torch-int8", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 
@@ -89,7 +90,7 @@ TIERS: tuple[Tier, ...] = (
             "generic": ("onnxruntime-fp32", "eager"),
         },
         denied=("torch-compile",),
-        setting_defaults={"use_model_compilation": False, "model_warmup_runs": 1, "search_budget_s": 60.0},
+        setting_defaults={"use_model_compilation": False, "model_warmup_runs": 1, "search_budget_s": 120.0},
     ),
     Tier(
         name="cpu-avx512",

@@ -9,7 +9,13 @@ from uniopt.engines.tts.adapter import FishSpeechAdapter, RealCodecDecoder, Real
 from uniopt.engines.tts.codec import CodecConfig, CodecDecoder, Snake
 from uniopt.engines.tts.engine import FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.generation import TokenGenerator, sample_token, uniform_noise
-from uniopt.engines.tts.model import DualARConfig, DualARTransformer, KVCache, TiedOutputProjection, TransformerBlock
+from uniopt.engines.tts.model import (
+    DualARConfig,
+    DualARTransformer,
+    KVCache,
+    TiedOutputProjection,
+    TransformerBlock,
+)
 from uniopt.engines.tts.tokenizer import ByteTokenizer, check_reference_audio, encode_reference
 
 __all__ = [

@@ -47,7 +47,14 @@ class RealTokenGenerator(nn.Module):
 
     def __init__(self, model: nn.Module, decode_steps: int = 64, codebook_limit: int = 1024) -> None:
         super().__init__()
-        for name in ("forward_generate", "forward_generate_fast", "setup_caches", "fast_embeddings", "config", "tokenizer"):
+        for name in (
+            "forward_generate",
+            "forward_generate_fast",
+            "setup_caches",
+            "fast_embeddings",
+            "config",
+            "tokenizer",
+        ):
             if not hasattr(model, name):
                 raise TypeError(f"{type(model).__name__} lacks {name!r}; expected a fish_speech DualARTransformer")
         self.model = model
@@ -78,7 +85,9 @@ class RealTokenGenerator(nn.Module):
             model.forward_generate_fast(result.hidden_states, self.fast_positions[:1])
             frame = [main, code]
             for index in range(1, config.num_codebooks):
-                logits = model.forward_generate_fast(model.fast_embeddings(code), self.fast_positions[index : index + 1])
+                logits = model.forward_generate_fast(
+                    model.fast_embeddings(code), self.fast_positions[index : index + 1]
+                )
                 code = logits[0, -1, : self.codebook_limit].argmax(dim=-1, keepdim=True)
                 frame.append(code)
             frame_tensor = torch.cat(frame)
@@ -95,8 +104,14 @@ class FishSpeechAdapter:
     """
 
     def __init__(
-        self, engine: Any, text2semantic: nn.Module | None = None, *, decode_steps: int = 64,
-        num_codebooks: int | None = None, prompt_length: int = 16, example_frames: int = 43,
+        self,
+        engine: Any,
+        text2semantic: nn.Module | None = None,
+        *,
+        decode_steps: int = 64,
+        num_codebooks: int | None = None,
+        prompt_length: int = 16,
+        example_frames: int = 43,
     ) -> None:
         if not hasattr(engine, "decoder_model"):
             raise TypeError(f"{type(engine).__name__} has no decoder_model; expected a fish_speech TTSInferenceEngine")
@@ -134,9 +149,15 @@ class FishSpeechAdapter:
         codes = torch.randint(0, 1024, (1, self.num_codebooks, self.example_frames), generator=generator)
         components = [
             Component(
-                name="codec", module=self.codec, example_inputs=(codes,), input_names=("codes",), output_names=("audio",),
-                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}}, metric=Metric("snr_db", 20.0),
-                kind="codec", exporter="dynamo",
+                name="codec",
+                module=self.codec,
+                example_inputs=(codes,),
+                input_names=("codes",),
+                output_names=("audio",),
+                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}},
+                metric=Metric("snr_db", 20.0),
+                kind="codec",
+                exporter="dynamo",
             )
         ]
         if self.decoder is not None:
@@ -146,9 +167,15 @@ class FishSpeechAdapter:
             components.insert(
                 0,
                 Component(
-                    name="decoder", module=self.decoder, example_inputs=(prompt,), input_names=("prompt",),
-                    output_names=("tokens",), dynamic_axes={"prompt": {2: "prompt_frames"}},
-                    metric=Metric("token_agreement", 0.9), kind="decoder", exporter="dynamo",
+                    name="decoder",
+                    module=self.decoder,
+                    example_inputs=(prompt,),
+                    input_names=("prompt",),
+                    output_names=("tokens",),
+                    dynamic_axes={"prompt": {2: "prompt_frames"}},
+                    metric=Metric("token_agreement", 0.9),
+                    kind="decoder",
+                    exporter="dynamo",
                 ),
             )
         return components

@@ -76,7 +76,10 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int, dilation: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            Snake(channels), CausalConv1d(channels, channels, 7, dilation=dilation), Snake(channels), nn.Conv1d(channels, channels, 1)
+            Snake(channels),
+            CausalConv1d(channels, channels, 7, dilation=dilation),
+            Snake(channels),
+            nn.Conv1d(channels, channels, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,7 +107,9 @@ class CodecDecoder(nn.Module):
         self.embeddings = nn.Embedding(c.num_codebooks * c.codebook_size, c.latent_dim)
         self.register_buffer("codebook_offsets", torch.arange(c.num_codebooks) * c.codebook_size, persistent=False)
         self.conv_in = CausalConv1d(c.latent_dim, c.channels[0], 7)
-        self.blocks = nn.Sequential(*(DecoderBlock(c.channels[i], c.channels[i + 1], s) for i, s in enumerate(c.strides)))
+        self.blocks = nn.Sequential(
+            *(DecoderBlock(c.channels[i], c.channels[i + 1], s) for i, s in enumerate(c.strides))
+        )
         self.snake_out = Snake(c.channels[-1])
         self.conv_out = CausalConv1d(c.channels[-1], 1, 7)
 

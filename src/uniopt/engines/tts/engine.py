@@ -56,9 +56,21 @@ class FishSpeechConfig:
     def tiny(cls, decode_steps: int = 8) -> FishSpeechConfig:
         """A few-second test configuration: 2 layers of width 64, 10 codebooks of 64 codes."""
         model = DualARConfig(
-            vocab_size=512, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
-            fast_dim=32, n_fast_layer=2, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=8,
-            fast_intermediate_size=64, codebook_size=64, max_seq_len=160,
+            vocab_size=512,
+            dim=64,
+            n_layer=2,
+            n_head=4,
+            n_local_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            fast_dim=32,
+            n_fast_layer=2,
+            fast_n_head=4,
+            fast_n_local_heads=2,
+            fast_head_dim=8,
+            fast_intermediate_size=64,
+            codebook_size=64,
+            max_seq_len=160,
         )
         codec = CodecConfig(codebook_size=64, latent_dim=16, channels=(32, 16, 16, 8, 8, 4, 4))
         return cls(model=model, codec=codec, decode_steps=decode_steps, example_prompt_length=8)
@@ -79,9 +91,15 @@ class FishSpeechEngine:
             torch.manual_seed(seed)
             self.model = DualARTransformer(self.config.model).eval()
             self.codec = CodecDecoder(self.config.codec).eval()
-        self.tokenizer = ByteTokenizer(self.config.model.vocab_size, self.config.model.codebook_size, self.config.model.num_codebooks)
+        self.tokenizer = ByteTokenizer(
+            self.config.model.vocab_size, self.config.model.codebook_size, self.config.model.num_codebooks
+        )
         self.decoder = TokenGenerator(
-            self.model, self.config.decode_steps, self.config.repetition_window, self.config.allow_eos, self.tokenizer.eos_id
+            self.model,
+            self.config.decode_steps,
+            self.config.repetition_window,
+            self.config.allow_eos,
+            self.tokenizer.eos_id,
         ).eval()
         self.sample_rate = self.config.codec.sample_rate
         self.seed = seed
@@ -110,14 +128,24 @@ class FishSpeechEngine:
         codes = None
         if reference_audio is not None:
             hop = self.config.codec.hop_length
-            audio = check_reference_audio(reference_audio, frame_size=hop, max_frames=self.config.model.max_seq_len // 2)
+            audio = check_reference_audio(
+                reference_audio, frame_size=hop, max_frames=self.config.model.max_seq_len // 2
+            )
             c = self.config.model
-            codes = encode_reference(audio, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size, frame_size=hop)
+            codes = encode_reference(
+                audio, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size, frame_size=hop
+            )
         return self.tokenizer.build_prompt(text, codes)
 
     def generate(
-        self, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
-        repetition_penalty: float, seed: int,
+        self,
+        prompt: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int,
     ) -> torch.Tensor:
         """Frames ``[num_codebooks + 1, N]`` after ``prompt``, via ``self.decoder``'s forward in chunks."""
         _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
@@ -129,8 +157,10 @@ class FishSpeechEngine:
                 f"(in chunks of {steps}) needs {needed} positions; max_seq_len is {self.config.model.max_seq_len}"
             )
         params = (
-            torch.tensor(float(temperature)), torch.tensor(float(top_p)),
-            torch.tensor(float(repetition_penalty)), torch.tensor(int(seed), dtype=torch.long),
+            torch.tensor(float(temperature)),
+            torch.tensor(float(top_p)),
+            torch.tensor(float(repetition_penalty)),
+            torch.tensor(int(seed), dtype=torch.long),
         )
         tokens, produced = prompt, []
         with torch.inference_mode():
@@ -153,8 +183,15 @@ class FishSpeechEngine:
         return audio.reshape(-1).float().numpy().astype(np.float32, copy=False)
 
     def synthesize(
-        self, text: str, reference_audio: Any = None, *, max_new_tokens: int | None = None,
-        temperature: float = 0.7, top_p: float = 0.8, repetition_penalty: float = 1.2, seed: int = 0,
+        self,
+        text: str,
+        reference_audio: Any = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        repetition_penalty: float = 1.2,
+        seed: int = 0,
     ) -> tuple[np.ndarray, int, dict[str, float]]:
         """``(audio float32, sample_rate, metrics)``; ``max_new_tokens`` defaults to ``decode_steps``.
 
@@ -163,8 +200,12 @@ class FishSpeechEngine:
         started = time.perf_counter()
         prompt = self.encode_prompt(text, reference_audio)
         frames = self.generate(
-            prompt, max_new_tokens=self.config.decode_steps if max_new_tokens is None else max_new_tokens,
-            temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            prompt,
+            max_new_tokens=self.config.decode_steps if max_new_tokens is None else max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
         )
         generated = time.perf_counter()
         audio = self.decode_audio(frames[1:])
@@ -197,20 +238,38 @@ class FishSpeechEngine:
         c = self.config
         prompt = self.example_prompt()
         greedy = (prompt, torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(0, dtype=torch.long))
-        sampled = (self.example_prompt(c.example_prompt_length // 2 + 4), torch.tensor(0.7), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(7, dtype=torch.long))
+        sampled = (
+            self.example_prompt(max(4, c.example_prompt_length // 2)),
+            torch.tensor(0.7),
+            torch.tensor(0.8),
+            torch.tensor(1.2),
+            torch.tensor(7, dtype=torch.long),
+        )
         generator = torch.Generator().manual_seed(0)
         codes = torch.randint(0, c.codec.codebook_size, (1, c.codec.num_codebooks, c.decode_steps), generator=generator)
         return [
             Component(
-                name="decoder", module=self.decoder, example_inputs=greedy,
-                input_names=("prompt", "temperature", "top_p", "repetition_penalty", "seed"), output_names=("tokens",),
-                dynamic_axes={"prompt": {2: "prompt_frames"}}, metric=Metric("token_agreement", 0.9),
-                kind="decoder", exporter="dynamo", calibration_inputs=(sampled,),
+                name="decoder",
+                module=self.decoder,
+                example_inputs=greedy,
+                input_names=("prompt", "temperature", "top_p", "repetition_penalty", "seed"),
+                output_names=("tokens",),
+                dynamic_axes={"prompt": {2: "prompt_frames"}},
+                metric=Metric("token_agreement", 0.9),
+                kind="decoder",
+                exporter="dynamo",
+                calibration_inputs=(sampled,),
             ),
             Component(
-                name="codec", module=self.codec, example_inputs=(codes,), input_names=("codes",), output_names=("audio",),
-                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}}, metric=Metric("snr_db", 20.0),
-                kind="codec", exporter="dynamo",
+                name="codec",
+                module=self.codec,
+                example_inputs=(codes,),
+                input_names=("codes",),
+                output_names=("audio",),
+                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}},
+                metric=Metric("snr_db", 20.0),
+                kind="codec",
+                exporter="dynamo",
             ),
         ]
 

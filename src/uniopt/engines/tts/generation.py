@@ -31,14 +31,17 @@ def _mix32(x: Tensor) -> Tensor:
     return torch.bitwise_xor(x, torch.div(x, 65536, rounding_mode="floor"))
 
 
-def uniform_noise(seed: Tensor, position: Tensor, stream: int, size: int) -> Tensor:
-    """``size`` uniforms in ``(0, 1)`` (float32), a pure function of seed, position and stream."""
+def uniform_noise(seed: Tensor, position: Tensor, stream: int, shape: tuple[int, ...]) -> Tensor:
+    """Uniforms in ``(0, 1)`` (float32) of ``shape``, a pure function of seed, position and stream."""
     key = _mix32(torch.bitwise_and(seed.reshape(1).long(), _MASK32))
     key = _mix32(torch.bitwise_xor(key, torch.bitwise_and(position.reshape(1).long(), _MASK32)))
     key = _mix32(torch.bitwise_xor(key, (stream * 0x9E3779B9) & _MASK32))
-    index = torch.arange(size, dtype=torch.long, device=seed.device)
+    count = 1
+    for size in shape:
+        count *= size
+    index = torch.arange(count, dtype=torch.long, device=seed.device)
     bits = _mix32(_mix32(torch.bitwise_xor(key, index)))
-    return (torch.div(bits, 512, rounding_mode="floor").float() + 0.5) / float(2**23)
+    return ((torch.div(bits, 512, rounding_mode="floor").float() + 0.5) / float(2**23)).view(shape)
 
 
 def sample_token(
@@ -76,7 +79,14 @@ class TokenGenerator(nn.Module):
     continuing from ``cat(prompt, output)`` samples as one longer call would.
     """
 
-    def __init__(self, model: DualARTransformer, decode_steps: int = 64, repetition_window: int = 16, allow_eos: bool = False, eos_id: int = 258) -> None:
+    def __init__(
+        self,
+        model: DualARTransformer,
+        decode_steps: int = 64,
+        repetition_window: int = 16,
+        allow_eos: bool = False,
+        eos_id: int = 258,
+    ) -> None:
         super().__init__()
         if decode_steps < 1 or repetition_window < 1:
             raise ValueError("decode_steps and repetition_window must be >= 1")
@@ -95,7 +105,9 @@ class TokenGenerator(nn.Module):
         model.setup_caches(1, c.max_seq_len)
 
     def extra_repr(self) -> str:
-        return f"decode_steps={self.decode_steps}, repetition_window={self.repetition_window}, allow_eos={self.allow_eos}"
+        return (
+            f"decode_steps={self.decode_steps}, repetition_window={self.repetition_window}, allow_eos={self.allow_eos}"
+        )
 
     def _check(self, prompt: Tensor) -> None:
         if torch.compiler.is_compiling():
@@ -109,7 +121,9 @@ class TokenGenerator(nn.Module):
                 f"max_seq_len {self.model.cache_length()}"
             )
 
-    def forward(self, prompt: Tensor, temperature: Tensor, top_p: Tensor, repetition_penalty: Tensor, seed: Tensor) -> Tensor:
+    def forward(
+        self, prompt: Tensor, temperature: Tensor, top_p: Tensor, repetition_penalty: Tensor, seed: Tensor
+    ) -> Tensor:
         self._check(prompt)
         model = self.model
         model.reset_caches()
@@ -128,20 +142,30 @@ class TokenGenerator(nn.Module):
         return torch.stack(frames, dim=-1).unsqueeze(0)
 
     def _frame(
-        self, logits: Tensor, hidden: Tensor, window: Tensor, temperature: Tensor, top_p: Tensor,
-        repetition_penalty: Tensor, seed: Tensor, position: Tensor,
+        self,
+        logits: Tensor,
+        hidden: Tensor,
+        window: Tensor,
+        temperature: Tensor,
+        top_p: Tensor,
+        repetition_penalty: Tensor,
+        seed: Tensor,
+        position: Tensor,
     ) -> Tensor:
         """The tokens of one frame ``[C+1]``: semantic id, then the code of every codebook."""
         model, c = self.model, self.model.config
         params = (temperature, top_p, repetition_penalty)
-        noise = uniform_noise(seed, position, 0, c.vocab_size)
-        main = sample_token(logits + self.logit_bias, window[0], *params, noise)
+        main = sample_token(
+            logits + self.logit_bias, window[0], *params, uniform_noise(seed, position, 0, (c.vocab_size,))
+        )
         code = (main - c.semantic_begin_id).clamp_min(0)
         model.forward_generate_fast(hidden, self.fast_positions[:1])
+        noise = uniform_noise(seed, position, 1, (c.num_codebooks, c.codebook_size))
         tokens = [main, code]
         for index in range(1, c.num_codebooks):
-            fast_logits = model.forward_generate_fast(model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1])
-            noise = uniform_noise(seed, position, index + 1, c.codebook_size)
-            code = sample_token(fast_logits[0, -1], window[index + 1], *params, noise)
+            fast_logits = model.forward_generate_fast(
+                model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1]
+            )
+            code = sample_token(fast_logits[0, -1], window[index + 1], *params, noise[index])
             tokens.append(code)
         return torch.stack(tokens)

@@ -47,7 +47,10 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def build_prompt(self, text: str, reference_codes: np.ndarray | None = None) -> torch.Tensor:
-        """Prompt ``[1, num_codebooks + 1, T]``: ``<|im_start|>``, reference frames, text, ``<|im_end|>``, ``<|voice|>``."""
+        """Prompt ``[1, num_codebooks + 1, T]``.
+
+        ``<|im_start|>``, the reference frames, the text bytes, ``<|im_end|>``, ``<|voice|>``.
+        """
         ids = self.encode(text)
         rows = self.num_codebooks + 1
         parts = [self._text_frames([self.IM_START])]
@@ -74,7 +77,9 @@ def check_reference_audio(reference_audio: Any, *, frame_size: int, max_frames: 
     if isinstance(reference_audio, torch.Tensor):
         reference_audio = reference_audio.detach().cpu().numpy()
     if not isinstance(reference_audio, np.ndarray):
-        raise InputError(f"reference_audio must be a numpy array or tensor of samples, got {type(reference_audio).__name__}")
+        raise InputError(
+            f"reference_audio must be a numpy array or tensor of samples, got {type(reference_audio).__name__}"
+        )
     audio = reference_audio
     if audio.ndim == 2 and audio.shape[0] == 1:
         audio = audio[0]
@@ -85,13 +90,17 @@ def check_reference_audio(reference_audio: Any, *, frame_size: int, max_frames: 
     if audio.shape[0] < frame_size:
         raise InputError(f"reference_audio has {audio.shape[0]} samples; it needs at least one frame of {frame_size}")
     if audio.shape[0] // frame_size > max_frames:
-        raise InputError(f"reference_audio is {audio.shape[0] // frame_size} frames long; at most {max_frames} fit the prompt")
+        raise InputError(
+            f"reference_audio is {audio.shape[0] // frame_size} frames long; at most {max_frames} fit the prompt"
+        )
     if not np.isfinite(audio).all():
         raise InputError("reference_audio contains NaN or infinite samples")
     return audio.astype(np.float32, copy=False)
 
 
-def encode_reference(audio: np.ndarray, *, num_codebooks: int, codebook_size: int, frame_size: int, seed: int = 1234) -> np.ndarray:
+def encode_reference(
+    audio: np.ndarray, *, num_codebooks: int, codebook_size: int, frame_size: int, seed: int = 1234
+) -> np.ndarray:
     """Codes ``[num_codebooks, frames]`` of whole frames of ``audio``, by a fixed random projection.
 
     Each frame is summarised by the mean and RMS of 64 equal chunks; codebook ``k`` picks the
