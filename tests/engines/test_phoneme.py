@@ -289,7 +289,7 @@ def test_uniopt_components_declare_the_model(tiny: PhonemeExtractor) -> None:
     (x,) = component.example_inputs
     assert x.shape == (1, 80_000) and x.dtype == torch.float32
     assert torch.equal(x, tiny.uniopt_components()[0].example_inputs[0])
-    assert component.metric.name == "argmax_agreement" and component.metric.threshold == 0.98
+    assert component.metric.name == "ctc_agreement" and component.metric.threshold == 0.98
     assert (component.kind, component.exporter) == ("encoder", "legacy")
     assert component.dynamic_axes == {"input_values": {1: "samples"}, "logits": {1: "frames"}}
     with torch.inference_mode():

@@ -273,7 +273,7 @@ class PhonemeExtractor:
                 input_names=("input_values",),
                 output_names=("logits",),
                 dynamic_axes={"input_values": {1: "samples"}, "logits": {1: "frames"}},
-                metric=Metric("argmax_agreement", 0.98),
+                metric=Metric("ctc_agreement", 0.98),
                 kind="encoder",
                 exporter="legacy",
                 calibration_inputs=[inputs(seed) for seed in range(1, 5)],

@@ -11,7 +11,7 @@ import torch
 __all__ = ["Component", "Metric"]
 
 #: Accuracy metrics a component can declare; the guard knows how to compute each.
-METRICS = ("allclose", "cosine", "argmax_agreement", "snr_db", "token_agreement")
+METRICS = ("allclose", "cosine", "argmax_agreement", "ctc_agreement", "snr_db", "token_agreement")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,23 @@ def run_reference(module: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
         return module(*copy.deepcopy(inputs))
 
 
+#: Frames whose reference top-2 log-probabilities are closer than this (nats) are ties for
+#: ``ctc_agreement``: either label is as likely to within 5%, so disagreeing there is noise.
+TIE_MARGIN_NATS = 0.05
+#: ``ctc_agreement`` falls back to every frame when fewer than this share of frames is decisive.
+MIN_DECISIVE_SHARE = 0.1
+
+
+def _ctc_agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Argmax agreement over the frames where the reference is not a tie between two labels."""
+    top2 = ref.double().log_softmax(-1).topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) >= TIE_MARGIN_NATS
+    agree = ref.argmax(-1) == out.argmax(-1)
+    if decisive.double().mean() < MIN_DECISIVE_SHARE:
+        return float(agree.double().mean())
+    return float(agree[decisive].double().mean())
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     denom = a.norm() * b.norm()
@@ -65,7 +82,9 @@ def metric_value(name: str, ref: torch.Tensor, out: torch.Tensor) -> float:
             rows_ref, rows_out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
             return min(_cosine(r, o) for r, o in zip(rows_ref, rows_out, strict=True))
         return _cosine(ref, out)
-    if name in ("argmax_agreement", "token_agreement"):
+    if name == "ctc_agreement" and ref.is_floating_point() and ref.dim() > 0:
+        return _ctc_agreement(ref, out)
+    if name in ("argmax_agreement", "ctc_agreement", "token_agreement"):
         if ref.dim() == 0 or not ref.is_floating_point():
             return float((ref == out).double().mean())
         return float((ref.argmax(-1) == out.argmax(-1)).double().mean())

@@ -1,0 +1,87 @@
+"""The accuracy guard: structure first, then values by tolerance or by the component's metric."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from uniopt import Metric
+from uniopt.optimizer.guard import TIE_MARGIN_NATS, check_outputs, metric_value
+
+FP32 = {"precision": "fp32", "metric": Metric(), "atol": 1e-4, "rtol": 1e-4}
+
+
+def test_fp32_within_tolerance_passes_and_reports_the_max_difference() -> None:
+    ref = torch.ones(3, 4)
+    verdict = check_outputs(ref, ref + 5e-5, **FP32)
+    assert verdict.passed and verdict.metric == "allclose" and verdict.value == pytest.approx(5e-5, rel=1e-2)
+
+
+def test_fp32_beyond_tolerance_fails_with_the_difference() -> None:
+    verdict = check_outputs(torch.zeros(4), torch.tensor([0.0, 0.0, 0.01, 0.0]), **FP32)
+    assert not verdict.passed and "max abs diff 0.01" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("candidate", "words"),
+    [
+        ((torch.zeros(2, 3),), "structure"),
+        ({"y": torch.zeros(2, 3)}, "structure"),
+        (torch.zeros(2, 4), "expected (2, 3)"),
+        (torch.zeros(2, 3, dtype=torch.float64), "torch.float32"),
+    ],
+)
+def test_structure_shape_and_dtype_must_match(candidate: object, words: str) -> None:
+    verdict = check_outputs(torch.zeros(2, 3), candidate, **FP32)
+    assert not verdict.passed and words in verdict.reason
+
+
+def test_nested_outputs_are_compared_leaf_by_leaf() -> None:
+    ref = {"logits": torch.ones(2), "extra": (torch.zeros(1), torch.ones(1))}
+    good = {"logits": torch.ones(2), "extra": (torch.zeros(1), torch.ones(1))}
+    bad = {"logits": torch.ones(2), "extra": (torch.zeros(1), torch.full((1,), 2.0))}
+    assert check_outputs(ref, good, **FP32).passed
+    assert not check_outputs(ref, bad, **FP32).passed
+
+
+def test_nan_fails_even_under_a_lenient_metric() -> None:
+    out = torch.tensor([1.0, float("nan")])
+    verdict = check_outputs(torch.ones(2), out, precision="bf16", metric=Metric("cosine", 0.0), atol=1, rtol=1)
+    assert not verdict.passed and "NaN" in verdict.reason
+
+
+def test_cosine_takes_the_worst_row() -> None:
+    ref = torch.eye(3)
+    out = ref.clone()
+    out[2] = torch.tensor([0.0, 1.0, 1.0])
+    assert metric_value("cosine", ref, out) == pytest.approx(1 / math.sqrt(2))
+    verdict = check_outputs(ref, out, precision="int8", metric=Metric("cosine", 0.9), atol=0, rtol=0)
+    assert not verdict.passed and verdict.metric == "cosine"
+
+
+def test_argmax_agreement_and_token_agreement() -> None:
+    ref = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    out = torch.tensor([[0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.3, 0.7]])
+    assert metric_value("argmax_agreement", ref, out) == 0.75
+    assert metric_value("token_agreement", torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4])) == 0.75
+
+
+def test_ctc_agreement_ignores_ties_but_not_decisive_frames() -> None:
+    tie = [0.0, TIE_MARGIN_NATS / 2, -5.0]
+    decisive = [3.0, 0.0, -5.0]
+    ref = torch.tensor([tie, decisive, decisive, decisive])
+    flipped_tie = torch.tensor([[1.0, 0.0, -5.0], decisive, decisive, decisive])
+    flipped_decisive = torch.tensor([tie, [0.0, 3.0, -5.0], decisive, decisive])
+    assert metric_value("argmax_agreement", ref, flipped_tie) == 0.75
+    assert metric_value("ctc_agreement", ref, flipped_tie) == 1.0
+    assert metric_value("ctc_agreement", ref, flipped_decisive) == pytest.approx(2 / 3)
+
+
+def test_snr_of_a_waveform() -> None:
+    signal = torch.sin(torch.linspace(0, 100, 4000))
+    assert metric_value("snr_db", signal, signal) == math.inf
+    assert metric_value("snr_db", signal, signal * 1.01) == pytest.approx(40.0, abs=0.1)
+    verdict = check_outputs(signal, signal * 1.1, precision="bf16", metric=Metric("snr_db", 30.0), atol=0, rtol=0)
+    assert not verdict.passed and verdict.value == pytest.approx(20.0, abs=0.1)
