@@ -105,6 +105,8 @@ class _Selector:
         try:
             verdict = self.validate(cand, built)
         except Exception as exc:
+            if self._drop_corrupt_artifacts(cand, built):
+                return self.try_candidate(cand)
             if not self.context.settings.fallback_on_optimization_error:
                 raise OptimizationError(self.component.name, cand.name, f"first call failed: {exc}") from exc
             self.reject(
@@ -114,6 +116,8 @@ class _Selector:
             )
             return None
         if not verdict.passed:
+            if self._drop_corrupt_artifacts(cand, built):
+                return self.try_candidate(cand)
             if not self.context.settings.fallback_on_optimization_error:
                 raise ValidationError(self.component.name, cand.name, verdict.reason)
             self.reject(
@@ -138,6 +142,23 @@ class _Selector:
         )
         self.stages[cand.name] = built
         return built
+
+    def _drop_corrupt_artifacts(self, cand: Candidate, stage: Stage) -> bool:
+        """True when ``stage`` was loaded from cache entries that fail the full check; they are removed.
+
+        The cheap size check passes a file whose bytes were flipped in place; it may even load and
+        then compute garbage, which only the guard sees. Such entries are a miss, not a lost candidate.
+        """
+        cache = self.context.cache
+        keys = stage.info.get("cached_entries") or ()
+        corrupt = [key for key in keys if cache is not None and cache.verify_entry(key) is not None]
+        if not corrupt:
+            return False
+        log.warning("%s for %s: cached artifacts are corrupt; rebuilding them", cand.name, self.component.name)
+        for key in corrupt:
+            cache.remove(key)
+        model_cache.discard(stage_key(cand, self.component, self.context))
+        return True
 
     def validate(self, cand: Candidate, stage: Stage) -> Any:
         s = self.context.settings

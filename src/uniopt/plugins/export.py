@@ -138,7 +138,7 @@ def rebuild_on_failure(
     def wrapped(component: Any, context: BuildContext) -> Any:
         loaded: list[str] = []
         try:
-            return build(component, context, loaded)
+            stage = build(component, context, loaded)
         except Exception as exc:
             corrupt = [key for key in loaded if context.cache.verify_entry(key) is not None]
             if not corrupt:
@@ -146,7 +146,12 @@ def rebuild_on_failure(
             log.warning("cached artifacts for %s are corrupt (%s); rebuilding them", component.name, exc)
             for key in corrupt:
                 context.cache.remove(key)
-            return build(component, context, [])
+            loaded = []
+            stage = build(component, context, loaded)
+        # A file can load and still be wrong (flipped weight bytes): the guard finds that, and
+        # the optimizer then checks these entries in full (see selection._drop_corrupt_artifacts).
+        stage.info["cached_entries"] = list(loaded)
+        return stage
 
     return wrapped
 

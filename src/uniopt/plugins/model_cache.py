@@ -44,6 +44,11 @@ class ModelCache:
                 self.builds += 1
             return result
 
+    def discard(self, key: str) -> None:
+        """Forget the stage under ``key`` (its cached artifacts turned out to be corrupt)."""
+        with self._guard:
+            self._stages.pop(key, None)
+
     def clear(self) -> None:
         with self._guard:
             self._stages.clear()

@@ -45,7 +45,10 @@ class RealTokenGenerator(nn.Module):
     ``decode_one_token_ar`` does.
     """
 
-    def __init__(self, model: nn.Module, decode_steps: int = 64, codebook_limit: int = 1024) -> None:
+    model: Any
+    fast_positions: Tensor
+
+    def __init__(self, model: Any, decode_steps: int = 64, codebook_limit: int = 1024) -> None:
         super().__init__()
         for name in (
             "forward_generate",
@@ -106,7 +109,7 @@ class FishSpeechAdapter:
     def __init__(
         self,
         engine: Any,
-        text2semantic: nn.Module | None = None,
+        text2semantic: Any = None,
         *,
         decode_steps: int = 64,
         num_codebooks: int | None = None,
@@ -119,8 +122,8 @@ class FishSpeechAdapter:
         self.codec = RealCodecDecoder(engine.decoder_model)
         self.decoder = RealTokenGenerator(text2semantic, decode_steps) if text2semantic is not None else None
         if num_codebooks is None:
-            num_codebooks = text2semantic.config.num_codebooks if text2semantic is not None else 10
-        self.num_codebooks = num_codebooks
+            num_codebooks = int(text2semantic.config.num_codebooks) if text2semantic is not None else 10
+        self.num_codebooks: int = num_codebooks
         self.prompt_length = prompt_length
         self.example_frames = example_frames
 

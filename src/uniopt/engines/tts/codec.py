@@ -100,6 +100,8 @@ class DecoderBlock(nn.Sequential):
 class CodecDecoder(nn.Module):
     """``forward(codes [b, num_codebooks, frames] long) -> audio [b, 1, frames * hop_length]`` in [-1, 1]."""
 
+    codebook_offsets: Tensor
+
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         c = config

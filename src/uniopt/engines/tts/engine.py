@@ -162,7 +162,7 @@ class FishSpeechEngine:
             torch.tensor(float(repetition_penalty)),
             torch.tensor(int(seed), dtype=torch.long),
         )
-        tokens, produced = prompt, []
+        tokens, produced = prompt, list[torch.Tensor]()
         with torch.inference_mode():
             while sum(p.shape[-1] for p in produced) < max_new_tokens:
                 frames = self.decoder(tokens, *params)
@@ -286,5 +286,5 @@ def _check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, repetitio
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**63:
         raise InputError(f"seed must be an int64, got {seed!r}")

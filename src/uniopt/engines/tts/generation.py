@@ -79,6 +79,9 @@ class TokenGenerator(nn.Module):
     continuing from ``cat(prompt, output)`` samples as one longer call would.
     """
 
+    logit_bias: Tensor
+    fast_positions: Tensor
+
     def __init__(
         self,
         model: DualARTransformer,

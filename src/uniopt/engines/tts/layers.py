@@ -41,6 +41,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Preallocated keys and values ``[batch, kv_heads, length, head_dim]``, written in place."""
 
+    k_cache: Tensor
+    v_cache: Tensor
+
     def __init__(self, max_batch: int, length: int, n_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         shape = (max_batch, n_heads, length, head_dim)

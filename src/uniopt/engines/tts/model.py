@@ -10,11 +10,12 @@ buffers that decode steps update in place at ``input_pos``, as the original does
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from .layers import KVCache, TiedOutputProjection, TransformerBlock, rope_tables
+from .layers import Attention, KVCache, TiedOutputProjection, TransformerBlock, rope_tables
 
 __all__ = ["DualARConfig", "DualARTransformer"]
 
@@ -74,6 +75,13 @@ class DualARTransformer(nn.Module):
     the codes of each codebook (used only where row 0 is a semantic token).
     """
 
+    rope_cos: Tensor
+    rope_sin: Tensor
+    fast_rope_cos: Tensor
+    fast_rope_sin: Tensor
+    causal_mask: Tensor
+    codebook_offsets: Tensor
+
     def __init__(self, config: DualARConfig) -> None:
         super().__init__()
         c = config
@@ -114,36 +122,39 @@ class DualARTransformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if getattr(module, "bias", None) is not None:
+            if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
     # -- caches -----------------------------------------------------------------------------------
+    def attention_layers(self) -> list[Attention]:
+        """The attention modules of the slow then the fast decoder."""
+        return [cast(TransformerBlock, block).attention for block in (*self.layers, *self.fast_layers)]
+
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate the key/value caches (no-op when the existing ones are large enough)."""
-        cache = self.layers[0].attention.kv_cache
+        cache = self.attention_layers()[0].kv_cache
         if cache is not None and cache.k_cache.shape[0] >= max_batch_size and cache.k_cache.shape[2] >= max_seq_len:
             return
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len}")
         dtype = dtype or self.embeddings.weight.dtype
         c = self.config
-        for block in self.layers:
-            block.attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_local_heads, c.head_dim, dtype)
-        for block in self.fast_layers:
-            block.attention.kv_cache = KVCache(
-                max_batch_size, c.num_codebooks, c.fast_n_local_heads, c.fast_head_dim, dtype
-            )
+        attentions = self.attention_layers()
+        for attention in attentions[: c.n_layer]:
+            attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_local_heads, c.head_dim, dtype)
+        for attention in attentions[c.n_layer :]:
+            attention.kv_cache = KVCache(max_batch_size, c.num_codebooks, c.fast_n_local_heads, c.fast_head_dim, dtype)
 
     def reset_caches(self) -> None:
         """Zero every key/value cache."""
-        for block in (*self.layers, *self.fast_layers):
-            if block.attention.kv_cache is not None:
-                block.attention.kv_cache.k_cache.zero_()
-                block.attention.kv_cache.v_cache.zero_()
+        for attention in self.attention_layers():
+            if attention.kv_cache is not None:
+                attention.kv_cache.k_cache.zero_()
+                attention.kv_cache.v_cache.zero_()
 
     def cache_length(self) -> int:
         """Positions the slow cache holds (0 before :meth:`setup_caches`)."""
-        cache = self.layers[0].attention.kv_cache
+        cache = self.attention_layers()[0].kv_cache
         return 0 if cache is None else int(cache.k_cache.shape[2])
 
     # -- slow decoder -------------------------------------------------------------------------------

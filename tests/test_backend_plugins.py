@@ -1,0 +1,664 @@
+"""Every built-in backend plugin on tiny models, with the real backends (no fakes).
+
+Each candidate is checked through ``UniversalOptimizer`` (its ``CandidateResult``: accepted, or
+rejected with the reason) and, where the stage itself matters (dynamic axes, output structure,
+which layers were quantized), by building the stage through the plugin host exactly as the
+optimizer does (``uniopt_build_stage``), so the test does not depend on which candidate wins the
+timing. ONNX exports of the same model are shared through one module-wide cache directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.ao.nn.quantized.dynamic as qdynamic
+import torch.nn.functional as F
+from torch import nn
+
+from uniopt import Component, Metric, UniversalOptimizer
+from uniopt.cache import ArtifactCache
+from uniopt.errors import OptimizationError, ValidationError
+from uniopt.optimizer.report import CandidateResult
+from uniopt.plugins import DEFAULT_PLUGINS, BuildContext, Stage, candidates, plugin_manager
+from uniopt.plugins.model_cache import model_cache
+from uniopt.plugins.torch_native import TorchDynamicInt8
+from uniopt.settings import Settings, resolve_settings
+from uniopt.threads import thread_budget
+from uniopt.tiers import host_profile
+
+TESTS = Path(__file__).parent
+TIER = "cpu-avx512"  # this host is "low-resource" (2 CPUs); force the tier that offers everything
+
+
+# -- models ----------------------------------------------------------------------------------------
+def mlp(seed: int = 0, features: int = 16, hidden: int = 32, out: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, out)).eval()
+
+
+class TiedProjection(nn.Module):
+    """An output projection that reuses the embedding matrix: invisible to quantize_dynamic."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.embedding.weight)
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.embedding.embedding_dim, self.embedding.num_embeddings, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(self.embedding.weight)
+        return linear
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 40, dim: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embedding = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.head = TiedProjection(self.embedding)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embedding(tokens))))
+
+
+class SpeakerLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(frames)
+        return self.proj(out[:, -1])
+
+
+class FrameMLP(nn.Module):
+    """(batch, frames, features) -> (batch, frames, 8): the frames axis can vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.inp = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x)))
+
+
+class DictHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.a(x), "hidden": torch.tanh(self.b(x))}
+
+
+class TupleHeads(DictHeads):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.a(x), torch.relu(self.b(x))
+
+
+class RMSNormNet(nn.Module):
+    """The legacy exporter fails on aten::rms_norm; the dynamo exporter handles it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.RMSNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class ScaledBy(nn.Module):
+    """Takes a Python float: ONNX export needs tensor inputs, so graph candidates cannot build."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.proj(x) * scale
+
+
+class OneComponent:
+    """An engine that declares one component, ``model``, with a full Component spec."""
+
+    def __init__(self, module: nn.Module, inputs: tuple[Any, ...], **spec: Any) -> None:
+        self.model = module
+        self._inputs = inputs
+        self._spec = spec
+
+    def uniopt_components(self) -> list[Component]:
+        return [Component("model", self.model, self._inputs, **self._spec)]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.model(*args)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+COMMON: dict[str, Any] = {"mode": "auto", "tier": TIER, "model_warmup_runs": 1, "search_budget_s": 120}
+
+
+def optimize(
+    engine: Any, inputs: Any = None, *, cache: Path, allow: tuple[str, ...], **settings: Any
+) -> UniversalOptimizer:
+    """Auto mode with only ``allow`` (and eager, the baseline) as candidates."""
+    return UniversalOptimizer(engine, inputs, cache_dir=str(cache), allow=("eager", *allow), **{**COMMON, **settings})
+
+
+def result(opt: UniversalOptimizer, name: str, component: str = "module") -> CandidateResult:
+    return opt.report().component(component).candidate(name)
+
+
+def build_stage(component: Component, name: str, cache: Path, **overrides: Any) -> Stage:
+    """Build one candidate's stage through the plugin host, as the optimizer does."""
+    profile = host_profile()
+    settings, choice = resolve_settings({"cache_dir": str(cache), "tier": TIER, **overrides}, profile)
+    context = BuildContext(
+        settings, profile, choice.tier, thread_budget(profile.usable_cpus), cache=ArtifactCache(cache)
+    )
+    pm = plugin_manager(settings.plugins)
+    stage = pm.hook.uniopt_build_stage(candidate=candidates(pm)[name], component=component, context=context)
+    assert isinstance(stage, Stage), f"{name} did not build: {stage}"
+    return stage
+
+
+def modules_of(stage: Stage) -> list[nn.Module]:
+    assert isinstance(stage.run, nn.Module), stage.run
+    return list(stage.run.modules())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def worker_env(cache: Path) -> dict[str, str]:
+    """The parent's environment without uniopt settings, with the built-in plugins and ``cache``."""
+    drop = {env for _field, env, _help, _default in Settings.describe()}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("UNIOPT_", "USE_"))}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env["UNIOPT_CACHE_DIR"] = str(cache)
+    env["UNIOPT_PLUGINS"] = ",".join(name for name, _module in DEFAULT_PLUGINS)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache() -> Any:
+    model_cache.clear()
+    yield
+    model_cache.clear()
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the module: each model is exported once, then loaded."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture(scope="module")
+def mlp2d() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(100)
+    return mlp(), torch.randn(4, 16)
+
+
+# -- torch-int8 ------------------------------------------------------------------------------------
+def test_torch_int8_quantizes_the_linear_layers(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-int8",)), "torch-int8")
+    assert r.accepted, r.reason
+    assert r.metric == "cosine" and r.metric_value is not None and r.metric_value >= 0.999
+
+    stage = build_stage(Component("module", model, (x,)), "torch-int8", shared_cache)
+    quantized = [m for m in modules_of(stage) if isinstance(m, qdynamic.Linear)]
+    assert len(quantized) == 2
+    assert not any(type(m) is nn.Linear for m in modules_of(stage))
+    assert all(type(m) is nn.Linear for m in (model[0], model[2])), "the original module must stay as it was"
+
+
+def test_torch_int8_on_a_bare_root_linear(shared_cache: Path) -> None:
+    torch.manual_seed(1)
+    model, x = nn.Linear(16, 8).eval(), torch.randn(4, 16)
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-int8",)), "torch-int8")
+    assert r.accepted, r.reason
+
+    stage = build_stage(Component("module", model, (x,)), "torch-int8", shared_cache)
+    assert isinstance(stage.run, qdynamic.Linear), type(stage.run)
+    with torch.inference_mode():
+        assert cosine(stage(x), model(x)) > 0.999
+
+
+def test_torch_int8_quantizes_a_tied_projection(shared_cache: Path) -> None:
+    model, tokens = TinyLM().eval(), torch.randint(0, 40, (2, 6))
+    r = result(optimize(model, (tokens,), cache=shared_cache, allow=("torch-int8",)), "torch-int8")
+    assert r.accepted, r.reason
+
+    stage = build_stage(Component("module", model, (tokens,)), "torch-int8", shared_cache)
+    assert isinstance(stage.run.head, qdynamic.Linear), type(stage.run.head)
+    assert isinstance(stage.run.hidden, qdynamic.Linear)
+    assert isinstance(model.head, TiedProjection), "the original module must keep its tied projection"
+    with torch.inference_mode():
+        out, ref = stage(tokens), model(tokens)
+    assert out.shape == ref.shape == (2, 6, 40)
+    assert cosine(out, ref) > 0.999
+
+
+def test_torch_int8_deprecation_is_logged_once(
+    shared_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(TorchDynamicInt8, "_warned", False)
+    caplog.set_level(logging.WARNING, logger="uniopt")
+    x = torch.randn(4, 16)
+    for seed in (11, 12):  # two different modules: two real quantize_dynamic calls
+        build_stage(Component("module", mlp(seed), (x,)), "torch-int8", shared_cache)
+    notes = [r for r in caplog.records if "torch.ao dynamic quantization" in r.getMessage()]
+    assert len(notes) == 1, [r.getMessage() for r in caplog.records]
+    assert notes[0].levelno == logging.WARNING
+
+
+# -- torch-int8-rnn --------------------------------------------------------------------------------
+def test_torch_int8_rnn_on_an_lstm(shared_cache: Path) -> None:
+    model, frames = SpeakerLSTM().eval(), torch.randn(2, 10, 8)
+    r = result(optimize(model, (frames,), cache=shared_cache, allow=("torch-int8-rnn",)), "torch-int8-rnn")
+    assert r.metric == "cosine" and r.metric_value is not None, r  # it was built and judged
+    if r.accepted:
+        assert r.metric_value >= 0.999
+    else:
+        assert r.reason.startswith("guard: ") and "cosine" in r.reason, r.reason
+
+    stage = build_stage(Component("module", model, (frames,)), "torch-int8-rnn", shared_cache)
+    kinds = {type(m) for m in modules_of(stage)}
+    assert qdynamic.LSTM in kinds and qdynamic.Linear in kinds, kinds
+
+
+def test_torch_int8_rnn_needs_an_rnn(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-int8-rnn",)), "torch-int8-rnn")
+    assert not r.accepted
+    assert r.reason.startswith("build failed") and "LSTM/GRU" in r.reason, r.reason
+
+
+# -- torch-bf16 ------------------------------------------------------------------------------------
+def test_torch_bf16(mlp2d: Any, shared_cache: Path) -> None:
+    profile = host_profile()
+    if not (profile.cpu.has("avx512_bf16") or profile.cpu.has("amx_bf16")):
+        pytest.skip("this CPU has no bf16 instructions")
+    model, x = mlp2d
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",)), "torch-bf16")
+    assert r.accepted, r.reason
+    assert r.metric == "cosine" and r.metric_value is not None and 0.999 <= r.metric_value
+
+    stage = build_stage(Component("module", model, (x,)), "torch-bf16", shared_cache)
+    with torch.inference_mode():
+        out, ref = stage(x), model(x)
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, ref), "bf16 arithmetic should differ from fp32 somewhere"
+    assert cosine(out, ref) > 0.999
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the original stays fp32"
+
+
+# -- torch-compile ---------------------------------------------------------------------------------
+# Importing inductor imports torch.utils.mkldnn, whose class body uses the deprecated
+# torch.jit.script_method (torch 2.13): a warning from torch itself, once per process.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_on_the_avx512_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # uniopt points inductor's cache into its own cache with os.environ.setdefault: undo it afterwards.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("UNIOPT_COMPILE_MODE", raising=False)
+    torch.manual_seed(2)
+    model, x = mlp(21), torch.randn(4, 16)
+    opt = optimize(model, (x,), cache=tmp_path / "cache", allow=("torch-compile",), use_model_compilation=True)
+    r = result(opt, "torch-compile")
+    assert r.accepted, r.reason
+    assert r.metric == "allclose" and r.metric_value is not None and r.metric_value <= 1e-4
+    inductor = tmp_path / "cache" / "inductor"
+    assert inductor.is_dir() and any(inductor.rglob("*")), "inductor's cache lives in uniopt's cache directory"
+    with torch.inference_mode():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_is_ruled_out_on_low_resource(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    opt = optimize(
+        model, (x,), cache=shared_cache, allow=("torch-compile",), tier="low-resource", use_model_compilation=True
+    )
+    r = result(opt, "torch-compile")
+    assert not r.accepted
+    assert r.reason == "not available: ruled out by tier low-resource"
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frames_engine() -> OneComponent:
+    x = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(9))
+    return OneComponent(FrameMLP().eval(), (x,), input_names=("features",), dynamic_axes={"features": {1: "frames"}})
+
+
+def test_onnxruntime_candidates_accepted_with_a_dynamic_axis(frames_engine: OneComponent, shared_cache: Path) -> None:
+    opt = optimize(frames_engine, cache=shared_cache, allow=("onnxruntime",))
+    for name in ("onnxruntime-fp32", "onnxruntime-int8"):
+        r = result(opt, name, "model")
+        assert r.accepted, (name, r.reason)
+    assert result(opt, "onnxruntime-fp32", "model").metric == "allclose"
+    assert result(opt, "onnxruntime-int8", "model").metric == "cosine"
+    cuda = result(opt, "onnxruntime-cuda", "model")
+    assert not cuda.accepted and "CUDAExecutionProvider" in cuda.reason
+
+
+@pytest.mark.parametrize("name", ["onnxruntime-fp32", "onnxruntime-int8"])
+def test_onnxruntime_stage_runs_another_length(frames_engine: OneComponent, shared_cache: Path, name: str) -> None:
+    (component,) = frames_engine.uniopt_components()
+    stage = build_stage(component, name, shared_cache)
+    longer = torch.randn(1, 11, 16)
+    with torch.inference_mode():
+        out, ref = stage(longer), frames_engine.model(longer)
+    assert out.shape == ref.shape == (1, 11, 8) and out.dtype == torch.float32
+    if name == "onnxruntime-fp32":
+        assert float((out - ref).abs().max()) <= 1e-4
+    else:
+        assert cosine(out, ref) > 0.999
+        assert not torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime-fp32", "onnxruntime-int8"])
+def test_onnxruntime_stage_falls_back_on_a_static_axis(
+    frames_engine: OneComponent, shared_cache: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (component,) = frames_engine.uniopt_components()
+    stage = build_stage(component, name, shared_cache)
+    caplog.set_level(logging.WARNING, logger="uniopt")
+    wider = torch.randn(3, 6, 16)  # the batch axis was not declared dynamic
+    with torch.inference_mode():
+        first, second, ref = stage(wider), stage(wider), frames_engine.model(wider)
+    assert torch.equal(first, ref) and torch.equal(second, ref), "the fallback is the eager module itself"
+    notes = [r for r in caplog.records if "outside the exported graph" in r.getMessage()]
+    assert len(notes) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneComponent, shared_cache: Path) -> None:
+    opt = UniversalOptimizer(
+        frames_engine,
+        mode="tier",
+        tier=TIER,
+        cache_dir=str(shared_cache),
+        allow=("eager", "onnxruntime-fp32"),
+        model_warmup_runs=1,
+    )
+    assert opt.report().component("model").chosen == "onnxruntime-fp32"
+    for frames in (6, 3, 17):
+        x = torch.randn(1, frames, 16)
+        with torch.inference_mode():
+            torch.testing.assert_close(opt(x), frames_engine.model(x), atol=1e-4, rtol=1e-4)
+    assert opt.engine is not frames_engine and opt.engine.model is not frames_engine.model
+    assert isinstance(frames_engine.model, FrameMLP), "the engine itself is left as it was"
+
+
+def test_onnxruntime_int8_on_a_gemm_graph(mlp2d: Any, shared_cache: Path) -> None:
+    """A 2-D input exports Linear as Gemm(transB=1), which quantize_dynamic used to choke on."""
+    model, x = mlp2d
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("onnxruntime-int8",)), "onnxruntime-int8")
+    assert r.accepted, r.reason
+
+
+@pytest.mark.parametrize("module_class", [DictHeads, TupleHeads])
+def test_onnxruntime_keeps_the_output_structure(module_class: type[nn.Module], shared_cache: Path) -> None:
+    model, x = module_class().eval(), torch.randn(2, 5, 16)
+    r = result(optimize(model, (x,), cache=shared_cache, allow=("onnxruntime-fp32",)), "onnxruntime-fp32")
+    assert r.accepted, r.reason
+
+    stage = build_stage(Component("module", model, (x,)), "onnxruntime-fp32", shared_cache)
+    with torch.inference_mode():
+        out, ref = stage(x), model(x)
+    assert type(out) is type(ref)
+    if isinstance(ref, dict):
+        assert list(out) == list(ref) == ["logits", "hidden"]
+        pairs = [(out[k], ref[k]) for k in ref]
+    else:
+        assert len(out) == len(ref) == 2
+        pairs = list(zip(out, ref, strict=True))
+    for got, want in pairs:
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_legacy_exporter_falls_back_to_dynamo(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    engine = OneComponent(RMSNormNet().eval(), (torch.randn(1, 4, 16),), exporter="legacy")
+    r = result(optimize(engine, cache=cache, allow=("onnxruntime-fp32",)), "onnxruntime-fp32", "model")
+    assert r.accepted, r.reason
+    (export,) = [e for e in ArtifactCache(cache).entries() if e.kind == "onnx-export"]
+    assert export.valid
+    assert export.extra["exporter"] == "dynamo"
+    (failure,) = export.extra["failed"]
+    assert failure.startswith("legacy:") and "rms_norm" in failure, failure
+
+
+# -- build failures and the guard ------------------------------------------------------------------
+def test_a_candidate_that_cannot_build_falls_back_to_eager(tmp_path: Path) -> None:
+    model, x = ScaledBy().eval(), torch.randn(2, 16)
+    opt = optimize(model, (x, 2.0), cache=tmp_path / "cache", allow=("onnxruntime-fp32",))
+    r = result(opt, "onnxruntime-fp32")
+    assert not r.accepted
+    assert r.reason.startswith("build failed: ") and "tensor inputs" in r.reason, r.reason
+    assert opt.report().component("module").chosen == "eager"
+    with torch.inference_mode():
+        assert torch.equal(opt(x, 3.0), model(x, 3.0))
+
+
+def test_a_build_failure_raises_without_fallback(tmp_path: Path) -> None:
+    model, x = ScaledBy().eval(), torch.randn(2, 16)
+    with pytest.raises(OptimizationError) as caught:
+        optimize(
+            model, (x, 2.0), cache=tmp_path / "cache", allow=("onnxruntime-fp32",), fallback_on_optimization_error=False
+        )
+    assert caught.value.candidate == "onnxruntime-fp32"
+    assert caught.value.component == "module"
+    assert caught.value.__cause__ is not None
+    assert "tensor inputs" in str(caught.value)
+
+
+def test_the_guard_rejects_reduced_precision(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    engine = OneComponent(model, (x,), metric=Metric("snr_db", 1000.0))
+    opt = optimize(engine, cache=shared_cache, allow=("torch-int8", "torch-bf16", "onnxruntime-fp32"))
+    report = opt.report().component("model")
+    for name in ("torch-int8", "torch-bf16"):
+        r = report.candidate(name)
+        assert not r.accepted, name
+        assert r.reason.startswith("guard: ") and "snr_db" in r.reason, r.reason
+        assert r.metric == "snr_db" and r.metric_value is not None and r.metric_value < 1000.0
+    assert report.candidate("onnxruntime-fp32").accepted, "FP32 stages are judged by tolerance, not by the metric"
+    assert report.chosen in ("eager", "onnxruntime-fp32")
+
+
+def test_a_guard_failure_raises_without_fallback(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    engine = OneComponent(model, (x,), metric=Metric("snr_db", 1000.0))
+    with pytest.raises(ValidationError) as caught:
+        optimize(engine, cache=shared_cache, allow=("torch-int8",), fallback_on_optimization_error=False)
+    assert caught.value.candidate == "torch-int8" and "snr_db" in caught.value.reason
+
+
+# -- OpenVINO --------------------------------------------------------------------------------------
+def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    opt = optimize(model, (x,), cache=shared_cache, allow=("openvino",))
+    report = opt.report().component("module")
+    names = ("openvino-f32", "openvino-bf16", "openvino-int8-weights", "openvino-int8-static")
+    for name in names:
+        r = report.candidate(name)
+        assert r.accepted or r.reason, name
+        assert not r.reason.startswith("not available"), r.reason
+        if r.accepted:
+            assert r.metric is not None and r.metric_value is not None, r
+    f32 = report.candidate("openvino-f32")
+    assert f32.accepted, f32.reason
+    assert f32.metric == "allclose" and f32.metric_value is not None and f32.metric_value <= 1e-4
+    bf16 = report.candidate("openvino-bf16")
+    if bf16.accepted:
+        assert bf16.metric == "cosine"
+
+
+@pytest.mark.parametrize(("name", "hint"), [("openvino-f32", "f32"), ("openvino-bf16", "bf16")])
+def test_openvino_precision_is_explicit(mlp2d: Any, shared_cache: Path, name: str, hint: str) -> None:
+    profile = host_profile()
+    if hint == "bf16" and not (profile.cpu.has("avx512_bf16") or profile.cpu.has("amx_bf16")):
+        pytest.skip("this CPU has no bf16 instructions")
+    model, x = mlp2d
+    stage = build_stage(Component("module", model, (x,)), name, shared_cache)
+    assert stage.info["precision_hint"] == hint
+    with torch.inference_mode():
+        diff = float((stage(x) - model(x)).abs().max())
+    if hint == "f32":
+        assert diff <= 1e-5, "OpenVINO ran in reduced precision although f32 was asked for"
+    else:
+        assert diff > 1e-6, "bf16 inference should differ from fp32 somewhere"
+
+
+# -- allow and missing backends --------------------------------------------------------------------
+def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
+    model, x = mlp2d
+    opt = UniversalOptimizer(model, (x,), cache_dir=str(shared_cache), allow=("onnxruntime-fp32",), **COMMON)
+    report = opt.report().component("module")
+    assert report.candidate("eager").accepted
+    assert report.candidate("onnxruntime-fp32").accepted
+    assert report.candidate("openvino-f32").reason.startswith("not available: not in UNIOPT_ALLOW")
+
+
+@pytest.fixture(scope="module")
+def without_openvino(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The worker and ``optimize doctor --json`` with ``sys.modules["openvino"] = None``, in parallel."""
+    cache = tmp_path_factory.mktemp("no-openvino-cache")
+    cwd = tmp_path_factory.mktemp("no-openvino-cwd")
+    spec = {"block": ["openvino"], "settings": {**COMMON, "allow": ["eager", "openvino", "onnxruntime-fp32"]}}
+    doctor = (
+        "import sys; sys.modules['openvino'] = None; sys.argv = ['optimize', 'doctor', '--json']; "
+        "from uniopt.cli import app; app()"
+    )
+    commands = {
+        "worker": [sys.executable, str(TESTS / "optimize_worker.py"), json.dumps(spec)],
+        "doctor": [sys.executable, "-c", doctor],
+    }
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, env=worker_env(cache), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, command) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _worker_report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_missing_openvino_is_a_recorded_fallback(without_openvino: dict[str, Any]) -> None:
+    report = _worker_report(without_openvino["worker"])
+    (component,) = report["components"]
+    results = {c["name"]: c for c in component["candidates"]}
+    openvino = [name for name in results if name.startswith("openvino")]
+    assert sorted(openvino) == ["openvino-bf16", "openvino-f32", "openvino-int8-static", "openvino-int8-weights"]
+    for name in openvino:
+        r = results[name]
+        assert not r["accepted"]
+        assert r["reason"].startswith("not available: openvino: import openvino failed"), r["reason"]
+        assert "pip install 'uniopt[" in r["reason"], r["reason"]
+    assert "pip install 'uniopt[openvino]'" in results["openvino-f32"]["reason"]
+    assert results["onnxruntime-fp32"]["accepted"], results["onnxruntime-fp32"]["reason"]
+    assert component["chosen"] in ("eager", "onnxruntime-fp32")
+    check = json.loads(without_openvino["worker"].stdout.splitlines()[-2].removeprefix("check "))
+    assert check["max_diff"] <= 1e-4
+
+
+def test_missing_openvino_hint_installs_openvino(without_openvino: dict[str, Any]) -> None:
+    """Every openvino candidate's hint must name an extra that installs openvino itself."""
+    report = _worker_report(without_openvino["worker"])
+    results = {c["name"]: c for c in report["components"][0]["candidates"]}
+    for name in ("openvino-int8-weights", "openvino-int8-static"):
+        hint = results[name]["reason"].split("pip install ", 1)[1]
+        extras = hint.strip("'").removeprefix("uniopt[").removesuffix("]").split(",")
+        assert "openvino" in extras or "all" in extras, f"{name}: {hint} does not install openvino"
+
+
+def test_doctor_without_openvino(without_openvino: dict[str, Any]) -> None:
+    proc = without_openvino["doctor"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    openvino = data["backends"]["openvino"]
+    assert openvino["available"] is False
+    assert "import openvino failed" in openvino["reason"]
+    assert data["backends"]["onnxruntime"]["available"] is True
+    rows = {row["name"]: row for row in data["candidates"]}
+    assert rows["openvino-f32"]["available"] is False and "uniopt[openvino]" in rows["openvino-f32"]["reason"]
+    assert rows["onnxruntime-fp32"]["available"] is True
+
+
+# -- the process-wide model cache ------------------------------------------------------------------
+def test_two_wrappers_of_one_module_build_once(tmp_path: Path) -> None:
+    torch.manual_seed(31)
+    model, x = mlp(31), torch.randn(4, 16)
+    first = optimize(model, (x,), cache=tmp_path / "a", allow=("onnxruntime-fp32",))
+    built = [r.name for r in first.report().component("module").candidates if r.accepted]
+    assert sorted(built) == ["eager", "onnxruntime-fp32"]
+    assert model_cache.builds == len(built)
+    # Another wrapper, even with another cache directory, takes both stages from the process cache.
+    second = optimize(model, (x,), cache=tmp_path / "b", allow=("onnxruntime-fp32",))
+    assert model_cache.builds == len(built)
+    assert second.report().component("module").candidate("onnxruntime-fp32").accepted
+    assert not [e for e in ArtifactCache(tmp_path / "b").entries() if e.kind == "onnx-export"], (
+        "nothing was exported again"
+    )
+    with torch.inference_mode():
+        torch.testing.assert_close(second(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:
+    torch.manual_seed(32)
+    model, x = mlp(32), torch.randn(4, 16)
+    cache = tmp_path / "cache"
+
+    def wrap(_: int) -> tuple[Any, torch.Tensor]:
+        # Tier mode: no timing, so every thread picks the same candidate deterministically.
+        opt = UniversalOptimizer(
+            model,
+            (x,),
+            mode="tier",
+            tier=TIER,
+            cache_dir=str(cache),
+            allow=("eager", "onnxruntime-fp32"),
+            model_warmup_runs=1,
+        )
+        with torch.inference_mode():
+            return opt.report().component("module"), opt(x)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(wrap, range(4)))
+    assert [report.chosen for report, _ in results] == ["onnxruntime-fp32"] * 4
+    assert model_cache.builds == 1
+    stages = {id(report.stage) for report, _ in results}
+    assert len(stages) == 1, "every wrapper got the one built stage"
+    outputs = [out for _, out in results]
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+    torch.testing.assert_close(outputs[0], model(x), atol=1e-4, rtol=1e-4)
+    assert len([e for e in ArtifactCache(cache).entries() if e.kind == "onnx-export"]) == 1
