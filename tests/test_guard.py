@@ -85,3 +85,17 @@ def test_snr_of_a_waveform() -> None:
     assert metric_value("snr_db", signal, signal * 1.01) == pytest.approx(40.0, abs=0.1)
     verdict = check_outputs(signal, signal * 1.1, precision="bf16", metric=Metric("snr_db", 30.0), atol=0, rtol=0)
     assert not verdict.passed and verdict.value == pytest.approx(20.0, abs=0.1)
+
+
+def test_integer_tokens_are_judged_by_agreement_not_exact_equality() -> None:
+    ref = torch.arange(20)
+    one_flip = ref.clone()
+    one_flip[-1] = 0
+    token = Metric("token_agreement", 0.9)
+    for precision in ("fp32", "int8"):
+        verdict = check_outputs(ref, one_flip, precision=precision, metric=token, atol=1e-4, rtol=1e-4)
+        assert verdict.passed and verdict.metric == "token_agreement" and verdict.value == 0.95
+    many_flips = torch.zeros(20, dtype=torch.long)
+    assert not check_outputs(ref, many_flips, precision="int8", metric=token, atol=0, rtol=0).passed
+    # Without an agreement metric, integers must match exactly.
+    assert not check_outputs(ref, one_flip, precision="fp32", metric=Metric(), atol=1e-4, rtol=1e-4).passed

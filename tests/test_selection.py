@@ -12,7 +12,7 @@ import torch
 from uniopt import Component, Metric, UniversalOptimizer
 from uniopt.errors import OptimizationError, ValidationError
 from uniopt.optimizer.timing import measure_interleaved
-from uniopt.plugins import Candidate, DEFAULT_PLUGINS, Requirements, Stage, hookimpl
+from uniopt.plugins import DEFAULT_PLUGINS, Candidate, Requirements, Stage, hookimpl
 from uniopt.plugins import manager as plugin_manager_module
 from uniopt.plugins.model_cache import model_cache
 
