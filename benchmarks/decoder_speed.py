@@ -44,13 +44,19 @@ def main() -> None:
     with torch.inference_mode():
         reference = eager(*inputs)
         outputs = {name: run() for name, run in stages.items()}
-        timings = measure_interleaved(stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None)
+        timings = measure_interleaved(
+            stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None
+        )
     tokens = reference.numel()
     base = timings["eager"].p50
     print(f"decode loop: {args.steps} steps x {reference.shape[1]} codebooks, threads {torch.get_num_threads()}")
     print(f"{'candidate':38} {'ms/step':>8} {'x eager':>8} {'token agreement':>16}")
     for name, timing in timings.items():
-        agreement = float((outputs[name] == reference).double().mean()) if outputs[name].shape == reference.shape else float("nan")
+        agreement = (
+            float((outputs[name] == reference).double().mean())
+            if outputs[name].shape == reference.shape
+            else float("nan")
+        )
         print(f"{name:38} {timing.p50 * 1e3 / args.steps:8.1f} {base / timing.p50:8.2f} {agreement:16.3f}")
     print(f"({tokens} tokens per call; median of {args.rounds} interleaved rounds)")
 

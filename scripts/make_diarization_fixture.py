@@ -49,9 +49,7 @@ def synthesize(text: str, voice_args: tuple[str, ...]) -> np.ndarray:
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng)")
-    wav_bytes = subprocess.run(
-        [espeak, *voice_args, "--stdout", text], check=True, capture_output=True
-    ).stdout
+    wav_bytes = subprocess.run([espeak, *voice_args, "--stdout", text], check=True, capture_output=True).stdout
     audio, rate = sf.read(io.BytesIO(wav_bytes), dtype="float32")
     if audio.ndim > 1:
         audio = audio.mean(axis=1)

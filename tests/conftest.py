@@ -70,17 +70,13 @@ def recorded_host(tmp_path: Path) -> Callable[..., Path]:
     """
     counter = itertools.count()
 
-    def build(
-        cpuinfo: str | None = "avx512", proc_cgroup: str | None = "v1", cgroup: str | None = "v1-limits"
-    ) -> Path:
+    def build(cpuinfo: str | None = "avx512", proc_cgroup: str | None = "v1", cgroup: str | None = "v1-limits") -> Path:
         root = tmp_path / f"root{next(counter)}"
         (root / "proc" / "self").mkdir(parents=True)
         if cpuinfo is not None:
             shutil.copyfile(HOST_DATA / "cpuinfo" / CPUINFO[cpuinfo][0], root / "proc" / "cpuinfo")
         if proc_cgroup is not None:
-            shutil.copyfile(
-                HOST_DATA / "proc_self_cgroup" / f"{proc_cgroup}.txt", root / "proc" / "self" / "cgroup"
-            )
+            shutil.copyfile(HOST_DATA / "proc_self_cgroup" / f"{proc_cgroup}.txt", root / "proc" / "self" / "cgroup")
         if cgroup is not None:
             shutil.copytree(HOST_DATA / "cgroup" / cgroup, root, dirs_exist_ok=True)
         return root

@@ -337,6 +337,22 @@ def test_torch_compile_on_the_avx512_tier(tmp_path: Path, monkeypatch: pytest.Mo
         torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_over_its_budget_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = mlp(22), torch.randn(4, 16)
+    opt = optimize(
+        model,
+        (x,),
+        cache=tmp_path / "cache",
+        allow=("torch-compile",),
+        use_model_compilation=True,
+        compile_budget_s=1e-9,
+    )
+    r = result(opt, "torch-compile")
+    assert not r.accepted and "UNIOPT_COMPILE_BUDGET" in r.reason
+
+
 def test_torch_compile_is_ruled_out_on_low_resource(mlp2d: Any, shared_cache: Path) -> None:
     model, x = mlp2d
     opt = optimize(

@@ -442,10 +442,7 @@ def test_invalid_leftover_at_destination_is_replaced(tmp_path: Path) -> None:
 def test_two_processes_build_once(tmp_path: Path) -> None:
     root, counter, start = tmp_path / "cache", tmp_path / "counter.txt", tmp_path / "start"
     args = [sys.executable, str(WORKER), str(root), "shared", str(counter), "1.0", str(start)]
-    procs = [
-        subprocess.Popen(args, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
+    procs = [subprocess.Popen(args, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     try:  # both workers have imported everything: start them together
         assert [p.stdout.readline() for p in procs if p.stdout] == [b"ready\n", b"ready\n"]
     finally:

@@ -52,9 +52,7 @@ def check_doctor_json(data: dict) -> None:
         assert "version" in info
         assert info["available"] or info["reason"], name  # unavailable always says why
     assert data["backends"]["torch"]["available"] is True and data["backends"]["torch"]["version"]
-    assert data["tier"]["name"] in {
-        t for t in ("cuda-gpu", "low-resource", "cpu-avx512", "cpu-avx2", "cpu-basic")
-    }
+    assert data["tier"]["name"] in {t for t in ("cuda-gpu", "low-resource", "cpu-avx512", "cpu-avx2", "cpu-basic")}
     assert data["tier"]["reason"]
     assert re.fullmatch(r"[0-9a-f]{64}", data["fingerprint"])
 
@@ -161,9 +159,7 @@ def test_missing_backend_names_the_extra(make_profile) -> None:
         BackendInfo("openvino", True, "2024.5"),
         BackendInfo("nncf", False, None, "not installed"),
     )
-    lines = host_advice(
-        make_profile(backends=backends), tier_by_name("cpu-avx512"), Settings(), thread_budget(8)
-    )
+    lines = host_advice(make_profile(backends=backends), tier_by_name("cpu-avx512"), Settings(), thread_budget(8))
     nncf = [line for line in lines if line.startswith("nncf")]
     assert nncf == [
         "nncf is not available (not installed), so OpenVINO int8 weight compression and static int8 are "
@@ -174,9 +170,8 @@ def test_missing_backend_names_the_extra(make_profile) -> None:
 
 def test_cpu_limit_advice(make_profile) -> None:
     profile = make_profile("amx", usable_cpus=1.3)  # 4 logical CPUs
-    assert (
-        "This process may use 1.3 of 4 CPUs (affinity or cgroup quota); every backend gets 1 thread(s)."
-        in advice(profile, "low-resource")
+    assert "This process may use 1.3 of 4 CPUs (affinity or cgroup quota); every backend gets 1 thread(s)." in advice(
+        profile, "low-resource"
     )
     assert "may use" not in advice(make_profile("amx", usable_cpus=4))
 

@@ -70,9 +70,7 @@ raise RuntimeError("this plugin cannot load here")
 
 
 @pytest.fixture
-def install_plugin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[str, str, str], None]]:
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str, str], None]]:
     """Install a plugin module with a real ``*.dist-info`` entry point in a sys.path directory."""
     site = tmp_path / "site-packages"
     site.mkdir()
@@ -82,9 +80,7 @@ def install_plugin(
         (site / f"{module}.py").write_text(textwrap.dedent(source))
         info = site / f"{module}-1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n"
-        )
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
         (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry_name} = {module}\n")
         modules.append(module)
         importlib.invalidate_caches()
@@ -259,9 +255,7 @@ def test_misspelled_hookimpl_fails_at_start_up(install_plugin) -> None:
 
 def test_plugin_that_fails_to_import(install_plugin) -> None:
     install_plugin("broken", "uniopt_thirdparty_broken", BROKEN_PLUGIN)
-    with pytest.raises(
-        PluginError, match=r"plugin 'broken' \(entry point uniopt_thirdparty_broken\) failed to load"
-    ):
+    with pytest.raises(PluginError, match=r"plugin 'broken' \(entry point uniopt_thirdparty_broken\) failed to load"):
         plugin_manager(["broken"])
 
 
@@ -333,9 +327,7 @@ def test_tier_denies_torch_compile(host) -> None:
 
 def test_missing_backend_names_the_pip_extra(make_profile) -> None:
     reason = "import openvino failed: No module named 'openvino'"
-    profile = make_profile(
-        backends=(BackendInfo("torch", True, "2.5.0"), BackendInfo("openvino", False, None, reason))
-    )
+    profile = make_profile(backends=(BackendInfo("torch", True, "2.5.0"), BackendInfo("openvino", False, None, reason)))
     ok, why = availability(
         candidate("openvino-f32", packages=("openvino",), extra="openvino"), profile, Settings(), AVX512
     )

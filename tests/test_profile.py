@@ -151,9 +151,7 @@ def test_neon_from_either_arm_name() -> None:
         pytest.param("v2", "v2-limits", CgroupLimits(2, 1.3, LIMIT_1_5_GIB), id="v2-quota-and-limit"),
         pytest.param("v2", "v2-unlimited", CgroupLimits(2, None, None), id="v2-max"),
         pytest.param("v2", "v2-parent-tighter", CgroupLimits(2, 1.0, GiB), id="v2-parent-tighter-wins"),
-        pytest.param(
-            "v2", "v2-child-own", CgroupLimits(2, 1.3, LIMIT_1_5_GIB), id="v2-own-cgroup-not-sibling"
-        ),
+        pytest.param("v2", "v2-child-own", CgroupLimits(2, 1.3, LIMIT_1_5_GIB), id="v2-own-cgroup-not-sibling"),
         pytest.param(None, "v1-limits", CgroupLimits(None, None, None), id="no-proc-self-cgroup"),
         pytest.param("v2", None, CgroupLimits(None, None, None), id="v2-path-but-no-unified-mount"),
     ],
@@ -271,13 +269,9 @@ def test_fingerprint_changes_with_what_changes_performance(recorded_host) -> Non
         "usable_cpus": dataclasses.replace(base, usable_cpus=2.0),
         "cpu flags": dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, flags=flags_from(["avx2"]))),
         "cpu model": dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, model="AMD EPYC 9R14")),
-        "memory limit": dataclasses.replace(
-            base, memory=dataclasses.replace(base.memory, limit_bytes=8 * GiB)
-        ),
+        "memory limit": dataclasses.replace(base, memory=dataclasses.replace(base.memory, limit_bytes=8 * GiB)),
         "backend": dataclasses.replace(base, backends=(torch_backend,)),
-        "backend version": dataclasses.replace(
-            base, backends=(dataclasses.replace(torch_backend, version="2.6.0"),)
-        ),
+        "backend version": dataclasses.replace(base, backends=(dataclasses.replace(torch_backend, version="2.6.0"),)),
     }
     prints = {name: p.fingerprint for name, p in changed.items()}
     assert base.fingerprint not in prints.values()
@@ -339,9 +333,7 @@ def test_to_dict_schema(recorded_host) -> None:
 
 
 def run_doctor_json(*prefix: str, timeout: float = 60) -> dict:
-    proc = subprocess.run(
-        [*prefix, str(OPTIMIZE), "doctor", "--json"], capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([*prefix, str(OPTIMIZE), "doctor", "--json"], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

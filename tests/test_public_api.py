@@ -130,8 +130,7 @@ def test_settings_error_message() -> None:
 def test_backend_unavailable_and_optimization_error_messages() -> None:
     error = uniopt.errors.BackendUnavailable("openvino", "openvino", "No module named 'openvino'")
     assert str(error) == (
-        "openvino is not available (No module named 'openvino'); "
-        "install it with: pip install 'uniopt[openvino]'"
+        "openvino is not available (No module named 'openvino'); install it with: pip install 'uniopt[openvino]'"
     )
     failure = uniopt.errors.ValidationError("encoder", "openvino-bf16", "cosine 0.91 < 0.999")
     assert str(failure) == "openvino-bf16 failed for component 'encoder': cosine 0.91 < 0.999"

@@ -235,7 +235,9 @@ def test_clearly_slower_candidates_leave_the_rotation_but_eager_stays() -> None:
 
         return run
 
-    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, stable_rounds=10, clock=lambda: now[0])
+    timings = measure_interleaved(
+        {n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, stable_rounds=10, clock=lambda: now[0]
+    )
     assert counts["slow"] == 2  # pruned after round 2: 5x the best
     assert counts["eager"] == counts["fast"] == counts["close"] > 2
     assert timings["slow"].p50 == 5.0

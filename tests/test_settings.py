@@ -29,6 +29,8 @@ FIELDS: dict[str, tuple[str, str, Any, str | None]] = {
     "min_speedup": ("UNIOPT_MIN_SPEEDUP", "1.2", 1.2, "0"),
     "search_budget_s": ("UNIOPT_SEARCH_BUDGET", "90", 90.0, "ten"),
     "plugins": ("UNIOPT_PLUGINS", "eager, build", ("eager", "build"), None),
+    "compile_mode": ("UNIOPT_COMPILE_MODE", "max-autotune", "max-autotune", "fastest"),
+    "compile_budget_s": ("UNIOPT_COMPILE_BUDGET", "30", 30.0, "0"),
     "reuse_decisions": ("UNIOPT_REUSE_DECISIONS", "false", False, "sometimes"),
     "use_model_quantization": ("USE_MODEL_QUANTIZATION", "false", False, "maybe"),
     "use_model_compilation": ("USE_MODEL_COMPILATION", "0", False, "2"),
@@ -103,9 +105,7 @@ def test_unknown_argument_is_rejected() -> None:
 
 
 def test_typed_arguments_are_taken_as_they_are() -> None:
-    settings = load_settings(
-        {"threads": 4, "allow": ("eager",)}, environ={"UNIOPT_THREADS": "2"}, env_file=None
-    )
+    settings = load_settings({"threads": 4, "allow": ("eager",)}, environ={"UNIOPT_THREADS": "2"}, env_file=None)
     assert (settings.threads, settings.allow) == (4, ("eager",))
     assert settings.sources["threads"] == settings.sources["allow"] == "argument"
 
@@ -141,9 +141,7 @@ def test_env_file_from_another_path(tmp_path: Path) -> None:
 
 def test_sources_record_every_setting(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("USE_FAST_MODELS=false\n")
-    settings = load_settings(
-        {"mode": "off"}, environ={"UNIOPT_THREADS": "2"}, tier_defaults={"search_budget_s": 60.0}
-    )
+    settings = load_settings({"mode": "off"}, environ={"UNIOPT_THREADS": "2"}, tier_defaults={"search_budget_s": 60.0})
     assert set(settings.sources) == set(FIELDS)
     assert {k: v for k, v in settings.sources.items() if v != "default"} == {
         "mode": "argument",

@@ -86,9 +86,7 @@ def test_low_resource_boundaries(make_profile, usable: float, limit, tier: str) 
 
 
 def test_host_facts(make_profile) -> None:
-    facts = host_facts(
-        make_profile("amx", usable_cpus=4, total_bytes=32 * GiB, limit_bytes=8 * GiB, gpus=(CUDA, CUDA))
-    )
+    facts = host_facts(make_profile("amx", usable_cpus=4, total_bytes=32 * GiB, limit_bytes=8 * GiB, gpus=(CUDA, CUDA)))
     assert facts["amx"] is True and facts["avx512f"] is True and facts["neon"] is False
     assert (facts["usable_cpus"], facts["memory_limit_gib"], facts["cuda_devices"]) == (4, 8.0, 2)
 

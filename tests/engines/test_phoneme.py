@@ -164,16 +164,12 @@ def test_chunked_extraction_equals_one_pass_for_a_model_without_context() -> Non
     rng = np.random.default_rng(0)
     levels = rng.choice([0.0, *np.arange(4, 30) / 10], size=40)  # 0: blank; 0.1-0.3 would be specials
     durations = rng.uniform(0.02, 0.4, size=40)
-    wav = np.concatenate(
-        [np.full(int(d * SR), v, np.float32) for v, d in zip(levels, durations, strict=True)]
-    )
+    wav = np.concatenate([np.full(int(d * SR), v, np.float32) for v, d in zip(levels, durations, strict=True)])
     results = {}
     for chunk in (0.25, 1.0, 60.0):
         extractor = tiny_extractor(chunk_seconds=chunk)
         extractor.normalize = False
-        extractor.model = LocalFrames(
-            extractor.receptive_field, extractor.frame_samples, len(extractor.vocab)
-        )
+        extractor.model = LocalFrames(extractor.receptive_field, extractor.frame_samples, len(extractor.vocab))
         results[chunk] = extractor.extract_phonemes(wav, SR)
         assert extractor.model.calls == max(1, math.ceil(wav.size / SR / chunk - 0.25))  # short tails join
     one_pass = results[60.0]

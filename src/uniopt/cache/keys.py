@@ -85,9 +85,7 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     """Return the full sha256 hex digest of the canonical JSON of ``parts``."""
     if not isinstance(parts, Mapping):
         raise TypeError(f"cache_key expects a mapping, got {type(parts).__qualname__}")
-    text = json.dumps(
-        jsonable(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    text = json.dumps(jsonable(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

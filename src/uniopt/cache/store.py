@@ -311,9 +311,7 @@ class ArtifactCache:
             last_used = float(m["created"])
         files, created = m["files"], float(m["created"])
         size = sum(info["size"] for info in files.values()) + len(raw)
-        return CacheEntry(
-            key, path, m["kind"], m["description"], files, created, last_used, size, m["extra"], problem
-        )
+        return CacheEntry(key, path, m["kind"], m["description"], files, created, last_used, size, m["extra"], problem)
 
     def _touch(self, path: Path, now: float | None = None) -> float:
         """Record a use of an entry in its ``.last_used`` sidecar, atomically."""

@@ -95,9 +95,7 @@ def _to_float(wav: np.ndarray) -> np.ndarray:
         )
     if kind == "c":
         raise InputError("audio must be real-valued samples, got complex numbers; pass the real part")
-    raise InputError(
-        f"audio must hold numeric samples, got dtype {wav.dtype}; pass float32 samples in [-1, 1]"
-    )
+    raise InputError(f"audio must hold numeric samples, got dtype {wav.dtype}; pass float32 samples in [-1, 1]")
 
 
 def _to_mono(wav: np.ndarray) -> np.ndarray:
@@ -131,9 +129,7 @@ def resample(wav: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def prepare_audio(
-    audio: Any, sample_rate: int, target_rate: int = 16_000, *, min_samples: int = 1
-) -> np.ndarray:
+def prepare_audio(audio: Any, sample_rate: int, target_rate: int = 16_000, *, min_samples: int = 1) -> np.ndarray:
     """Validate ``audio`` and return it as contiguous float32 mono at ``target_rate``.
 
     ``min_samples`` is the shortest input (at ``target_rate``) the model accepts, such as its
@@ -143,9 +139,7 @@ def prepare_audio(
     target = validate_sample_rate(target_rate)
     wav = _to_numpy(audio)
     if wav.dtype == np.bool_ or wav.dtype.kind not in "fiuc":
-        raise InputError(
-            f"audio must hold numeric samples, got dtype {wav.dtype}; pass float32 samples in [-1, 1]"
-        )
+        raise InputError(f"audio must hold numeric samples, got dtype {wav.dtype}; pass float32 samples in [-1, 1]")
     if wav.ndim == 0:
         raise InputError("audio is a single number, not a waveform; pass an array of samples")
     if wav.size == 0:
@@ -154,8 +148,7 @@ def prepare_audio(
     if not np.isfinite(wav).all():
         bad = int((~np.isfinite(wav)).sum())
         raise InputError(
-            f"audio contains {bad} NaN or infinite samples; fix the source or replace them, "
-            "e.g. np.nan_to_num(audio)"
+            f"audio contains {bad} NaN or infinite samples; fix the source or replace them, e.g. np.nan_to_num(audio)"
         )
     wav = resample(wav, rate, target)
     if wav.size < min_samples:
@@ -167,9 +160,7 @@ def prepare_audio(
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def normalize_volume(
-    wav: np.ndarray, target_dbfs: float = TARGET_DBFS, increase_only: bool = True
-) -> np.ndarray:
+def normalize_volume(wav: np.ndarray, target_dbfs: float = TARGET_DBFS, increase_only: bool = True) -> np.ndarray:
     """Scale ``wav`` to ``target_dbfs`` RMS; with ``increase_only`` loud audio is left as it is.
 
     Silent audio is returned unchanged.

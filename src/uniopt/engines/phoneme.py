@@ -128,9 +128,7 @@ def ctc_greedy_decode(
     softmax probability of the phoneme over those frames.
     """
     return [
-        PhonemeSegment(
-            p, offset_s + a * frame_seconds, offset_s + (b + 1) * frame_seconds, total / (b - a + 1)
-        )
+        PhonemeSegment(p, offset_s + a * frame_seconds, offset_s + (b + 1) * frame_seconds, total / (b - a + 1))
         for p, a, b, total in _runs(logits, vocab, blank, ignore)
     ]
 
@@ -140,9 +138,7 @@ def _read_vocab(path: Path, size: int) -> list[str]:
     vocab = ["<unk>"] * size
     for token, index in mapping.items():
         if not isinstance(index, int) or not 0 <= index < size:
-            raise UniOptError(
-                f"{path}: token {token!r} has id {index!r}, not one of the model's {size} outputs"
-            )
+            raise UniOptError(f"{path}: token {token!r} has id {index!r}, not one of the model's {size} outputs")
         vocab[index] = token
     return vocab
 
@@ -150,9 +146,7 @@ def _read_vocab(path: Path, size: int) -> list[str]:
 def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], bool]:
     path = Path(model_dir)
     if not path.is_dir():
-        raise UniOptError(
-            f"phoneme model directory {path} does not exist; pass a local Wav2Vec2ForCTC checkpoint"
-        )
+        raise UniOptError(f"phoneme model directory {path} does not exist; pass a local Wav2Vec2ForCTC checkpoint")
     missing = [] if (path / "config.json").is_file() else ["config.json"]
     if not any(path.glob("model*.safetensors*")) and not any(path.glob("pytorch_model*.bin*")):
         missing.append("model.safetensors (or pytorch_model.bin)")
@@ -169,9 +163,7 @@ def _load_checkpoint(model_dir: str | Path) -> tuple[Wav2Vec2ForCTC, list[str], 
     except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         raise UniOptError(f"cannot load the wav2vec2 CTC checkpoint in {path}: {exc}") from exc
     preprocessor = path / "preprocessor_config.json"
-    normalize = (
-        json.loads(preprocessor.read_text()).get("do_normalize", True) if preprocessor.is_file() else True
-    )
+    normalize = json.loads(preprocessor.read_text()).get("do_normalize", True) if preprocessor.is_file() else True
     return ctc, vocab, bool(normalize)
 
 
@@ -218,9 +210,7 @@ class PhonemeExtractor:
                 seed,
             )
         if len(self.vocab) != ctc.config.vocab_size:
-            raise UniOptError(
-                f"vocab has {len(self.vocab)} tokens but the model has {ctc.config.vocab_size} outputs"
-            )
+            raise UniOptError(f"vocab has {len(self.vocab)} tokens but the model has {ctc.config.vocab_size} outputs")
         self.model: nn.Module = CTCLogits(ctc.eval()).eval()
         self.config = ctc.config
         self.blank = self.vocab.index("<pad>") if "<pad>" in self.vocab else (self.config.pad_token_id or 0)
@@ -238,9 +228,7 @@ class PhonemeExtractor:
         self._stats: dict[str, Any] = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
 
     @classmethod
-    def from_config(
-        cls, config: Wav2Vec2Config, vocab: Sequence[str] | None = None, **kwargs: Any
-    ) -> PhonemeExtractor:
+    def from_config(cls, config: Wav2Vec2Config, vocab: Sequence[str] | None = None, **kwargs: Any) -> PhonemeExtractor:
         """An extractor with ``config``'s topology and seeded random weights."""
         return cls(config=config, vocab=vocab, **kwargs)
 
@@ -315,9 +303,7 @@ class PhonemeExtractor:
                     runs.append([phoneme, first + offset, last + offset, total])
             chunk_end = offset + int(logits.shape[-2]) - 1
         fs = self.frame_seconds
-        segments = [
-            PhonemeSegment(p, a * fs, min((b + 1) * fs, duration), t / (b - a + 1)) for p, a, b, t in runs
-        ]
+        segments = [PhonemeSegment(p, a * fs, min((b + 1) * fs, duration), t / (b - a + 1)) for p, a, b, t in runs]
         seconds = time.perf_counter() - started
         with self._lock:
             self._stats["calls"] += 1

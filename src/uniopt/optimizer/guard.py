@@ -129,7 +129,9 @@ def check_outputs(
             # Tokens and labels: a near-tie may flip even in FP32, so agreement decides.
             value = metric_value("token_agreement", ref, out)
             if value < metric.threshold:
-                return GuardResult(False, metric.name, value, f"output {index}: {metric.name} {value:.4f} < {metric.threshold}")
+                return GuardResult(
+                    False, metric.name, value, f"output {index}: {metric.name} {value:.4f} < {metric.threshold}"
+                )
             worst = value if worst is None or metric_name == "allclose" else min(worst, value)
             metric_name = metric.name
             continue

@@ -129,7 +129,9 @@ def uniopt_register_candidates(register: Any) -> None:
             "openvino",
             "OpenVINO with nncf int8 weight compression (data-free)",
             _build("int8-weights", "int8", "openvino-int8-weights"),
-            Requirements(packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"),
+            Requirements(
+                packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
+            ),
         )
     )
     register(
@@ -138,6 +140,8 @@ def uniopt_register_candidates(register: Any) -> None:
             "openvino",
             "OpenVINO with nncf static int8, calibrated on the component's example inputs",
             _build("int8-static", "int8", "openvino-int8-static"),
-            Requirements(packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"),
+            Requirements(
+                packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
+            ),
         )
     )

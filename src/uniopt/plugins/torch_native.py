@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import warnings
 from typing import Any, Protocol
 
@@ -110,14 +111,20 @@ def _build_bf16(component: Any, context: BuildContext) -> Stage:
 
 
 def _build_compile(component: Any, context: BuildContext) -> Stage:
+    """Compile, and pay the compile cost now: a first call over ``compile_budget_s`` is a failure."""
+    settings = context.settings
     if context.cache is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(context.cache.root / "inductor"))
-    compiled = torch.compile(
-        component.module,
-        mode=os.environ.get("UNIOPT_COMPILE_MODE", "default"),
-        dynamic=bool(component.dynamic_axes),
-    )
-    return Stage("torch-compile", compiled, {"note": "compiles on its first call"})
+    compiled = torch.compile(component.module, mode=settings.compile_mode, dynamic=bool(component.dynamic_axes))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        compiled(*copy.deepcopy(component.example_inputs))
+    seconds = time.perf_counter() - started
+    if seconds > settings.compile_budget_s:
+        raise TimeoutError(
+            f"first call compiled in {seconds:.0f} s, over UNIOPT_COMPILE_BUDGET={settings.compile_budget_s:g} s"
+        )
+    return Stage("torch-compile", compiled, {"compile_seconds": seconds})
 
 
 @hookimpl

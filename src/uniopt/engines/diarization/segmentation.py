@@ -93,9 +93,7 @@ class PyanNet(nn.Module):
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Powerset log-probabilities, (batch, frames, 7); 589 frames for 10 s at 16 kHz."""
         if waveforms.dim() != 3 or waveforms.shape[1] != 1:
-            raise InputError(
-                f"PyanNet expects waveforms shaped (batch, 1, samples), got {tuple(waveforms.shape)}"
-            )
+            raise InputError(f"PyanNet expects waveforms shaped (batch, 1, samples), got {tuple(waveforms.shape)}")
         outputs = self.sincnet(waveforms).transpose(1, 2)
         outputs, _ = self.lstm(outputs)
         for linear in self.linear:
@@ -197,13 +195,9 @@ def powerset_to_speakers(log_probs: torch.Tensor | np.ndarray) -> torch.Tensor |
     is_numpy = isinstance(log_probs, np.ndarray)
     scores = torch.from_numpy(log_probs) if is_numpy else log_probs
     if not isinstance(scores, torch.Tensor):
-        raise InputError(
-            f"powerset scores must be a torch tensor or numpy array, got {type(log_probs).__name__}"
-        )
+        raise InputError(f"powerset scores must be a torch tensor or numpy array, got {type(log_probs).__name__}")
     if scores.dim() < 1 or scores.shape[-1] != len(POWERSET_CLASSES):
-        raise InputError(
-            f"powerset scores must end with {len(POWERSET_CLASSES)} classes, got {tuple(scores.shape)}"
-        )
+        raise InputError(f"powerset scores must end with {len(POWERSET_CLASSES)} classes, got {tuple(scores.shape)}")
     mapping = torch.from_numpy(_powerset_mapping()).to(scores.device)
     activity = mapping[scores.argmax(dim=-1)]
     return activity.numpy() if is_numpy else activity

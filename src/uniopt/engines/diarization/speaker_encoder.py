@@ -53,9 +53,7 @@ _LOSS_ONLY_KEYS = ("similarity_weight", "similarity_bias")
 class SpeakerEncoder(nn.Module):
     """GE2E encoder: mel frames (batch, frames, 40) -> unit-norm embeddings (batch, 256)."""
 
-    def __init__(
-        self, n_mels: int = N_MELS, hidden: int = 256, embedding: int = 256, layers: int = 3
-    ) -> None:
+    def __init__(self, n_mels: int = N_MELS, hidden: int = 256, embedding: int = 256, layers: int = 3) -> None:
         super().__init__()
         self.lstm = nn.LSTM(n_mels, hidden, layers, batch_first=True)
         self.linear = nn.Linear(hidden, embedding)
@@ -85,17 +83,14 @@ def load_speaker_encoder(path: Path | None = None) -> SpeakerEncoder:
 def validate_wav(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Check a waveform is 1-D, non-empty, finite, real-valued 16 kHz audio; return it as float32."""
     if sample_rate != SAMPLE_RATE:
-        raise InputError(
-            f"audio must be sampled at {SAMPLE_RATE} Hz, got {sample_rate} Hz; resample it first"
-        )
+        raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got {sample_rate} Hz; resample it first")
     if isinstance(wav, torch.Tensor):
         wav = wav.detach().cpu().numpy()
     if not isinstance(wav, np.ndarray):
         raise InputError(f"audio must be a numpy array, got {type(wav).__name__}")
     if wav.dtype.kind != "f":
         raise InputError(
-            f"audio must be floating point samples in [-1, 1], got dtype {wav.dtype} "
-            "(divide int16 PCM by 32768)"
+            f"audio must be floating point samples in [-1, 1], got dtype {wav.dtype} (divide int16 PCM by 32768)"
         )
     if wav.ndim != 1:
         raise InputError(f"audio must be 1-D (mono samples), got shape {wav.shape}")
@@ -106,9 +101,7 @@ def validate_wav(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return wav.astype(np.float32, copy=False)
 
 
-def normalize_volume(
-    wav: np.ndarray, target_dbfs: float = TARGET_DBFS, increase_only: bool = True
-) -> np.ndarray:
+def normalize_volume(wav: np.ndarray, target_dbfs: float = TARGET_DBFS, increase_only: bool = True) -> np.ndarray:
     """Scale ``wav`` to ``target_dbfs`` RMS (resemblyzer's rule); silent audio is returned unchanged."""
     rms = np.sqrt(np.mean((wav * _INT16_MAX) ** 2))
     if rms == 0:
@@ -143,9 +136,7 @@ def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
 def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS) -> np.ndarray:
     """Triangular Slaney-normalised mel filters (n_mels, 1 + n_fft // 2), as ``librosa.filters.mel``."""
     fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sr)
-    mel_f = _mel_to_hz(
-        np.linspace(_hz_to_mel(np.array([0.0]))[0], _hz_to_mel(np.array([sr / 2.0]))[0], n_mels + 2)
-    )
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(np.array([0.0]))[0], _hz_to_mel(np.array([sr / 2.0]))[0], n_mels + 2))
     fdiff = np.diff(mel_f)
     ramps = np.subtract.outer(mel_f, fft_freqs)
     weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)

