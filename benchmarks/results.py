@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--from", dest="source", default=None, help="a saved `optimize bench --json` output")
     args = parser.parse_args()
-    command = ["optimize", "bench", *args.engines, "--json"] + (["--budget", str(args.budget)] if args.budget else [])
+    command = ["optimize", "bench", *args.engines, "--json"] + (["--budget", f"{args.budget:g}"] if args.budget else [])
     if args.source:
         results = json.loads(Path(args.source).read_text())
     else:
@@ -93,10 +93,12 @@ def main() -> None:
         results = json.loads(out.stdout)
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     table = _table(results)
+    rerun = " ".join(
+        ["python benchmarks/results.py", *args.engines] + (["--budget", f"{args.budget:g}"] if args.budget else [])
+    )
     section = (
-        f"Measured with `python benchmarks/results.py {' '.join(args.engines)}`"
-        f"{' --budget ' + str(args.budget) if args.budget else ''} "
-        f"(which runs `{' '.join(command)}`) on: {_host()}.\n\n{table}\n\n![speed-ups](benchmarks/results.png)\n"
+        f"Measured with `{rerun}` (which runs `{' '.join(command)}`) on: {_host()}.\n\n"
+        f"{table}\n\n![speed-ups](benchmarks/results.png)\n"
     )
     (HERE / "results.md").write_text(section)
     _plot(results, HERE / "results.png")

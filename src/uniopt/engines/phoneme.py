@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 from uniopt.engines.audio import prepare_audio, speech_like_audio
+from uniopt.engines.stats import CallStats
 from uniopt.errors import InputError, UniOptError
 from uniopt.optimizer.component import Component, Metric
 from uniopt.settings import Settings, load_settings
@@ -224,8 +225,7 @@ class PhonemeExtractor:
             self.frame_samples, round(chunk_seconds * SAMPLE_RATE) // self.frame_samples * self.frame_samples
         )
         self.parameters = sum(p.numel() for p in ctc.parameters())
-        self._lock = threading.Lock()
-        self._stats: dict[str, Any] = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
+        self._stats = CallStats()
 
     @classmethod
     def from_config(cls, config: Wav2Vec2Config, vocab: Sequence[str] | None = None, **kwargs: Any) -> PhonemeExtractor:
@@ -305,10 +305,7 @@ class PhonemeExtractor:
         fs = self.frame_seconds
         segments = [PhonemeSegment(p, a * fs, min((b + 1) * fs, duration), t / (b - a + 1)) for p, a, b, t in runs]
         seconds = time.perf_counter() - started
-        with self._lock:
-            self._stats["calls"] += 1
-            self._stats["audio_seconds"] += duration
-            self._stats["processing_seconds"] += seconds
+        self._stats.record(duration, seconds)
         if self.settings.enable_performance_logging:
             log.info("phonemes of %.2f s of audio in %.1f ms", duration, seconds * 1e3)
         return segments
@@ -317,10 +314,7 @@ class PhonemeExtractor:
 
     def get_performance_info(self) -> dict[str, Any]:
         """Calls made, seconds of audio and of processing, real-time factor, and :meth:`info`."""
-        with self._lock:
-            stats = dict(self._stats)
-        audio = stats["audio_seconds"]
-        stats["real_time_factor"] = stats["processing_seconds"] / audio if audio else None
+        stats = self._stats.snapshot()
         stats["model"] = self.info()
         return stats
 

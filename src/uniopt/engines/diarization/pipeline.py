@@ -17,7 +17,6 @@ optimized stage.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from uniopt.engines.diarization.speaker_encoder import (
     wav_to_mel_spectrogram,
 )
 from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
+from uniopt.engines.stats import CallStats
 from uniopt.errors import InputError
 from uniopt.optimizer.component import Component, Metric
 
@@ -135,8 +135,7 @@ class Diarizer:
         self.min_duration_s, self.min_gap_s = min_duration_s, min_gap_s
         self.min_speech_s, self.min_embedding_s = min_speech_s, min_embedding_s
         self.batch_size, self.embedding_batch_size = batch_size, embedding_batch_size
-        self._lock = threading.Lock()
-        self._stats: dict[str, Any] = {"calls": 0, "audio_seconds": 0.0, "processing_seconds": 0.0}
+        self._stats = CallStats()
 
     # -- stages ---------------------------------------------------------------------------------
     def _windows(self, wav: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -227,10 +226,7 @@ class Diarizer:
                 clusterable=seconds >= self.min_embedding_s,
             )  # fmt: skip
             segments = self._aggregate(activity, keys, labels, starts, wav.size)
-        with self._lock:
-            self._stats["calls"] += 1
-            self._stats["audio_seconds"] += wav.size / SAMPLE_RATE
-            self._stats["processing_seconds"] += time.perf_counter() - started
+        self._stats.record(wav.size / SAMPLE_RATE, time.perf_counter() - started)
         return segments
 
     __call__ = diarize
@@ -308,10 +304,7 @@ class Diarizer:
 
     def get_performance_info(self) -> dict[str, Any]:
         """Calls made, seconds of audio and of processing, real-time factor, and :meth:`info`."""
-        with self._lock:
-            stats = dict(self._stats)
-        audio = stats["audio_seconds"]
-        stats["real_time_factor"] = stats["processing_seconds"] / audio if audio else None
+        stats = self._stats.snapshot()
         stats["model"] = self.info()
         return stats
 
