@@ -74,6 +74,8 @@ class OnnxExporter:
                     dynamo=True,
                     verbose=False,
                 )
+                if program is None:
+                    raise RuntimeError("the dynamo exporter returned no program")
                 program.save(str(path))
             else:
                 torch.onnx.export(
@@ -166,7 +168,7 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
     order = [component.exporter, "legacy" if component.exporter == "dynamo" else "dynamo"]
 
     def build(directory: Path) -> dict[str, Any]:
-        errors = []
+        errors: list[str] = []
         for name in order:
             try:
                 exporter.export(component, directory / "model.onnx", name)

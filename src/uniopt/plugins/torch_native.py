@@ -56,8 +56,9 @@ class TorchDynamicInt8:
 
 def _untie_projections(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every submodule that offers ``to_linear()`` with that ``nn.Linear``."""
-    if callable(getattr(module, "to_linear", None)):
-        return module.to_linear()
+    to_linear = getattr(module, "to_linear", None)
+    if callable(to_linear):
+        return to_linear()
     for name, child in list(module.named_children()):
         replacement = _untie_projections(child)
         if replacement is not child:
