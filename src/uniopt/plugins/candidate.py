@@ -23,7 +23,8 @@ class Requirements:
     ``packages`` are import names; ``extra`` is the pip extra that installs them;
     ``cpu_flags_any`` needs at least one of those flags (empty: none needed);
     ``setting`` names a boolean setting that must be true (``use_model_quantization``);
-    ``providers`` are ONNX Runtime execution providers that must be installed.
+    ``providers`` are ONNX Runtime execution providers that must be installed;
+    ``openvino_capability`` is an OpenVINO optimization capability (``FP16``) some device must have.
     """
 
     packages: tuple[str, ...] = ()
@@ -33,6 +34,7 @@ class Requirements:
     precision: str = "fp32"
     setting: str | None = None
     providers: tuple[str, ...] = ()
+    openvino_capability: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ def availability(candidate: Candidate, profile: HostProfile, settings: Settings,
     missing = [p for p in req.providers if p not in ort_providers]
     if missing:
         return False, f"ONNX Runtime lacks {', '.join(missing)}"
+    if req.openvino_capability:
+        devices = profile.backend("openvino").devices
+        if not any(req.openvino_capability in caps for _, caps in devices):
+            return False, f"no OpenVINO device computes {req.openvino_capability}"
     if req.cpu_flags_any and not any(profile.cpu.has(f) for f in req.cpu_flags_any):
         return False, f"CPU lacks {' / '.join(req.cpu_flags_any)}"
     if req.min_memory_bytes and profile.memory.usable_bytes < req.min_memory_bytes:

@@ -112,7 +112,29 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
 
 
 @rebuild_on_failure
-def _build_cuda_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+def _build_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+    """FP16 weights and activations (inputs and outputs stay FP32), on CUDA where installed."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    export = exported_onnx(component, context, loaded)
+
+    def convert(source: Path, target: Path) -> None:
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(model, str(target))
+
+    path, cached = _derived(context, export, "fp16", convert, loaded)
+    session = _session(path, context, cuda=True)
+    info = {
+        "exporter": export.exporter,
+        "from_cache": cached and export.from_cache,
+        "providers": session.get_providers(),
+    }
+    return _stage("onnxruntime-fp16", component, session, info)
+
+
+@rebuild_on_failure
+def _build_cuda(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
     export = exported_onnx(component, context, loaded)
     session = _session(export.path, context, cuda=True)
     if "CUDAExecutionProvider" not in session.get_providers():
@@ -148,7 +170,16 @@ def uniopt_register_candidates(register: Any) -> None:
             "onnxruntime-cuda",
             "onnx_runtime",
             "ONNX Runtime on the CUDA execution provider",
-            _build_cuda_fp16,
+            _build_cuda,
             Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",)),
+        )
+    )
+    register(
+        Candidate(
+            "onnxruntime-fp16",
+            "onnx_runtime",
+            "ONNX Runtime with an FP16 graph on the CUDA execution provider",
+            _build_fp16,
+            Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",), precision="fp16"),
         )
     )

@@ -20,7 +20,23 @@ from .hookspecs import hookimpl
 __all__ = ["compile_config"]
 
 _EXTRA = "openvino"
-_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+
+
+def _device_for(profile: Any, precision: str) -> str:
+    """The device to compile on: for f16 the first that computes FP16 (accelerators first), else CPU."""
+    if precision != "fp16":
+        return "CPU"
+    devices = sorted(profile.backend("openvino").devices, key=lambda d: d[0] == "CPU")
+    return next((name for name, caps in devices if "FP16" in caps), "CPU")
+
+
+def _check_precision(compiled: Any, device: str, precision: str) -> None:
+    """OpenVINO may quietly run another precision than asked (f16 becomes bf16 on CPUs without FP16)."""
+    wanted = _PRECISION_HINTS[precision]
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if actual != wanted:
+        raise RuntimeError(f"OpenVINO {device} runs {actual} when asked for {wanted}")
 
 
 def compile_config(context: BuildContext, precision: str) -> dict[str, str]:
@@ -82,7 +98,9 @@ def _build(variant: str, precision: str, name: str) -> Any:
         import openvino as ov
 
         path, cached, export = _ir(component, context, variant, loaded)
-        compiled = ov.Core().compile_model(str(path), "CPU", compile_config(context, precision))
+        device = _device_for(context.profile, precision)
+        compiled = ov.Core().compile_model(str(path), device, compile_config(context, precision))
+        _check_precision(compiled, device, precision)
         request = compiled.create_infer_request()
         lock = threading.Lock()
         outputs = list(compiled.outputs)
@@ -96,6 +114,7 @@ def _build(variant: str, precision: str, name: str) -> Any:
             "exporter": export.exporter,
             "from_cache": cached,
             "precision_hint": _PRECISION_HINTS[precision],
+            "device": device,
         }
         return Stage(name, graph_stage_runner(component, run_arrays), info)
 
@@ -121,6 +140,15 @@ def uniopt_register_candidates(register: Any) -> None:
             "OpenVINO CPU, bf16 inference precision",
             _build("plain", "bf16", "openvino-bf16"),
             Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=("avx512_bf16", "amx_bf16"), precision="bf16"),
+        )
+    )
+    register(
+        Candidate(
+            "openvino-f16",
+            "openvino",
+            "OpenVINO f16 inference precision, on a device that computes FP16 (GPU, NPU, or such a CPU)",
+            _build("plain", "fp16", "openvino-f16"),
+            Requirements(packages=needs, extra=_EXTRA, openvino_capability="FP16", precision="fp16"),
         )
     )
     register(

@@ -75,7 +75,7 @@ TIERS: tuple[Tier, ...] = (
         name="cuda-gpu",
         description="an NVIDIA GPU through CUDA",
         when_any=(Condition("cuda_devices", ">", 0),),
-        chains={"generic": ("onnxruntime-cuda", "torch-fp16", "eager")},
+        chains={"generic": ("onnxruntime-fp16", "onnxruntime-cuda", "eager")},
         setting_defaults={"use_model_compilation": True},
     ),
     Tier(
