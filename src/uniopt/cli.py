@@ -154,16 +154,18 @@ def bench(
     from .bench import run_bench
     from .engines.registry import BUILTIN_ENGINES
 
-    try:
-        results = run_bench(list(engines or BUILTIN_ENGINES), budget_s=budget, mode=mode)
-    except UniOptError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+    results = []
+    for name in engines or list(BUILTIN_ENGINES):
+        try:
+            (result,) = run_bench([name], budget_s=budget, mode=mode)
+        except UniOptError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+        results.append(result)
+        if not as_json:
+            _print_bench(result)  # each engine's table as soon as it is measured
     if as_json:
         typer.echo(json.dumps(results, indent=2))
-        return
-    for result in results:
-        _print_bench(result)
 
 
 cache_app = typer.Typer(help="List, verify and clear the artifact cache.", no_args_is_help=True)
