@@ -594,7 +594,13 @@ def test_missing_openvino_is_a_recorded_fallback(without_openvino: dict[str, Any
     (component,) = report["components"]
     results = {c["name"]: c for c in component["candidates"]}
     openvino = [name for name in results if name.startswith("openvino")]
-    assert sorted(openvino) == ["openvino-bf16", "openvino-f32", "openvino-int8-static", "openvino-int8-weights"]
+    assert sorted(openvino) == [
+        "openvino-bf16",
+        "openvino-f16",
+        "openvino-f32",
+        "openvino-int8-static",
+        "openvino-int8-weights",
+    ]
     for name in openvino:
         r = results[name]
         assert not r["accepted"]
