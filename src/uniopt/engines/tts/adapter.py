@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...optimizer.component import Component, Metric
+from .codec import codec_component
 
 __all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator"]
 
@@ -150,19 +151,7 @@ class FishSpeechAdapter:
         """``codec`` always; ``decoder`` when a text-to-semantic model was given."""
         generator = torch.Generator().manual_seed(0)
         codes = torch.randint(0, 1024, (1, self.num_codebooks, self.example_frames), generator=generator)
-        components = [
-            Component(
-                name="codec",
-                module=self.codec,
-                example_inputs=(codes,),
-                input_names=("codes",),
-                output_names=("audio",),
-                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}},
-                metric=Metric("snr_db", 20.0),
-                kind="codec",
-                exporter="dynamo",
-            )
-        ]
+        components = [codec_component(self.codec, codes)]
         if self.decoder is not None:
             begin = int(self.decoder.model.tokenizer.semantic_begin_id)
             prompt = torch.zeros(1, self.num_codebooks + 1, self.prompt_length, dtype=torch.long)

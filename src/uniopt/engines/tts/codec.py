@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CodecConfig", "CodecDecoder", "Snake"]
+from ...optimizer.component import Component, Metric
+
+__all__ = ["CodecConfig", "CodecDecoder", "Snake", "codec_component"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,18 @@ class CodecDecoder(nn.Module):
         x = self.conv_in(latent.transpose(1, 2))
         x = self.blocks(x)
         return torch.tanh(self.conv_out(self.snake_out(x)))
+
+
+def codec_component(codec: nn.Module, codes: Tensor) -> Component:
+    """The codec as a uniopt component: codes ``[1, codebooks, frames]`` in, audio out, judged by SNR."""
+    return Component(
+        name="codec",
+        module=codec,
+        example_inputs=(codes,),
+        input_names=("codes",),
+        output_names=("audio",),
+        dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}},
+        metric=Metric("snr_db", 20.0),
+        kind="codec",
+        exporter="dynamo",
+    )

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import InputError
 from ...optimizer.component import Component, Metric
-from .codec import CodecConfig, CodecDecoder
+from .codec import CodecConfig, CodecDecoder, codec_component
 from .generation import TokenGenerator
 from .model import DualARConfig, DualARTransformer
 from .tokenizer import ByteTokenizer, check_reference_audio, encode_reference
@@ -262,17 +262,7 @@ class FishSpeechEngine:
                 exporter="none",
                 calibration_inputs=(sampled,),
             ),
-            Component(
-                name="codec",
-                module=self.codec,
-                example_inputs=(codes,),
-                input_names=("codes",),
-                output_names=("audio",),
-                dynamic_axes={"codes": {2: "frames"}, "audio": {2: "samples"}},
-                metric=Metric("snr_db", 20.0),
-                kind="codec",
-                exporter="dynamo",
-            ),
+            codec_component(self.codec, codes),
         ]
 
 
