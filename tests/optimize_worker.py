@@ -34,6 +34,19 @@ FEATURES = 16
 FRAMES = 8
 
 
+def worker_env(cache: Path) -> dict[str, str]:
+    """The parent's environment without uniopt settings, with the built-in plugins and ``cache``."""
+    from uniopt.plugins import DEFAULT_PLUGINS
+    from uniopt.settings import Settings
+
+    drop = {env for _field, env, _help, _default in Settings.describe()}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("UNIOPT_", "USE_"))}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env["UNIOPT_CACHE_DIR"] = str(cache)
+    env["UNIOPT_PLUGINS"] = ",".join(name for name, _module in DEFAULT_PLUGINS)
+    return env
+
+
 def build_model(seed: int, layers: int, width: int):  # type: ignore[no-untyped-def]
     """An MLP over the last axis, with weights and example input drawn from ``seed``."""
     import torch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,9 +22,8 @@ from typing import Any
 
 import pytest
 
+from optimize_worker import worker_env
 from uniopt.cache import ArtifactCache, CacheEntry
-from uniopt.plugins import DEFAULT_PLUGINS
-from uniopt.settings import Settings
 
 WORKER = Path(__file__).parent / "optimize_worker.py"
 BASE: dict[str, Any] = {"mode": "auto", "tier": "cpu-avx512", "model_warmup_runs": 1, "search_budget_s": 120}
@@ -33,16 +31,6 @@ COLD_ALLOW = ["eager", "onnxruntime-fp32", "openvino-f32"]
 ORT_ONLY = ["eager", "onnxruntime-fp32"]
 OV_ONLY = ["eager", "openvino-f32"]
 TIMEOUT = 300
-
-
-def worker_env(cache: Path) -> dict[str, str]:
-    """The parent's environment without uniopt settings, with the built-in plugins and ``cache``."""
-    drop = {env for _field, env, _help, _default in Settings.describe()}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("UNIOPT_", "USE_"))}
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    env["UNIOPT_CACHE_DIR"] = str(cache)
-    env["UNIOPT_PLUGINS"] = ",".join(name for name, _module in DEFAULT_PLUGINS)
-    return env
 
 
 def spec(allow: list[str], *, seed: int = 0, layers: int = 2, start_file: Path | None = None, **settings: Any) -> str:

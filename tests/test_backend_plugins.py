@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +23,15 @@ import torch.ao.nn.quantized.dynamic as qdynamic
 import torch.nn.functional as F
 from torch import nn
 
+from optimize_worker import worker_env
 from uniopt import Component, Metric, UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.errors import OptimizationError, ValidationError
 from uniopt.optimizer.report import CandidateResult
-from uniopt.plugins import DEFAULT_PLUGINS, BuildContext, Stage, candidates, plugin_manager
+from uniopt.plugins import BuildContext, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.torch_native import TorchDynamicInt8
-from uniopt.settings import Settings, resolve_settings
+from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
 from uniopt.tiers import host_profile
 
@@ -190,16 +190,6 @@ def modules_of(stage: Stage) -> list[nn.Module]:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
-
-
-def worker_env(cache: Path) -> dict[str, str]:
-    """The parent's environment without uniopt settings, with the built-in plugins and ``cache``."""
-    drop = {env for _field, env, _help, _default in Settings.describe()}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("UNIOPT_", "USE_"))}
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    env["UNIOPT_CACHE_DIR"] = str(cache)
-    env["UNIOPT_PLUGINS"] = ",".join(name for name, _module in DEFAULT_PLUGINS)
-    return env
 
 
 @pytest.fixture(autouse=True)
