@@ -5,8 +5,10 @@
 Builds the default Fish-Speech-style engine (12 slow layers, d=1024, GQA 16/4, random weights),
 then times its greedy decode loop interleaved (eager, int8 with the tied output projection
 untied, int8 as quantize_dynamic alone sees it, bf16) and prints ms per token, the speed-up over
-eager and the token agreement with eager. With random weights the logits are flat, so agreement
-says little about a trained model; auto mode's guard still rejects what disagrees.
+eager, the free-running token agreement with eager, and what auto mode's guard judges by: the
+agreement of each choice under teacher forcing (the eager frames replayed), on the steps where
+eager's top two logits are at least 0.05 nats apart, for the semantic token and the codebooks.
+With random weights the logits are flat, so these say little about a trained model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import torch
 
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+from uniopt.optimizer.guard import metric_value
 from uniopt.optimizer.timing import measure_interleaved
 from uniopt.plugins.torch_native import TorchDynamicInt8, _cast
 
@@ -41,23 +44,35 @@ def main() -> None:
         "torch-int8 (quantize_dynamic alone)": lambda: tied_int8(*inputs),
         "torch-bf16": lambda: bf16(*_cast(inputs, torch.bfloat16)),
     }
+    forcing = component.teacher_forcing
     with torch.inference_mode():
         reference = eager(*inputs)
         outputs = {name: run() for name, run in stages.items()}
+        forced = forcing(inputs, reference)
+        scored = {
+            "eager": eager(*forced),
+            "torch-int8 (projection untied)": int8(*forced),
+            "torch-int8 (quantize_dynamic alone)": tied_int8(*forced),
+            "torch-bf16": bf16(*_cast(forced, torch.bfloat16)),
+        }
         timings = measure_interleaved(
             stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None
         )
     tokens = reference.numel()
     base = timings["eager"].p50
     print(f"decode loop: {args.steps} steps x {reference.shape[1]} codebooks, threads {torch.get_num_threads()}")
-    print(f"{'candidate':38} {'ms/step':>8} {'x eager':>8} {'token agreement':>16}")
+    header = f"{'candidate':38} {'ms/step':>8} {'x eager':>8} {'free-running':>13}"
+    print(f"{header} {'forced semantic':>16} {'forced codes':>13}")
     for name, timing in timings.items():
-        agreement = (
-            float((outputs[name] == reference).double().mean())
-            if outputs[name].shape == reference.shape
-            else float("nan")
+        agreement = float((outputs[name] == reference).double().mean())
+        semantic, codes = (
+            metric_value("token_agreement", ref.float(), out.float())
+            for ref, out in zip(scored["eager"], scored[name], strict=True)
         )
-        print(f"{name:38} {timing.p50 * 1e3 / args.steps:8.1f} {base / timing.p50:8.2f} {agreement:16.3f}")
+        print(
+            f"{name:38} {timing.p50 * 1e3 / args.steps:8.1f} {base / timing.p50:8.2f} {agreement:13.3f}"
+            f" {semantic:16.3f} {codes:13.3f}"
+        )
     print(f"({tokens} tokens per call; median of {args.rounds} interleaved rounds)")
 
 

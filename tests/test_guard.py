@@ -77,6 +77,9 @@ def test_ctc_agreement_ignores_ties_but_not_decisive_frames() -> None:
     assert metric_value("argmax_agreement", ref, flipped_tie) == 0.75
     assert metric_value("ctc_agreement", ref, flipped_tie) == 1.0
     assert metric_value("ctc_agreement", ref, flipped_decisive) == pytest.approx(2 / 3)
+    # Token agreement on logits (teacher-forced decoders) is judged the same way.
+    assert metric_value("token_agreement", ref, flipped_tie) == 1.0
+    assert metric_value("token_agreement", ref, flipped_decisive) == pytest.approx(2 / 3)
 
 
 def test_snr_of_a_waveform() -> None:

@@ -241,3 +241,78 @@ def test_clearly_slower_candidates_leave_the_rotation_but_eager_stays() -> None:
     assert counts["slow"] == 2  # pruned after round 2: 5x the best
     assert counts["eager"] == counts["fast"] == counts["close"] > 2
     assert timings["slow"].p50 == 5.0
+
+
+STEPS = 12
+TIE = [-5.0, 1.0, 0.99, -5.0, -5.0, -5.0]  # row 0: tokens 1 and 2 are a near-tie
+
+
+def _table(**rows: list[float]) -> torch.Tensor:
+    """Next-token logits by previous token: 0 -> 1 (or 2, a near-tie) -> 3/4 -> 0, decisively."""
+    table = torch.full((6, 6), -5.0)
+    table[0] = torch.tensor(TIE)
+    for previous, following in ((1, 3), (2, 4), (3, 0), (4, 0), (5, 0)):
+        table[previous, following] = 3.0
+    for index, row in rows.items():
+        table[int(index[1:])] = torch.tensor(row)
+    return table
+
+
+class ToyDecoder(torch.nn.Module):
+    """Greedy ``argmax(table[previous])`` for STEPS tokens; with ``forced`` tokens, the logits behind each choice."""
+
+    def __init__(self, table: torch.Tensor, sleep: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.sleep = sleep
+
+    def forward(self, start: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+        time.sleep(self.sleep)
+        if forced is not None:
+            return self.table[torch.cat([start.view(1), forced[:-1]])]
+        tokens, token = [], start
+        for _ in range(STEPS):
+            token = self.table[token].argmax()
+            tokens.append(token)
+        return torch.stack(tokens)
+
+
+def _toy(name: str, table: torch.Tensor) -> Candidate:
+    def build(component: Any, context: Any) -> Stage:
+        return Stage(name, ToyDecoder(table))
+
+    return Candidate(name, "fake", f"toy {name}", build, Requirements(precision="int8"))
+
+
+def _decode(tmp_path: Any, *, forcing: bool) -> Any:
+    module = ToyDecoder(_table(), sleep=EAGER_SLEEP)
+    component = Component(
+        "decoder",
+        module,
+        (torch.tensor(0),),
+        metric=Metric("token_agreement", 0.9),
+        teacher_forcing=(lambda inputs, tokens: (*inputs, tokens)) if forcing else None,
+    )
+    engine = types.SimpleNamespace(decoder=module, uniopt_components=lambda: [component])
+    return UniversalOptimizer(engine, cache_dir=str(tmp_path), model_warmup_runs=0).report().component("decoder")
+
+
+def test_teacher_forcing_forgives_a_flipped_tie_that_derails_free_running(fake_plugins: Any, tmp_path: Any) -> None:
+    tie_flipped = _table(r0=[-5.0, 0.99, 1.0, -5.0, -5.0, -5.0])
+    assert not torch.equal(ToyDecoder(tie_flipped)(torch.tensor(0)), ToyDecoder(_table())(torch.tensor(0)))
+    fake_plugins(_toy("tie-flipped", tie_flipped))
+    free = _decode(tmp_path / "free", forcing=False).candidate("tie-flipped")
+    assert not free.accepted and free.metric_value < 0.5  # one early difference, every later token differs
+    model_cache.clear()
+    forced = _decode(tmp_path / "forced", forcing=True)
+    assert forced.candidate("tie-flipped").accepted and forced.candidate("tie-flipped").metric_value == 1.0
+    assert forced.chosen == "tie-flipped"
+
+
+def test_teacher_forcing_still_rejects_a_flipped_decisive_choice(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_toy("decisive-flipped", _table(r1=[-5.0, -5.0, -5.0, -5.0, -5.0, 3.0])))
+    report = _decode(tmp_path, forcing=True)
+    result = report.candidate("decisive-flipped")
+    assert not result.accepted and result.metric == "token_agreement"
+    assert result.metric_value == pytest.approx(0.5)  # rows 1 and 3 decide; row 1 now disagrees
+    assert report.chosen == "eager"

@@ -185,6 +185,34 @@ def test_decoder_calls_are_independent_of_previous_calls(engine: FishSpeechEngin
         assert torch.equal(component.module(*component.example_inputs), first)
 
 
+def test_teacher_forcing_returns_the_logits_behind_each_choice(engine: FishSpeechEngine) -> None:
+    decoder, c = engine.decoder, engine.config.model
+    prompt = engine.example_prompt()
+    params = (torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.0), torch.tensor(0))  # greedy, no penalty
+    with torch.inference_mode():
+        frames = decoder(prompt, *params)
+        semantic, codes = decoder(*TokenGenerator.teacher_forcing((prompt, *params), frames))
+    steps = engine.config.decode_steps
+    assert semantic.shape == (1, steps, c.codebook_size)
+    assert codes.shape == (1, c.num_codebooks - 1, steps, c.codebook_size)
+    assert torch.equal(semantic[0].argmax(-1) + c.semantic_begin_id, frames[0, 0])
+    assert torch.equal(codes[0].argmax(-1), frames[0, 2:])
+    # Forced frames other than its own: the choices follow what was forced, step by step.
+    other = frames.clone()
+    other[0, 2:, 0] = (other[0, 2:, 0] + 1) % c.codebook_size
+    with torch.inference_mode():
+        _, other_codes = decoder(prompt, *params, other)
+    assert torch.equal(other_codes[0, 0, 0], codes[0, 0, 0])  # codebook 1 comes before the change
+    assert not torch.equal(other_codes[0, 1, 0], codes[0, 1, 0])
+
+
+def test_teacher_forcing_rejects_frames_of_the_wrong_shape(engine: FishSpeechEngine) -> None:
+    prompt = engine.example_prompt()
+    params = (torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(0))
+    with pytest.raises(InputError, match="forced frames"):
+        engine.decoder(prompt, *params, torch.zeros(1, 11, engine.config.decode_steps + 1, dtype=torch.long))
+
+
 # -- uniopt -------------------------------------------------------------------------------------------------
 def test_components_are_what_synthesize_runs(engine: FishSpeechEngine) -> None:
     decoder, codec = engine.uniopt_components()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,11 @@ class Component:
     representative inputs (another length, another speaker): int8 calibration uses them and the
     guard checks the first of them too. ``audio_seconds`` is how much audio the example input
     stands for, for real-time factors.
+
+    ``teacher_forcing(inputs, reference_outputs)`` is for autoregressive modules, whose free-running
+    outputs part ways for good at the first different choice: it returns inputs under which the
+    module replays the reference's own outputs and returns the scores (logits) behind each choice.
+    The guard then judges a stage by those scores, step by step, against the reference's.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Component:
     exporter: str = "dynamo"
     calibration_inputs: Sequence[tuple[Any, ...]] = ()
     audio_seconds: float | None = None
+    teacher_forcing: Callable[[tuple[Any, ...], Any], tuple[Any, ...]] | None = None
 
     def key(self) -> str:
         """sha256 of the weights, the module's class and code, the inputs and the export spec.
@@ -76,6 +82,7 @@ class Component:
                     "output_names": list(self.output_names),
                     "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
                     "exporter": self.exporter,
+                    "teacher_forcing": self.teacher_forcing is not None,
                 }
             )
             self.__dict__["_key"] = cached

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .component import Metric
 
-__all__ = ["GuardResult", "check_outputs", "flatten_outputs", "metric_value", "run_reference"]
+__all__ = ["GuardResult", "check_outputs", "check_structure", "flatten_outputs", "metric_value", "run_reference"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,14 @@ def run_reference(module: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
 AGREEMENT_METRICS = ("argmax_agreement", "ctc_agreement", "token_agreement")
 
 #: Frames whose reference top-2 log-probabilities are closer than this (nats) are ties for
-#: ``ctc_agreement``: either label is as likely to within 5%, so disagreeing there is noise.
+#: ``ctc_agreement`` and ``token_agreement`` on logits: either label is as likely to within 5%,
+#: so disagreeing there is noise.
 TIE_MARGIN_NATS = 0.05
-#: ``ctc_agreement`` falls back to every frame when fewer than this share of frames is decisive.
+#: The decisive agreements fall back to every frame when fewer than this share of frames is decisive.
 MIN_DECISIVE_SHARE = 0.1
 
 
-def _ctc_agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
+def _decisive_agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Argmax agreement over the frames where the reference is not a tie between two labels."""
     top2 = ref.double().log_softmax(-1).topk(2, dim=-1).values
     decisive = (top2[..., 0] - top2[..., 1]) >= TIE_MARGIN_NATS
@@ -85,8 +86,8 @@ def metric_value(name: str, ref: torch.Tensor, out: torch.Tensor) -> float:
             rows_ref, rows_out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
             return min(_cosine(r, o) for r, o in zip(rows_ref, rows_out, strict=True))
         return _cosine(ref, out)
-    if name == "ctc_agreement" and ref.is_floating_point() and ref.dim() > 0:
-        return _ctc_agreement(ref, out)
+    if name in ("ctc_agreement", "token_agreement") and ref.is_floating_point() and ref.dim() > 0:
+        return _decisive_agreement(ref, out)
     if name in ("argmax_agreement", "ctc_agreement", "token_agreement"):
         if ref.dim() == 0 or not ref.is_floating_point():
             return float((ref == out).double().mean())
@@ -100,16 +101,12 @@ def metric_value(name: str, ref: torch.Tensor, out: torch.Tensor) -> float:
     raise ValueError(f"unknown metric {name!r}")
 
 
-def check_outputs(
-    reference: Any, candidate: Any, *, precision: str, metric: Metric, atol: float, rtol: float
-) -> GuardResult:
-    """Compare ``candidate`` outputs to ``reference``; FP32 by tolerance, else by ``metric``."""
+def check_structure(reference: Any, candidate: Any) -> GuardResult | None:
+    """A failed result when ``candidate`` differs from ``reference`` in structure, shape or dtype."""
     ref_leaves, ref_spec = flatten_outputs(reference)
     out_leaves, out_spec = flatten_outputs(candidate)
     if ref_spec != out_spec:
         return GuardResult(False, "structure", None, f"output structure differs: {out_spec} vs {ref_spec}")
-    worst: float | None = None
-    metric_name = "allclose" if precision == "fp32" else metric.name
     for index, (ref, out) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
         if not isinstance(ref, torch.Tensor):
             if ref != out:
@@ -123,6 +120,23 @@ def check_outputs(
                 None,
                 f"output {index}: got {got}, expected {tuple(ref.shape)} {ref.dtype}",
             )
+    return None
+
+
+def check_outputs(
+    reference: Any, candidate: Any, *, precision: str, metric: Metric, atol: float, rtol: float
+) -> GuardResult:
+    """Compare ``candidate`` outputs to ``reference``; FP32 by tolerance, else by ``metric``."""
+    failed = check_structure(reference, candidate)
+    if failed is not None:
+        return failed
+    ref_leaves, _ = flatten_outputs(reference)
+    out_leaves, _ = flatten_outputs(candidate)
+    worst: float | None = None
+    metric_name = "allclose" if precision == "fp32" else metric.name
+    for index, (ref, out) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
+        if not isinstance(ref, torch.Tensor):
+            continue
         if ref.is_floating_point() and bool(torch.isfinite(ref).all()) and not bool(torch.isfinite(out).all()):
             return GuardResult(False, metric_name, None, f"output {index} has NaN or infinity")
         if not ref.is_floating_point() and metric.name in AGREEMENT_METRICS:

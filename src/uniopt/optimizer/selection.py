@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import pluggy
 import torch
@@ -25,7 +25,7 @@ from ..errors import OptimizationError, ValidationError
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
-from .guard import GuardResult, check_outputs, run_reference
+from .guard import GuardResult, check_outputs, check_structure, run_reference
 from .report import CandidateResult, ComponentReport
 from .timing import measure_interleaved
 
@@ -73,6 +73,14 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
     )
 
 
+class _Reference(NamedTuple):
+    """The reference's outputs for ``inputs``, and under teacher forcing ``(forced inputs, scores)``."""
+
+    inputs: tuple[Any, ...]
+    outputs: Any
+    forced: tuple[tuple[Any, ...], Any] | None
+
+
 class _Selector:
     def __init__(self, component: Component, context: BuildContext, pm: pluggy.PluginManager) -> None:
         self.component = component
@@ -82,14 +90,21 @@ class _Selector:
         self.stages: dict[str, Stage] = {}
         self.started = time.perf_counter()
         component.module.eval()
-        self._references: list[tuple[tuple[Any, ...], Any]] | None = None
+        self._references: list[_Reference] | None = None
 
-    def references(self) -> list[tuple[tuple[Any, ...], Any]]:
-        """(inputs, FP32 outputs) for the example and the first calibration input, computed once, on demand."""
+    def references(self) -> list[_Reference]:
+        """FP32 outputs for the example and the first calibration input, computed once, on demand."""
         if self._references is None:
             torch.manual_seed(0)
-            inputs = [self.component.example_inputs, *self.component.calibration_inputs[:1]]
-            self._references = [(x, run_reference(self.component.module, x)) for x in inputs]
+            module, forcing = self.component.module, self.component.teacher_forcing
+            self._references = []
+            for inputs in (self.component.example_inputs, *self.component.calibration_inputs[:1]):
+                outputs = run_reference(module, inputs)
+                forced = None
+                if forcing is not None:
+                    forced_inputs = forcing(inputs, outputs)
+                    forced = (forced_inputs, run_reference(module, forced_inputs))
+                self._references.append(_Reference(inputs, outputs, forced))
         return self._references
 
     def reject(self, name: str, reason: str, **figures: Any) -> None:
@@ -169,11 +184,19 @@ class _Selector:
             return GuardResult(True, "allclose", 0.0)
         s = self.context.settings
         verdict = None
-        for inputs, reference in self.references():
+        for ref in self.references():
             with torch.inference_mode():
-                outputs = stage(*copy.deepcopy(inputs))
+                outputs = stage(*copy.deepcopy(ref.inputs))
+            expected = ref.outputs
+            if ref.forced is not None:  # free-running outputs: structure only; scores decide
+                verdict = check_structure(ref.outputs, outputs)
+                if verdict is not None:
+                    return verdict
+                forced_inputs, expected = ref.forced
+                with torch.inference_mode():
+                    outputs = stage(*copy.deepcopy(forced_inputs))
             verdict = check_outputs(
-                reference,
+                expected,
                 outputs,
                 precision=cand.requires.precision,
                 metric=self.component.metric,

@@ -255,7 +255,9 @@ class FishSpeechEngine:
                 input_names=("prompt", "temperature", "top_p", "repetition_penalty", "seed"),
                 output_names=("tokens",),
                 dynamic_axes={"prompt": {2: "prompt_frames"}},
+                # Judged step by step under teacher forcing, on the steps the reference is sure of.
                 metric=Metric("token_agreement", 0.9),
+                teacher_forcing=TokenGenerator.teacher_forcing,
                 kind="decoder",
                 # Exporting the loop unrolls every step and codebook (minutes even for a tiny
                 # model); graph backends are ruled out and the decoder stays in PyTorch.

@@ -31,29 +31,31 @@ def _mix32(x: Tensor) -> Tensor:
     return torch.bitwise_xor(x, torch.div(x, 65536, rounding_mode="floor"))
 
 
-def uniform_noise(seed: Tensor, position: Tensor, stream: int, shape: tuple[int, ...]) -> Tensor:
-    """Uniforms in ``(0, 1)`` (float32) of ``shape``, a pure function of seed, position and stream."""
+def uniform_noise(seed: Tensor, position: Tensor, stream: int, index: Tensor) -> Tensor:
+    """Uniforms in ``(0, 1)`` (float32) at the integer ``index`` tensor (same shape), a pure function of
+    seed, position, stream and index: the noise of token ``t`` is the same whichever ids are drawn."""
     key = _mix32(torch.bitwise_and(seed.reshape(1).long(), _MASK32))
     key = _mix32(torch.bitwise_xor(key, torch.bitwise_and(position.reshape(1).long(), _MASK32)))
     key = _mix32(torch.bitwise_xor(key, (stream * 0x9E3779B9) & _MASK32))
-    count = 1
-    for size in shape:
-        count *= size
-    index = torch.arange(count, dtype=torch.long, device=seed.device)
-    bits = _mix32(_mix32(torch.bitwise_xor(key, index)))
-    return ((torch.div(bits, 512, rounding_mode="floor").float() + 0.5) / float(2**23)).view(shape)
+    bits = _mix32(_mix32(torch.bitwise_xor(key, index.long())))
+    return (torch.div(bits, 512, rounding_mode="floor").float() + 0.5) / float(2**23)
 
 
 def sample_token(
-    logits: Tensor, window: Tensor, temperature: Tensor, top_p: Tensor, repetition_penalty: Tensor, noise: Tensor
+    logits: Tensor,
+    ids: Tensor,
+    window: Tensor,
+    temperature: Tensor,
+    top_p: Tensor,
+    repetition_penalty: Tensor,
+    noise: Tensor,
 ) -> Tensor:
-    """One token id (0-d long) from ``logits [V]``.
+    """The index (0-d long) of the drawn entry of ``logits [N]``, the scores of token ids ``ids [N]``.
 
-    ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [V]`` uniforms for the draw.
+    ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [N]`` uniforms for the draw.
     """
     logits = logits.float()
-    vocab = logits.shape[-1]
-    seen = (window[:, None] == torch.arange(vocab, device=logits.device)[None, :]).any(dim=0)
+    seen = (window[:, None] == ids[None, :]).any(dim=0)
     penalty = repetition_penalty.float()
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     greedy = logits.argmax(dim=-1)
@@ -71,15 +73,23 @@ class TokenGenerator(nn.Module):
     """Prefill a prompt, then decode ``decode_steps`` frames with the key/value caches.
 
     ``forward(prompt [1, C+1, T] long, temperature, top_p, repetition_penalty (0-d float32),
-    seed (0-d long)) -> [1, C+1, decode_steps]``. Each frame is one slow step, whose sampled
+    seed (0-d long), forced=None) -> [1, C+1, decode_steps]``. Each frame is one slow step, whose sampled
     semantic token gives codebook 0, then the fast decoder primed with the slow hidden state and
     run over codebooks 1..C-1. The caches are zeroed at the start of every call, so a call
     depends only on its inputs and an exported graph of this loop is complete. The repetition
     window covers the last ``repetition_window`` frames of prompt plus generated frames, so
     continuing from ``cat(prompt, output)`` samples as one longer call would.
+
+    ``forced`` (frames ``[1, C+1, decode_steps]``) is teacher forcing: instead of tokens the call
+    returns the logits every choice is made from, ``([1, decode_steps, codebook_size]`` for the
+    semantic ids, ``[1, C-1, decode_steps, codebook_size]`` for codebooks 1..C-1), each computed from
+    the forced frames before it. Two models' choices compare step by step this way, without
+    one early difference changing everything after it.
     """
 
     logit_bias: Tensor
+    allowed_ids: Tensor
+    code_ids: Tensor
     fast_positions: Tensor
 
     def __init__(
@@ -104,20 +114,33 @@ class TokenGenerator(nn.Module):
         if allow_eos:
             bias[eos_id] = 0.0
         self.register_buffer("logit_bias", bias, persistent=False)
+        # Only these ids can be drawn (the rest have a bias of -inf): sampling looks at them alone.
+        self.register_buffer("allowed_ids", torch.isfinite(bias).nonzero().flatten(), persistent=False)
+        self.register_buffer("code_ids", torch.arange(c.codebook_size), persistent=False)
         self.register_buffer("fast_positions", torch.arange(c.num_codebooks), persistent=False)
         model.setup_caches(1, c.max_seq_len)
+
+    @staticmethod
+    def teacher_forcing(inputs: tuple[Tensor, ...], frames: Tensor) -> tuple[Tensor, ...]:
+        """Inputs that replay ``frames`` (this module's output for ``inputs``) and return the scores."""
+        return (*inputs[:5], frames)
 
     def extra_repr(self) -> str:
         return (
             f"decode_steps={self.decode_steps}, repetition_window={self.repetition_window}, allow_eos={self.allow_eos}"
         )
 
-    def _check(self, prompt: Tensor) -> None:
+    def _check(self, prompt: Tensor, forced: Tensor | None) -> None:
         if torch.compiler.is_compiling():
             return
         rows = self.model.config.num_codebooks + 1
         if prompt.dtype != torch.long or prompt.dim() != 3 or prompt.shape[0] != 1 or prompt.shape[1] != rows:
             raise InputError(f"prompt must be a long tensor [1, {rows}, T]; got {prompt.dtype} {tuple(prompt.shape)}")
+        expected = (1, rows, self.decode_steps)
+        if forced is not None and (forced.dtype != torch.long or tuple(forced.shape) != expected):
+            raise InputError(
+                f"forced frames must be a long tensor {list(expected)}; got {forced.dtype} {tuple(forced.shape)}"
+            )
         if prompt.shape[-1] < 1 or prompt.shape[-1] + self.decode_steps > self.model.cache_length():
             raise InputError(
                 f"prompt of {prompt.shape[-1]} frames plus {self.decode_steps} decode steps does not fit "
@@ -125,24 +148,51 @@ class TokenGenerator(nn.Module):
             )
 
     def forward(
-        self, prompt: Tensor, temperature: Tensor, top_p: Tensor, repetition_penalty: Tensor, seed: Tensor
-    ) -> Tensor:
-        self._check(prompt)
+        self,
+        prompt: Tensor,
+        temperature: Tensor,
+        top_p: Tensor,
+        repetition_penalty: Tensor,
+        seed: Tensor,
+        forced: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        self._check(prompt, forced)
         model = self.model
         model.reset_caches()
         rows, length = model.config.num_codebooks + 1, prompt.shape[-1]
         padding = torch.full((rows, self.repetition_window), -1, dtype=prompt.dtype, device=prompt.device)
         window = torch.cat([padding, prompt[0]], dim=1)[:, -self.repetition_window :]
         input_pos = torch.arange(length, device=prompt.device)
-        tokens, frames = prompt, []
-        for _ in range(self.decode_steps):
-            logits, hidden = model.forward_generate(tokens, input_pos)
+        tokens, frames, scores = prompt, [], []
+        for step in range(self.decode_steps):
+            logits, hidden = model.forward_generate(tokens, input_pos, attend=length + step)
             position = input_pos[-1:] + 1
-            frame = self._frame(logits[0, -1], hidden, window, temperature, top_p, repetition_penalty, seed, position)
+            if forced is None:
+                params = (temperature, top_p, repetition_penalty, seed, position)
+                frame = self._frame(logits[0, -1], hidden, window, *params)
+            else:
+                frame = forced[0, :, step]
+                scores.append(self._score_frame(logits[0, -1], hidden, frame))
             frames.append(frame)
             window = torch.cat([window[:, 1:], frame[:, None]], dim=1)
             tokens, input_pos = frame.view(1, rows, 1), position
+        if forced is not None:
+            semantic, codes = zip(*scores, strict=True)
+            return torch.stack(semantic)[None], torch.stack(codes, dim=1)[None]
         return torch.stack(frames, dim=-1).unsqueeze(0)
+
+    def _score_frame(self, logits: Tensor, hidden: Tensor, frame: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits behind a given frame's choices: the semantic ids ``[codebook_size]``, and codebooks
+        1..C-1 ``[C-1, codebook_size]``, each from the given codes before it (codebook 0 is the
+        semantic token's code)."""
+        model, c = self.model, self.model.config
+        model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
+        codes = []
+        for index in range(1, c.num_codebooks):
+            embedded = model.fast_embeddings(frame[index]).view(1, 1, -1)
+            step = model.forward_generate_fast(embedded, self.fast_positions[index : index + 1], attend=index + 1)
+            codes.append(step[0, -1])
+        return logits[c.semantic_begin_id :], torch.stack(codes) if codes else hidden.new_zeros(0, c.codebook_size)
 
     def _frame(
         self,
@@ -158,17 +208,17 @@ class TokenGenerator(nn.Module):
         """The tokens of one frame ``[C+1]``: semantic id, then the code of every codebook."""
         model, c = self.model, self.model.config
         params = (temperature, top_p, repetition_penalty)
-        main = sample_token(
-            logits + self.logit_bias, window[0], *params, uniform_noise(seed, position, 0, (c.vocab_size,))
-        )
+        allowed = self.allowed_ids
+        noise = uniform_noise(seed, position, 0, allowed)
+        main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, noise)]
         code = (main - c.semantic_begin_id).clamp_min(0)
-        model.forward_generate_fast(hidden, self.fast_positions[:1])
-        noise = uniform_noise(seed, position, 1, (c.num_codebooks, c.codebook_size))
+        model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
+        noise = uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
         tokens = [main, code]
         for index in range(1, c.num_codebooks):
             fast_logits = model.forward_generate_fast(
-                model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1]
+                model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1], attend=index + 1
             )
-            code = sample_token(fast_logits[0, -1], window[index + 1], *params, noise[index])
+            code = sample_token(fast_logits[0, -1], self.code_ids, window[index + 1], *params, noise[index])
             tokens.append(code)
         return torch.stack(tokens)

@@ -60,16 +60,19 @@ class KVCache(nn.Module):
         return f"shape={tuple(self.k_cache.shape)}"
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Grouped-query attention without copying keys: query heads of a group share a kv head.
 
-    ``q [b, H, L, d]``, ``k``/``v [b, Hkv, S, d]``, boolean ``mask [1, 1, L, S]`` (True = attend).
-    Query head ``h`` uses kv head ``h // (H // Hkv)``, as ``repeat_interleave`` would.
+    ``q [b, H, L, d]``, ``k``/``v [b, Hkv, S, d]``, boolean ``mask [1, 1, L, S]`` (True = attend;
+    None: every query attends to every key). Query head ``h`` uses kv head ``h // (H // Hkv)``,
+    as ``repeat_interleave`` would.
     """
     b, heads, length, d = q.shape
     groups = heads // k.shape[1]
     folded = q.reshape(b, k.shape[1], groups * length, d)
-    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+    if mask is not None:
+        mask = mask.repeat(1, 1, groups, 1)
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
     return y.reshape(b, heads, length, d)
 
 
@@ -85,7 +88,10 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None = None, attend: int = 0
+    ) -> Tensor:
+        """``attend`` > 0 attends to the first ``attend`` cache positions only (``mask`` covers them)."""
         b, length, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -95,6 +101,8 @@ class Attention(nn.Module):
         v = v.view(b, length, self.n_local_heads, self.head_dim).transpose(1, 2)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if attend:
+                k, v = k[:, :, :attend], v[:, :, :attend]
         y = grouped_attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, length, q_size))
 
@@ -122,8 +130,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(dim, eps=eps)
         self.feed_forward = FeedForward(dim, hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None = None, attend: int = 0
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -173,25 +173,32 @@ class DualARTransformer(nn.Module):
             x = layer(x, self.rope_cos[:length], self.rope_sin[:length], mask)
         return self.output(self.norm(x)), x
 
-    def forward_generate(self, tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_generate(self, tokens: Tensor, input_pos: Tensor, attend: int = 0) -> tuple[Tensor, Tensor]:
         """Cached pass at ``input_pos``: logits ``[b, 1, vocab]`` and fast-decoder input ``[b, 1, fast_dim]``
-        of the last position."""
+        of the last position.
+
+        By default every step attends to the whole preallocated cache under a causal mask, as
+        Fish-Speech does; ``attend`` (the filled length, ``input_pos[-1] + 1``) reads only that part.
+        """
         x = self.embed(tokens)
-        mask = self.causal_mask[None, None, input_pos, : self.cache_length()]
+        mask = _step_mask(self.causal_mask, input_pos, attend or self.cache_length(), attend)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, attend)
         x = x[:, -1:]
         return self.output(self.norm(x)), self.fast_project_in(x)
 
     # -- fast decoder ---------------------------------------------------------------------------------
-    def forward_generate_fast(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """One cached fast-decoder step at codebook position ``input_pos``: logits ``[b, 1, codebook_size]``."""
+    def forward_generate_fast(self, x: Tensor, input_pos: Tensor, attend: int = 0) -> Tensor:
+        """One cached fast-decoder step at codebook position ``input_pos``: logits ``[b, 1, codebook_size]``.
+
+        ``attend`` as in :meth:`forward_generate` (``input_pos + 1``).
+        """
         x = x.view(x.shape[0], 1, -1)
-        mask = self.causal_mask[None, None, input_pos, : self.config.num_codebooks]
+        mask = _step_mask(self.causal_mask, input_pos, attend or self.config.num_codebooks, attend)
         cos, sin = self.fast_rope_cos[input_pos], self.fast_rope_sin[input_pos]
         for layer in self.fast_layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, attend)
         return self.fast_output(self.fast_norm(x))
 
     def forward_fast(self, hidden: Tensor, codes: Tensor) -> Tensor:
@@ -203,3 +210,11 @@ class DualARTransformer(nn.Module):
         for layer in self.fast_layers:
             x = layer(x, self.fast_rope_cos[:length], self.fast_rope_sin[:length], mask)
         return self.fast_output(self.fast_norm(x))
+
+
+def _step_mask(causal: Tensor, input_pos: Tensor, length: int, attend: int) -> Tensor | None:
+    """The causal mask rows of ``input_pos`` over ``length`` keys; None for a single query that
+    attends to exactly the filled positions (every key is visible)."""
+    if attend and input_pos.shape[0] == 1:
+        return None
+    return causal[None, None, input_pos, :length]
