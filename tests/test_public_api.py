@@ -94,6 +94,8 @@ def test_not_an_engine() -> None:
         engine_components(object())
     with pytest.raises(UniOptError, match="dict is neither"):
         UniversalOptimizer({"model": "not a module"}, mode="tier")
+    with pytest.raises(UniOptError, match="str is neither"):  # "off" wraps only what the other modes could
+        UniversalOptimizer("not an engine", mode="off")
 
 
 def test_module_without_example_inputs() -> None:

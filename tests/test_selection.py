@@ -313,6 +313,6 @@ def test_teacher_forcing_still_rejects_a_flipped_decisive_choice(fake_plugins: A
     fake_plugins(_toy("decisive-flipped", _table(r1=[-5.0, -5.0, -5.0, -5.0, -5.0, 3.0])))
     report = _decode(tmp_path, forcing=True)
     result = report.candidate("decisive-flipped")
-    assert not result.accepted and result.metric == "token_agreement"
+    assert not result.accepted and result.metric == "token_agreement" and "teacher-forced" in result.reason
     assert result.metric_value == pytest.approx(0.5)  # rows 1 and 3 decide; row 1 now disagrees
     assert report.chosen == "eager"

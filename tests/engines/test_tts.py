@@ -442,3 +442,9 @@ def test_adapter_with_the_real_dual_ar_transformer(engine: FishSpeechEngine) -> 
         assert tokens.shape == (1, 5, 3) and torch.equal(adapter.generate_tokens(prompt), tokens)
         assert decoder.module(*decoder.example_inputs).shape == (1, 5, 3)
     assert int(tokens[0, 0, 0]) == int(first_main)
+    # Teacher forcing replays the frames and returns the logits behind each greedy choice.
+    assert decoder.teacher_forcing is not None and decoder.exporter == "none"
+    with torch.inference_mode():
+        main, codes = decoder.module(*decoder.teacher_forcing((prompt,), tokens))
+    assert main.shape == (1, 3, 264) and codes.shape == (1, 3, 3, 64)  # codebook_size 64 < codebook_limit
+    assert torch.equal(main[0].argmax(-1), tokens[0, 0]) and torch.equal(codes[0].argmax(-1), tokens[0, 2:])

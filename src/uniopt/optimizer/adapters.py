@@ -16,7 +16,7 @@ import torch
 from ..errors import UniOptError
 from .component import Component
 
-__all__ = ["StageModule", "engine_components", "with_replaced"]
+__all__ = ["StageModule", "check_wrappable", "engine_components", "with_replaced"]
 
 
 class StageModule(torch.nn.Module):
@@ -37,22 +37,27 @@ class StageModule(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_original"), name)
 
 
+def check_wrappable(engine: Any) -> None:
+    """Raise unless ``engine`` is an ``nn.Module`` or declares ``uniopt_components()``."""
+    if not isinstance(engine, torch.nn.Module) and not callable(getattr(engine, "uniopt_components", None)):
+        raise UniOptError(
+            f"{type(engine).__name__} is neither an nn.Module nor an engine that declares "
+            "uniopt_components(); see the README for how to declare components"
+        )
+
+
 def engine_components(engine: Any, example_inputs: Any = None) -> list[Component]:
     """The components of ``engine``: declared by the engine, or the module itself."""
+    check_wrappable(engine)
     declare = getattr(engine, "uniopt_components", None)
     if callable(declare):
         components = list(declare())
         if example_inputs is not None:
             raise UniOptError("this engine declares its own components and example inputs; pass none")
         return components
-    if isinstance(engine, torch.nn.Module):
-        if example_inputs is None:
-            raise UniOptError("a plain nn.Module needs example inputs: UniversalOptimizer(module, example_inputs=(x,))")
-        return [Component("module", engine, example_inputs)]
-    raise UniOptError(
-        f"{type(engine).__name__} is neither an nn.Module nor an engine that declares "
-        "uniopt_components(); see the README for how to declare components"
-    )
+    if example_inputs is None:
+        raise UniOptError("a plain nn.Module needs example inputs: UniversalOptimizer(module, example_inputs=(x,))")
+    return [Component("module", engine, example_inputs)]
 
 
 def _copy_node(node: Any) -> Any:

@@ -11,6 +11,7 @@ process applies it without timing anything.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -204,6 +205,8 @@ class _Selector:
                 rtol=s.rtol,
             )
             if not verdict.passed:
+                if ref.forced is not None:
+                    return dataclasses.replace(verdict, reason=f"teacher-forced {verdict.reason}")
                 return verdict
         return verdict
 

@@ -12,7 +12,7 @@ from ..plugins import BuildContext, plugin_manager
 from ..settings import Settings, resolve_settings
 from ..threads import thread_budget
 from ..tiers import HostProfile, TierChoice, host_profile
-from .adapters import StageModule, engine_components, with_replaced
+from .adapters import StageModule, check_wrappable, engine_components, with_replaced
 from .component import Component
 from .report import ComponentReport, OptimizationReport
 
@@ -47,7 +47,11 @@ class UniversalOptimizer:
         self._timings: list[dict[str, Any]] = []
         self._context: BuildContext | None = None
         self._plugins: Any = None
-        self._components = [] if self._settings.mode == "off" else engine_components(engine, example_inputs)
+        if self._settings.mode == "off":
+            check_wrappable(engine)
+            self._components: list[Component] = []
+        else:
+            self._components = engine_components(engine, example_inputs)
         started = time.perf_counter()
         reports = [self._optimize(c) for c in self._components]
         self._report = OptimizationReport(

@@ -43,7 +43,10 @@ class RealTokenGenerator(nn.Module):
 
     ``forward(prompt [1, C+1, T]) -> [1, C+1, decode_steps]``. The model's key/value caches are set
     up once and zeroed on every call. Fast-decoder logits are cut to ``codebook_limit`` as
-    ``decode_one_token_ar`` does.
+    ``decode_one_token_ar`` does. ``forward(prompt, forced)`` replays the frames ``forced`` and
+    returns the logits behind every greedy choice instead (teacher forcing): ``[1, decode_steps,
+    vocab]`` for the main token and ``[1, C-1, decode_steps, K]`` for codebooks 1..C-1, ``K`` the
+    fast logits cut to ``codebook_limit``.
     """
 
     model: Any
@@ -75,28 +78,39 @@ class RealTokenGenerator(nn.Module):
         blocks = [*self.model.layers, *self.model.fast_layers]
         return [b.attention.kv_cache for b in blocks if getattr(b.attention, "kv_cache", None) is not None]
 
-    def forward(self, prompt: Tensor) -> Tensor:
+    @staticmethod
+    def teacher_forcing(inputs: tuple[Tensor, ...], frames: Tensor) -> tuple[Tensor, ...]:
+        """Inputs that replay ``frames`` (this module's output for ``inputs``) and return the logits."""
+        return (inputs[0], frames)
+
+    def forward(self, prompt: Tensor, forced: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         model, config = self.model, self.model.config
         for cache in self._caches():
             cache.k_cache.zero_()
             cache.v_cache.zero_()
         input_pos = torch.arange(prompt.shape[-1], device=prompt.device)
-        tokens, frames = prompt, []
-        for _ in range(self.decode_steps):
+        tokens, frames, main_scores, code_scores = prompt, [], [], []
+        for step in range(self.decode_steps):
             result = model.forward_generate(tokens, input_pos)
-            main = result.logits[0, -1].argmax(dim=-1, keepdim=True)
-            code = (main - model.tokenizer.semantic_begin_id).clamp_min(0)
+            main_logits = result.logits[0, -1]
+            main = main_logits.argmax(dim=-1, keepdim=True) if forced is None else forced[0, :1, step]
+            code = (main - model.tokenizer.semantic_begin_id).clamp_min(0) if forced is None else forced[0, 1:2, step]
             model.forward_generate_fast(result.hidden_states, self.fast_positions[:1])
-            frame = [main, code]
+            frame, scores = [main, code], []
             for index in range(1, config.num_codebooks):
                 logits = model.forward_generate_fast(
                     model.fast_embeddings(code), self.fast_positions[index : index + 1]
-                )
-                code = logits[0, -1, : self.codebook_limit].argmax(dim=-1, keepdim=True)
+                )[0, -1, : self.codebook_limit]
+                scores.append(logits)
+                code = logits.argmax(dim=-1, keepdim=True) if forced is None else forced[0, index + 1 : index + 2, step]
                 frame.append(code)
             frame_tensor = torch.cat(frame)
             frames.append(frame_tensor)
+            main_scores.append(main_logits)
+            code_scores.append(torch.stack(scores) if scores else main_logits.new_zeros(0, self.codebook_limit))
             tokens, input_pos = frame_tensor.view(1, -1, 1), input_pos[-1:] + 1
+        if forced is not None:
+            return torch.stack(main_scores)[None], torch.stack(code_scores, dim=1)[None]
         return torch.stack(frames, dim=-1).unsqueeze(0)
 
 
@@ -166,8 +180,10 @@ class FishSpeechAdapter:
                     output_names=("tokens",),
                     dynamic_axes={"prompt": {2: "prompt_frames"}},
                     metric=Metric("token_agreement", 0.9),
+                    teacher_forcing=RealTokenGenerator.teacher_forcing,
                     kind="decoder",
-                    exporter="dynamo",
+                    # As for the built-in engine: exporting the loop unrolls every step and codebook.
+                    exporter="none",
                 ),
             )
         return components
