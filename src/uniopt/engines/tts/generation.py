@@ -48,17 +48,20 @@ def sample_token(
     temperature: Tensor,
     top_p: Tensor,
     repetition_penalty: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
 ) -> Tensor:
     """The index (0-d long) of the drawn entry of ``logits [N]``, the scores of token ids ``ids [N]``.
 
-    ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [N]`` uniforms for the draw.
+    ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [N]`` uniforms for the draw
+    (None: the caller knows ``temperature == 0``, so only the greedy choice is computed).
     """
     logits = logits.float()
     seen = (window[:, None] == ids[None, :]).any(dim=0)
     penalty = repetition_penalty.float()
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     greedy = logits.argmax(dim=-1)
+    if noise is None:
+        return greedy
     probs = logits.softmax(dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     kept = (sorted_probs.cumsum(dim=-1) <= top_p.float()).sum(dim=-1, keepdim=True).clamp_min(1)
@@ -163,13 +166,15 @@ class TokenGenerator(nn.Module):
         padding = torch.full((rows, self.repetition_window), -1, dtype=prompt.dtype, device=prompt.device)
         window = torch.cat([padding, prompt[0]], dim=1)[:, -self.repetition_window :]
         input_pos = torch.arange(length, device=prompt.device)
+        # Greedy calls skip the draw; a traced graph keeps it (temperature is an input there).
+        greedy = not torch.compiler.is_compiling() and not bool(temperature > 0)
         tokens, frames, scores = prompt, [], []
         for step in range(self.decode_steps):
             logits, hidden = model.forward_generate(tokens, input_pos, attend=length + step)
             position = input_pos[-1:] + 1
             if forced is None:
                 params = (temperature, top_p, repetition_penalty, seed, position)
-                frame = self._frame(logits[0, -1], hidden, window, *params)
+                frame = self._frame(logits[0, -1], hidden, window, *params, greedy=greedy)
             else:
                 frame = forced[0, :, step]
                 scores.append(self._score_frame(logits[0, -1], hidden, frame))
@@ -204,21 +209,28 @@ class TokenGenerator(nn.Module):
         repetition_penalty: Tensor,
         seed: Tensor,
         position: Tensor,
+        *,
+        greedy: bool,
     ) -> Tensor:
         """The tokens of one frame ``[C+1]``: semantic id, then the code of every codebook."""
         model, c = self.model, self.model.config
         params = (temperature, top_p, repetition_penalty)
         allowed = self.allowed_ids
-        noise = uniform_noise(seed, position, 0, allowed)
+        noise = None if greedy else uniform_noise(seed, position, 0, allowed)
         main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, noise)]
         code = (main - c.semantic_begin_id).clamp_min(0)
         model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
-        noise = uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
+        codes_noise = (
+            None
+            if greedy
+            else uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
+        )
         tokens = [main, code]
         for index in range(1, c.num_codebooks):
             fast_logits = model.forward_generate_fast(
                 model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1], attend=index + 1
             )
-            code = sample_token(fast_logits[0, -1], self.code_ids, window[index + 1], *params, noise[index])
+            noise = None if codes_noise is None else codes_noise[index]
+            code = sample_token(fast_logits[0, -1], self.code_ids, window[index + 1], *params, noise)
             tokens.append(code)
         return torch.stack(tokens)
