@@ -10,10 +10,12 @@ timing. ONNX exports of the same model are shared through one module-wide cache 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from uniopt.errors import OptimizationError, ValidationError
 from uniopt.optimizer.report import CandidateResult
 from uniopt.plugins import BuildContext, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
-from uniopt.plugins.torch_native import TorchDynamicInt8
+from uniopt.plugins.torch_native import DynamicInt8Linear, TorchDynamicInt8
 from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
 from uniopt.tiers import host_profile
@@ -219,10 +221,25 @@ def test_torch_int8_quantizes_the_linear_layers(mlp2d: Any, shared_cache: Path) 
     assert r.metric == "cosine" and r.metric_value is not None and r.metric_value >= 0.999
 
     stage = build_stage(Component("module", model, (x,)), "torch-int8", shared_cache)
-    quantized = [m for m in modules_of(stage) if isinstance(m, qdynamic.Linear)]
+    quantized = [m for m in modules_of(stage) if isinstance(m, DynamicInt8Linear)]
     assert len(quantized) == 2
     assert not any(type(m) is nn.Linear for m in modules_of(stage))
     assert all(type(m) is nn.Linear for m in (model[0], model[2])), "the original module must stay as it was"
+
+
+def test_lean_int8_linear_computes_what_torch_ao_computes() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4, bias=False)).eval()
+    x = torch.randn(2, 5, 16)
+    qconfig = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notes, attributed to this module
+        reference = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), qconfig, dtype=torch.qint8)
+    ours = TorchDynamicInt8().quantize(model, {nn.Linear})
+    assert [type(m) for m in ours] == [DynamicInt8Linear, nn.ReLU, DynamicInt8Linear]
+    with torch.inference_mode():
+        assert torch.equal(ours(x), reference(x))
+        assert torch.equal(copy.deepcopy(ours)(x), reference(x))
 
 
 def test_torch_int8_on_a_bare_root_linear(shared_cache: Path) -> None:
@@ -232,7 +249,7 @@ def test_torch_int8_on_a_bare_root_linear(shared_cache: Path) -> None:
     assert r.accepted, r.reason
 
     stage = build_stage(Component("module", model, (x,)), "torch-int8", shared_cache)
-    assert isinstance(stage.run, qdynamic.Linear), type(stage.run)
+    assert isinstance(stage.run, DynamicInt8Linear), type(stage.run)
     with torch.inference_mode():
         assert cosine(stage(x), model(x)) > 0.999
 
@@ -243,8 +260,8 @@ def test_torch_int8_quantizes_a_tied_projection(shared_cache: Path) -> None:
     assert r.accepted, r.reason
 
     stage = build_stage(Component("module", model, (tokens,)), "torch-int8", shared_cache)
-    assert isinstance(stage.run.head, qdynamic.Linear), type(stage.run.head)
-    assert isinstance(stage.run.hidden, qdynamic.Linear)
+    assert isinstance(stage.run.head, DynamicInt8Linear), type(stage.run.head)
+    assert isinstance(stage.run.hidden, DynamicInt8Linear)
     assert isinstance(model.head, TiedProjection), "the original module must keep its tied projection"
     with torch.inference_mode():
         out, ref = stage(tokens), model(tokens)
@@ -277,7 +294,7 @@ def test_torch_int8_rnn_on_an_lstm(shared_cache: Path) -> None:
 
     stage = build_stage(Component("module", model, (frames,)), "torch-int8-rnn", shared_cache)
     kinds = {type(m) for m in modules_of(stage)}
-    assert qdynamic.LSTM in kinds and qdynamic.Linear in kinds, kinds
+    assert qdynamic.LSTM in kinds and DynamicInt8Linear in kinds, kinds
 
 
 def test_torch_int8_rnn_needs_an_rnn(mlp2d: Any, shared_cache: Path) -> None:
