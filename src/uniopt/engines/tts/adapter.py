@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...optimizer.component import Component, Metric
+from ...optimizer.component import Component
 from .codec import codec_component
+from .generation import decoder_component
 
 __all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator"]
 
@@ -171,19 +172,6 @@ class FishSpeechAdapter:
             prompt = torch.zeros(1, self.num_codebooks + 1, self.prompt_length, dtype=torch.long)
             prompt[0, 0] = torch.randint(0, min(begin, 256), (self.prompt_length,), generator=generator)
             components.insert(
-                0,
-                Component(
-                    name="decoder",
-                    module=self.decoder,
-                    example_inputs=(prompt,),
-                    input_names=("prompt",),
-                    output_names=("tokens",),
-                    dynamic_axes={"prompt": {2: "prompt_frames"}},
-                    metric=Metric("token_agreement", 0.9),
-                    teacher_forcing=RealTokenGenerator.teacher_forcing,
-                    kind="decoder",
-                    # As for the built-in engine: exporting the loop unrolls every step and codebook.
-                    exporter="none",
-                ),
+                0, decoder_component(self.decoder, (prompt,), ("prompt",), RealTokenGenerator.teacher_forcing)
             )
         return components

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from ...errors import InputError
-from ...optimizer.component import Component, Metric
+from ...optimizer.component import Component
 from .codec import CodecConfig, CodecDecoder, codec_component
-from .generation import TokenGenerator
+from .generation import TokenGenerator, decoder_component
 from .model import DualARConfig, DualARTransformer
 from .tokenizer import ByteTokenizer, check_reference_audio, encode_reference
 
@@ -248,20 +248,11 @@ class FishSpeechEngine:
         generator = torch.Generator().manual_seed(0)
         codes = torch.randint(0, c.codec.codebook_size, (1, c.codec.num_codebooks, c.decode_steps), generator=generator)
         return [
-            Component(
-                name="decoder",
-                module=self.decoder,
-                example_inputs=greedy,
-                input_names=("prompt", "temperature", "top_p", "repetition_penalty", "seed"),
-                output_names=("tokens",),
-                dynamic_axes={"prompt": {2: "prompt_frames"}},
-                # Judged step by step under teacher forcing, on the steps the reference is sure of.
-                metric=Metric("token_agreement", 0.9),
-                teacher_forcing=TokenGenerator.teacher_forcing,
-                kind="decoder",
-                # Exporting the loop unrolls every step and codebook (minutes even for a tiny
-                # model); graph backends are ruled out and the decoder stays in PyTorch.
-                exporter="none",
+            decoder_component(
+                self.decoder,
+                greedy,
+                ("prompt", "temperature", "top_p", "repetition_penalty", "seed"),
+                TokenGenerator.teacher_forcing,
                 calibration_inputs=(sampled,),
             ),
             codec_component(self.codec, codes),

@@ -8,13 +8,16 @@ PyTorch and in an exported graph, needs no generator state, and ``temperature ==
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from ...errors import InputError
+from ...optimizer.component import Component, Metric
 from .model import DualARTransformer
 
-__all__ = ["TokenGenerator", "sample_token", "uniform_noise"]
+__all__ = ["TokenGenerator", "decoder_component", "sample_token", "uniform_noise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -186,17 +189,26 @@ class TokenGenerator(nn.Module):
             return torch.stack(semantic)[None], torch.stack(codes, dim=1)[None]
         return torch.stack(frames, dim=-1).unsqueeze(0)
 
+    def _codebooks(self, hidden: Tensor, code: Tensor, pick: Callable[[int, Tensor], Tensor]) -> list[Tensor]:
+        """Run the fast decoder over one frame: primed with the slow ``hidden`` state, then fed codebook
+        0's ``code``; ``pick(index, logits)`` gives codebook ``index``'s code, which feeds the next
+        step. Returns the logits ``[codebook_size]`` behind codebooks 1..C-1."""
+        model = self.model
+        model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
+        scores = []
+        for index in range(1, model.config.num_codebooks):
+            embedded = model.fast_embeddings(code).view(1, 1, -1)
+            step = model.forward_generate_fast(embedded, self.fast_positions[index : index + 1], attend=index + 1)
+            scores.append(step[0, -1])
+            code = pick(index, scores[-1])
+        return scores
+
     def _score_frame(self, logits: Tensor, hidden: Tensor, frame: Tensor) -> tuple[Tensor, Tensor]:
         """Logits behind a given frame's choices: the semantic ids ``[codebook_size]``, and codebooks
         1..C-1 ``[C-1, codebook_size]``, each from the given codes before it (codebook 0 is the
         semantic token's code)."""
-        model, c = self.model, self.model.config
-        model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
-        codes = []
-        for index in range(1, c.num_codebooks):
-            embedded = model.fast_embeddings(frame[index]).view(1, 1, -1)
-            step = model.forward_generate_fast(embedded, self.fast_positions[index : index + 1], attend=index + 1)
-            codes.append(step[0, -1])
+        c = self.model.config
+        codes = self._codebooks(hidden, frame[1], lambda index, _: frame[index + 1])
         return logits[c.semantic_begin_id :], torch.stack(codes) if codes else hidden.new_zeros(0, c.codebook_size)
 
     def _frame(
@@ -213,24 +225,50 @@ class TokenGenerator(nn.Module):
         greedy: bool,
     ) -> Tensor:
         """The tokens of one frame ``[C+1]``: semantic id, then the code of every codebook."""
-        model, c = self.model, self.model.config
+        c = self.model.config
         params = (temperature, top_p, repetition_penalty)
         allowed = self.allowed_ids
         noise = None if greedy else uniform_noise(seed, position, 0, allowed)
         main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, noise)]
-        code = (main - c.semantic_begin_id).clamp_min(0)
-        model.forward_generate_fast(hidden, self.fast_positions[:1], attend=1)
         codes_noise = (
             None
             if greedy
             else uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
         )
-        tokens = [main, code]
-        for index in range(1, c.num_codebooks):
-            fast_logits = model.forward_generate_fast(
-                model.fast_embeddings(code).view(1, 1, -1), self.fast_positions[index : index + 1], attend=index + 1
-            )
+        tokens = [main, (main - c.semantic_begin_id).clamp_min(0)]
+
+        def draw(index: int, fast_logits: Tensor) -> Tensor:
             noise = None if codes_noise is None else codes_noise[index]
-            code = sample_token(fast_logits[0, -1], self.code_ids, window[index + 1], *params, noise)
-            tokens.append(code)
+            tokens.append(sample_token(fast_logits, self.code_ids, window[index + 1], *params, noise))
+            return tokens[-1]
+
+        self._codebooks(hidden, tokens[1], draw)
         return torch.stack(tokens)
+
+
+def decoder_component(
+    module: nn.Module,
+    example_inputs: tuple[Tensor, ...],
+    input_names: tuple[str, ...],
+    teacher_forcing: Callable[[tuple[Tensor, ...], Tensor], tuple[Tensor, ...]],
+    calibration_inputs: tuple[tuple[Tensor, ...], ...] = (),
+) -> Component:
+    """A decode loop as a uniopt component: a prompt in, frames ``[1, C+1, steps]`` out.
+
+    Judged step by step under teacher forcing, on the steps the reference is sure of. Exporting
+    the loop unrolls every step and codebook (minutes even for a tiny model), so graph backends
+    are ruled out and the decoder stays in PyTorch.
+    """
+    return Component(
+        name="decoder",
+        module=module,
+        example_inputs=example_inputs,
+        input_names=input_names,
+        output_names=("tokens",),
+        dynamic_axes={"prompt": {2: "prompt_frames"}},
+        metric=Metric("token_agreement", 0.9),
+        teacher_forcing=teacher_forcing,
+        kind="decoder",
+        exporter="none",
+        calibration_inputs=calibration_inputs,
+    )
