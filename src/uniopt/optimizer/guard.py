@@ -88,7 +88,7 @@ def metric_value(name: str, ref: torch.Tensor, out: torch.Tensor) -> float:
         return _cosine(ref, out)
     if name in ("ctc_agreement", "token_agreement") and ref.is_floating_point() and ref.dim() > 0:
         return _decisive_agreement(ref, out)
-    if name in ("argmax_agreement", "ctc_agreement", "token_agreement"):
+    if name in AGREEMENT_METRICS:
         if ref.dim() == 0 or not ref.is_floating_point():
             return float((ref == out).double().mean())
         return float((ref.argmax(-1) == out.argmax(-1)).double().mean())
@@ -103,8 +103,12 @@ def metric_value(name: str, ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def check_structure(reference: Any, candidate: Any) -> GuardResult | None:
     """A failed result when ``candidate`` differs from ``reference`` in structure, shape or dtype."""
-    ref_leaves, ref_spec = flatten_outputs(reference)
-    out_leaves, out_spec = flatten_outputs(candidate)
+    return _structure_failure(flatten_outputs(reference), flatten_outputs(candidate))
+
+
+def _structure_failure(reference: tuple[list[Any], Any], candidate: tuple[list[Any], Any]) -> GuardResult | None:
+    """:func:`check_structure` on flattened outputs ``(leaves, spec)``."""
+    (ref_leaves, ref_spec), (out_leaves, out_spec) = reference, candidate
     if ref_spec != out_spec:
         return GuardResult(False, "structure", None, f"output structure differs: {out_spec} vs {ref_spec}")
     for index, (ref, out) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
@@ -127,11 +131,11 @@ def check_outputs(
     reference: Any, candidate: Any, *, precision: str, metric: Metric, atol: float, rtol: float
 ) -> GuardResult:
     """Compare ``candidate`` outputs to ``reference``; FP32 by tolerance, else by ``metric``."""
-    failed = check_structure(reference, candidate)
+    ref_flat, out_flat = flatten_outputs(reference), flatten_outputs(candidate)
+    failed = _structure_failure(ref_flat, out_flat)
     if failed is not None:
         return failed
-    ref_leaves, _ = flatten_outputs(reference)
-    out_leaves, _ = flatten_outputs(candidate)
+    ref_leaves, out_leaves = ref_flat[0], out_flat[0]
     worst: float | None = None
     metric_name = "allclose" if precision == "fp32" else metric.name
     for index, (ref, out) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
