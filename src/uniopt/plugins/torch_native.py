@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -55,7 +56,7 @@ class TorchDynamicInt8:
             if issubclass(warning.category, DeprecationWarning) and not TorchDynamicInt8._warned:
                 TorchDynamicInt8._warned = True
                 log.warning("uniopt uses torch.ao dynamic quantization: %s", str(warning.message).splitlines()[0])
-        lean = _lean_linears(quantized)
+        lean = _replace_modules(quantized, _lean_linear)
         return lean[0] if wrapped else lean  # type: ignore[index]
 
 
@@ -78,15 +79,25 @@ class DynamicInt8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=torch.qint8"
 
 
-def _lean_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every qint8 ``torch.ao`` dynamic Linear below ``module`` with a :class:`DynamicInt8Linear`."""
-    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+def _replace_modules(
+    module: torch.nn.Module, replace: Callable[[torch.nn.Module], torch.nn.Module | None]
+) -> torch.nn.Module:
+    """``replace(module)`` when it gives a module, else ``module`` with its children replaced in turn."""
+    replacement = replace(module)
+    if replacement is not None:
+        return replacement
     for name, child in list(module.named_children()):
-        if type(child) is dynamic_linear and child._packed_params.dtype == torch.qint8:
-            setattr(module, name, DynamicInt8Linear(child))
-        else:
-            _lean_linears(child)
+        new = _replace_modules(child, replace)
+        if new is not child:
+            setattr(module, name, new)
     return module
+
+
+def _lean_linear(module: torch.nn.Module) -> torch.nn.Module | None:
+    """A :class:`DynamicInt8Linear` for a qint8 ``torch.ao`` dynamic Linear."""
+    if type(module) is torch.ao.nn.quantized.dynamic.Linear and module._packed_params.dtype == torch.qint8:
+        return DynamicInt8Linear(module)
+    return None
 
 
 def _qconfig(kind: type[torch.nn.Module]) -> Any:
@@ -98,14 +109,12 @@ def _qconfig(kind: type[torch.nn.Module]) -> Any:
 
 def _untie_projections(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every submodule that offers ``to_linear()`` with that ``nn.Linear``."""
-    to_linear = getattr(module, "to_linear", None)
-    if callable(to_linear):
-        return to_linear()
-    for name, child in list(module.named_children()):
-        replacement = _untie_projections(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    return module
+
+    def untie(submodule: torch.nn.Module) -> torch.nn.Module | None:
+        to_linear = getattr(submodule, "to_linear", None)
+        return to_linear() if callable(to_linear) else None
+
+    return _replace_modules(module, untie)
 
 
 #: The int8 backend the torch-int8 candidates use.
