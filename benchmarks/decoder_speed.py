@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,7 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     engine = FishSpeechEngine(FishSpeechConfig(decode_steps=args.steps))
     component = engine.uniopt_components()[0]
     inputs = component.example_inputs
@@ -38,23 +42,18 @@ def main() -> None:
     tied = copy.deepcopy(eager)
     tied_int8 = torch.ao.quantization.quantize_dynamic(tied, {torch.nn.Linear}, dtype=torch.qint8)
     bf16 = copy.deepcopy(eager).to(torch.bfloat16)
-    stages = {
-        "eager": lambda: eager(*inputs),
-        "torch-int8 (projection untied)": lambda: int8(*inputs),
-        "torch-int8 (quantize_dynamic alone)": lambda: tied_int8(*inputs),
-        "torch-bf16": lambda: bf16(*_cast(inputs, torch.bfloat16)),
+    candidates: dict[str, Callable[..., Any]] = {
+        "eager": eager,
+        "torch-int8 (projection untied)": int8,
+        "torch-int8 (quantize_dynamic alone)": tied_int8,
+        "torch-bf16": lambda *args: bf16(*_cast(args, torch.bfloat16)),
     }
-    forcing = component.teacher_forcing
+    stages = {name: functools.partial(run, *inputs) for name, run in candidates.items()}
     with torch.inference_mode():
         reference = eager(*inputs)
         outputs = {name: run() for name, run in stages.items()}
-        forced = forcing(inputs, reference)
-        scored = {
-            "eager": eager(*forced),
-            "torch-int8 (projection untied)": int8(*forced),
-            "torch-int8 (quantize_dynamic alone)": tied_int8(*forced),
-            "torch-bf16": bf16(*_cast(forced, torch.bfloat16)),
-        }
+        forced = component.teacher_forcing(inputs, reference)
+        scored = {name: run(*forced) for name, run in candidates.items()}
         timings = measure_interleaved(
             stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None
         )
