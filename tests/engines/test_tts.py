@@ -448,3 +448,5 @@ def test_adapter_with_the_real_dual_ar_transformer(engine: FishSpeechEngine) -> 
         main, codes = decoder.module(*decoder.teacher_forcing((prompt,), tokens))
     assert main.shape == (1, 3, 264) and codes.shape == (1, 3, 3, 64)  # codebook_size 64 < codebook_limit
     assert torch.equal(main[0].argmax(-1), tokens[0, 0]) and torch.equal(codes[0].argmax(-1), tokens[0, 2:])
+    with pytest.raises(InputError, match="forced frames"):
+        decoder.module(prompt, tokens[..., :2])

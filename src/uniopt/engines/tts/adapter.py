@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ...optimizer.component import Component
 from .codec import codec_component
-from .generation import decoder_component
+from .generation import check_forced, decoder_component
 
 __all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator"]
 
@@ -86,6 +86,7 @@ class RealTokenGenerator(nn.Module):
 
     def forward(self, prompt: Tensor, forced: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         model, config = self.model, self.model.config
+        check_forced(forced, int(config.num_codebooks) + 1, self.decode_steps)
         for cache in self._caches():
             cache.k_cache.zero_()
             cache.v_cache.zero_()

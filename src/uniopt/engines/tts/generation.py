@@ -17,7 +17,7 @@ from ...errors import InputError
 from ...optimizer.component import Component, Metric
 from .model import DualARTransformer
 
-__all__ = ["TokenGenerator", "decoder_component", "sample_token", "uniform_noise"]
+__all__ = ["TokenGenerator", "check_forced", "decoder_component", "sample_token", "uniform_noise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -73,6 +73,14 @@ def sample_token(
     scores = logits / temperature.float().clamp_min(1e-5) + gumbel
     sampled = torch.where(probs >= threshold, scores, torch.full_like(scores, float("-inf"))).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def check_forced(forced: Tensor | None, rows: int, steps: int) -> None:
+    """Raise :class:`InputError` unless ``forced`` is None or long frames ``[1, rows, steps]``."""
+    if forced is not None and (forced.dtype != torch.long or tuple(forced.shape) != (1, rows, steps)):
+        raise InputError(
+            f"forced frames must be a long tensor [1, {rows}, {steps}]; got {forced.dtype} {tuple(forced.shape)}"
+        )
 
 
 class TokenGenerator(nn.Module):
@@ -142,11 +150,7 @@ class TokenGenerator(nn.Module):
         rows = self.model.config.num_codebooks + 1
         if prompt.dtype != torch.long or prompt.dim() != 3 or prompt.shape[0] != 1 or prompt.shape[1] != rows:
             raise InputError(f"prompt must be a long tensor [1, {rows}, T]; got {prompt.dtype} {tuple(prompt.shape)}")
-        expected = (1, rows, self.decode_steps)
-        if forced is not None and (forced.dtype != torch.long or tuple(forced.shape) != expected):
-            raise InputError(
-                f"forced frames must be a long tensor {list(expected)}; got {forced.dtype} {tuple(forced.shape)}"
-            )
+        check_forced(forced, rows, self.decode_steps)
         if prompt.shape[-1] < 1 or prompt.shape[-1] + self.decode_steps > self.model.cache_length():
             raise InputError(
                 f"prompt of {prompt.shape[-1]} frames plus {self.decode_steps} decode steps does not fit "
