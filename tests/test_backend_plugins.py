@@ -527,7 +527,7 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
     model, x = mlp2d
     opt = optimize(model, (x,), cache=shared_cache, allow=("openvino",))
     report = opt.report().component("module")
-    names = ("openvino-f32", "openvino-bf16", "openvino-int8-weights", "openvino-int8-static")
+    names = ("openvino-f32", "openvino-bf16", "openvino-int8-weights", "openvino-int8-static", "openvino-int8-matmul")
     for name in names:
         r = report.candidate(name)
         assert r.accepted or r.reason, name
@@ -556,6 +556,42 @@ def test_openvino_precision_is_explicit(mlp2d: Any, shared_cache: Path, name: st
         assert diff <= 1e-5, "OpenVINO ran in reduced precision although f32 was asked for"
     else:
         assert diff > 1e-6, "bf16 inference should differ from fp32 somewhere"
+
+
+class ConvThenLinear(nn.Module):
+    """A convolution front end and a linear head: what openvino-int8-matmul splits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.conv(x)).transpose(1, 2))
+
+
+def test_openvino_int8_matmul_quantizes_matmuls_only(tmp_path: Path) -> None:
+    import openvino as ov
+
+    torch.manual_seed(5)
+    model = ConvThenLinear().eval()
+    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    stage = build_stage(component, "openvino-int8-matmul", tmp_path)
+    bf16 = host_profile().cpu.has("avx512_bf16") or host_profile().cpu.has("amx_bf16")
+    assert stage.info["precision_hint"] == ("bf16" if bf16 else "f32")
+    (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
+    ir = ov.Core().read_model(str(entry.path / "model.xml"))
+    quantized = {
+        target.get_node().get_type_name()
+        for op in ir.get_ordered_ops()
+        if op.get_type_name() == "FakeQuantize"
+        for target in op.output(0).get_target_inputs()
+    }
+    assert "MatMul" in quantized and "Convolution" not in quantized, quantized
+    x = torch.randn(1, 4, 64)
+    with torch.inference_mode():
+        expected, got = model(x), stage(x)
+    assert torch.nn.functional.cosine_similarity(expected.flatten(), got.flatten(), dim=0) > 0.99
 
 
 # -- allow and missing backends --------------------------------------------------------------------
@@ -605,6 +641,7 @@ def test_missing_openvino_is_a_recorded_fallback(without_openvino: dict[str, Any
         "openvino-bf16",
         "openvino-f16",
         "openvino-f32",
+        "openvino-int8-matmul",
         "openvino-int8-static",
         "openvino-int8-weights",
     ]
@@ -624,7 +661,7 @@ def test_missing_openvino_hint_installs_openvino(without_openvino: dict[str, Any
     """Every openvino candidate's hint must name an extra that installs openvino itself."""
     report = _worker_report(without_openvino["worker"])
     results = {c["name"]: c for c in report["components"][0]["candidates"]}
-    for name in ("openvino-int8-weights", "openvino-int8-static"):
+    for name in ("openvino-int8-weights", "openvino-int8-static", "openvino-int8-matmul"):
         hint = results[name]["reason"].split("pip install ", 1)[1]
         extras = hint.strip("'").removeprefix("uniopt[").removesuffix("]").split(",")
         assert "openvino" in extras or "all" in extras, f"{name}: {hint} does not install openvino"

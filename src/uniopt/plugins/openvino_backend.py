@@ -21,6 +21,8 @@ __all__ = ["compile_config"]
 
 _EXTRA = "openvino"
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_CONVOLUTIONS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
 
 
 def _device_for(profile: Any, precision: str) -> str:
@@ -64,6 +66,16 @@ def _nncf_int8(model: Any, component: Any, variant: str) -> Any:
     names = [p.get_any_name() for p in model.inputs]
     samples = _calibration_arrays(component)
     dataset = nncf.Dataset(samples, lambda arrays: dict(zip(names, arrays, strict=True)))
+    if variant == "int8-matmul":
+        # nncf's transformer preset (SmoothQuant, float softmax/norms) with the convolutions left in
+        # float: on wav2vec2 the quantized feature-extractor convolutions are what costs accuracy.
+        return nncf.quantize(
+            model,
+            dataset,
+            subset_size=len(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(types=list(_CONVOLUTIONS), validate=False),
+        )
     return nncf.quantize(model, dataset, subset_size=len(samples))
 
 
@@ -92,15 +104,23 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
     return entry.path / "model.xml", not built and export.from_cache, export
 
 
+def _float_precision(profile: Any) -> str:
+    """The precision for what static int8 leaves in float: bf16 where the CPU computes it."""
+    return "bf16" if any(profile.cpu.has(flag) for flag in _BF16_FLAGS) else "fp32"
+
+
 def _build(variant: str, precision: str, name: str) -> Any:
+    """A builder for ``variant`` compiled with ``precision`` ("host-float": bf16 where the CPU has it)."""
+
     @rebuild_on_failure
     def build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
         import openvino as ov
 
+        hint = _float_precision(context.profile) if precision == "host-float" else precision
         path, cached, export = _ir(component, context, variant, loaded)
-        device = _device_for(context.profile, precision)
-        compiled = ov.Core().compile_model(str(path), device, compile_config(context, precision))
-        _check_precision(compiled, device, precision)
+        device = _device_for(context.profile, hint)
+        compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint))
+        _check_precision(compiled, device, hint)
         request = compiled.create_infer_request()
         lock = threading.Lock()
         outputs = list(compiled.outputs)
@@ -113,7 +133,7 @@ def _build(variant: str, precision: str, name: str) -> Any:
         info = {
             "exporter": export.exporter,
             "from_cache": cached,
-            "precision_hint": _PRECISION_HINTS[precision],
+            "precision_hint": _PRECISION_HINTS[hint],
             "device": device,
         }
         return Stage(name, graph_stage_runner(component, run_arrays), info)
@@ -139,7 +159,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "openvino",
             "OpenVINO CPU, bf16 inference precision",
             _build("plain", "bf16", "openvino-bf16"),
-            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=("avx512_bf16", "amx_bf16"), precision="bf16"),
+            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=_BF16_FLAGS, precision="bf16"),
         )
     )
     register(
@@ -168,6 +188,18 @@ def uniopt_register_candidates(register: Any) -> None:
             "openvino",
             "OpenVINO with nncf static int8, calibrated on the component's example inputs",
             _build("int8-static", "int8", "openvino-int8-static"),
+            Requirements(
+                packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
+            ),
+        )
+    )
+    register(
+        Candidate(
+            "openvino-int8-matmul",
+            "openvino",
+            "OpenVINO with nncf static int8 on the matmuls (transformer preset), convolutions and the rest"
+            " in bf16 where the CPU has it, else f32",
+            _build("int8-matmul", "host-float", "openvino-int8-matmul"),
             Requirements(
                 packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
             ),

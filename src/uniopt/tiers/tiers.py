@@ -66,7 +66,7 @@ class TierChoice:
 
 
 # Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
-_ENCODER_CPU = ("openvino-bf16", "openvino-int8-static", "onnxruntime-fp32", "eager")
+_ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
 _DECODER_CPU = ("torch-int8", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 
