@@ -1,6 +1,6 @@
 """Per-token speed of the TTS decoder's PyTorch candidates, guard or not.
 
-    python benchmarks/decoder_speed.py [--steps 64] [--rounds 3]
+    python benchmarks/decoder_speed.py [--steps 64] [--rounds 7]
 
 Builds the default Fish-Speech-style engine (12 slow layers, d=1024, GQA 16/4, random weights),
 then times its greedy decode loop interleaved (eager, int8 with the tied output projection
@@ -31,7 +31,7 @@ from uniopt.plugins.torch_native import TorchDynamicInt8, _cast
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     engine = FishSpeechEngine(FishSpeechConfig(decode_steps=args.steps))
