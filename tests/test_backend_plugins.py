@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
 import json
 import logging
 import subprocess
@@ -35,7 +36,8 @@ from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.torch_native import DynamicInt8Linear, TorchDynamicInt8
 from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
-from uniopt.tiers import host_profile
+from uniopt.tiers import HostProfile, host_profile
+from uniopt.tiers.cpu import flags_from
 
 TESTS = Path(__file__).parent
 TIER = "cpu-avx512"  # this host is "low-resource" (2 CPUs); force the tier that offers everything
@@ -172,9 +174,11 @@ def result(opt: UniversalOptimizer, name: str, component: str = "module") -> Can
     return opt.report().component(component).candidate(name)
 
 
-def build_stage(component: Component, name: str, cache: Path, **overrides: Any) -> Stage:
-    """Build one candidate's stage through the plugin host, as the optimizer does."""
-    profile = host_profile()
+def build_stage(
+    component: Component, name: str, cache: Path, profile: HostProfile | None = None, **overrides: Any
+) -> Stage:
+    """Build one candidate's stage through the plugin host, as the optimizer does (on ``profile``'s host)."""
+    profile = profile or host_profile()
     settings, choice = resolve_settings({"cache_dir": str(cache), "tier": TIER, **overrides}, profile)
     context = BuildContext(
         settings, profile, choice.tier, thread_budget(profile.usable_cpus), cache=ArtifactCache(cache)
@@ -436,6 +440,32 @@ def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneCompo
     assert isinstance(frames_engine.model, FrameMLP), "the engine itself is left as it was"
 
 
+def host_computes_bf16() -> bool:
+    cpu = host_profile().cpu
+    return cpu.has("avx512_bf16") or cpu.has("amx_bf16")
+
+
+@pytest.mark.parametrize(("flags", "bits"), [(("avx2",), 7), (("avx2", "avx512f", "avx512_vnni"), 8)])
+def test_onnxruntime_int8_keeps_weights_to_7_bits_where_int8_saturates(
+    frames_engine: OneComponent, tmp_path: Path, flags: tuple[str, ...], bits: int
+) -> None:
+    """Without VNNI, ORT's u8 x s8 kernel sums pairs in int16 and saturates on 8-bit weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    host = host_profile()
+    cpu = dataclasses.replace(host.cpu, architecture="x86_64", flags=flags_from(flags))
+    (component,) = frames_engine.uniopt_components()
+    stage = build_stage(component, "onnxruntime-int8", tmp_path, profile=dataclasses.replace(host, cpu=cpu))
+    assert stage.info["weight_bits"] == bits
+    (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind.startswith("onnxruntime-int8")]
+    graph = onnx.load(str(entry.path / "model.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights, "no int8 weights in the quantized graph"
+    widest = max(int(abs(w.astype("int32")).max()) for w in weights)
+    assert (widest <= 64) is (bits == 7), widest  # ORT's 7-bit range is [-64, 64]
+
+
 def test_onnxruntime_int8_on_a_gemm_graph(mlp2d: Any, shared_cache: Path) -> None:
     """A 2-D input exports Linear as Gemm(transB=1), which quantize_dynamic used to choke on."""
     model, x = mlp2d
@@ -505,7 +535,7 @@ def test_the_guard_rejects_reduced_precision(mlp2d: Any, shared_cache: Path) -> 
     engine = OneComponent(model, (x,), metric=Metric("snr_db", 1000.0))
     opt = optimize(engine, cache=shared_cache, allow=("torch-int8", "torch-bf16", "onnxruntime-fp32"))
     report = opt.report().component("model")
-    for name in ("torch-int8", "torch-bf16"):
+    for name in ("torch-int8", "torch-bf16") if host_computes_bf16() else ("torch-int8",):
         r = report.candidate(name)
         assert not r.accepted, name
         assert r.reason.startswith("guard: ") and "snr_db" in r.reason, r.reason
@@ -531,7 +561,10 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
     for name in names:
         r = report.candidate(name)
         assert r.accepted or r.reason, name
-        assert not r.reason.startswith("not available"), r.reason
+        if name == "openvino-bf16" and not host_computes_bf16():
+            assert r.reason == "not available: CPU lacks avx512_bf16 / amx_bf16"
+        else:
+            assert not r.reason.startswith("not available"), r.reason
         if r.accepted:
             assert r.metric is not None and r.metric_value is not None, r
     f32 = report.candidate("openvino-f32")

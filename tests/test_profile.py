@@ -140,6 +140,11 @@ def test_neon_from_either_arm_name() -> None:
     assert dict(flags_from(["neon"]))["neon"] and dict(flags_from(["asimd"]))["neon"]
 
 
+@pytest.mark.parametrize(("recorded", "saturates"), [("avx2", True), ("avx512", False), ("amx", False), ("arm", False)])
+def test_int8_saturates_on_x86_without_vnni(make_profile, recorded: str, saturates: bool) -> None:
+    assert make_profile(recorded).cpu.int8_saturates is saturates
+
+
 # -- cgroup limits -------------------------------------------------------------------------------
 
 

@@ -23,9 +23,11 @@ def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: T
     """What a practitioner should know about this host before optimizing on it."""
     lines: list[str] = []
     cpu = profile.cpu
-    x86 = cpu.architecture in ("x86_64", "AMD64", "i686")
-    if x86 and not (cpu.has("avx512_vnni") or cpu.has("avx_vnni") or cpu.has("amx")):
-        lines.append("No VNNI or AMX: int8 matmuls have no fast path here, so int8 is unlikely to pay off.")
+    if cpu.int8_saturates:
+        lines.append(
+            "No VNNI or AMX: int8 matmuls have no fast path here, so int8 is unlikely to pay off "
+            "(ONNX Runtime int8 keeps its weights to 7 bits here to avoid int16 saturation)."
+        )
     if cpu.has("avx512_bf16") or cpu.has("amx_bf16"):
         if profile.backend("openvino").available:
             lines.append(

@@ -91,6 +91,7 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     export = exported_onnx(component, context, loaded)
+    reduce_range = context.profile.cpu.int8_saturates
 
     def quantize(source: Path, target: Path) -> None:
         import onnx
@@ -102,12 +103,17 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         plain = target.with_name("plain.onnx")
         onnx.save(model, str(plain))
         with quiet_loggers(""):  # onnxruntime.quantization logs advice on the root logger
-            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, reduce_range=reduce_range)
         plain.unlink()
 
-    path, cached = _derived(context, export, "int8", quantize, loaded)
+    variant = "int8-7bit" if reduce_range else "int8"
+    path, cached = _derived(context, export, variant, quantize, loaded)
     session = _session(path, context)
-    info = {"exporter": export.exporter, "from_cache": cached and export.from_cache}
+    info = {
+        "exporter": export.exporter,
+        "from_cache": cached and export.from_cache,
+        "weight_bits": 7 if reduce_range else 8,
+    }
     return _stage("onnxruntime-int8", component, session, info)
 
 
@@ -160,7 +166,7 @@ def uniopt_register_candidates(register: Any) -> None:
         Candidate(
             "onnxruntime-int8",
             "onnx_runtime",
-            "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph)",
+            "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph; 7-bit weights without VNNI/AMX)",
             _build_int8,
             Requirements(packages=needs, extra=_EXTRA, precision="int8", setting="use_model_quantization"),
         )

@@ -41,6 +41,20 @@ class CpuInfo:
         """Whether the CPU has ``flag`` (one of :data:`FLAG_NAMES`)."""
         return dict(self.flags)[flag]
 
+    @property
+    def is_x86(self) -> bool:
+        """Whether this is an x86 processor."""
+        return self.architecture in ("x86_64", "AMD64", "i686")
+
+    @property
+    def int8_saturates(self) -> bool:
+        """x86 without VNNI or AMX: int8 products are summed in int16 (``VPMADDUBSW``) and can saturate.
+
+        Kernels that multiply unsigned 8-bit activations by signed 8-bit weights then need one of the
+        two kept to 7 bits (ONNX Runtime's ``reduce_range``; PyTorch's fbgemm does it on activations).
+        """
+        return self.is_x86 and not (self.has("avx512_vnni") or self.has("avx_vnni") or self.has("amx"))
+
 
 def flags_from(raw_flags: Iterable[str]) -> tuple[tuple[str, bool], ...]:
     """Map raw CPU flag names to uniopt's flag set; ``amx`` means tile + int8 or bf16."""
