@@ -1,10 +1,12 @@
 """Regenerate the README's results table and plot from ``optimize bench --json``.
 
-    python benchmarks/results.py [ENGINE ...] [--budget S] [--from FILE]
+    python benchmarks/results.py [ENGINE ...] [--budget S] [--from FILE] [--section NAME]
 
 Runs ``optimize bench --json`` on the engines (default: all built-in), or reads a saved JSON file,
 then writes ``benchmarks/results.json``, ``benchmarks/results.md`` and ``benchmarks/results.png``
 and replaces the README section between the ``bench:start`` / ``bench:end`` markers.
+``--section NAME`` keeps a second host's results apart: ``results-NAME.*`` and the
+``bench:NAME:start`` / ``bench:NAME:end`` markers.
 Every figure is a ratio against eager FP32 measured in the same process and run.
 """
 
@@ -20,7 +22,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _host() -> str:
@@ -82,7 +83,11 @@ def main() -> None:
     parser.add_argument("engines", nargs="*")
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--from", dest="source", default=None, help="a saved `optimize bench --json` output")
+    parser.add_argument("--section", default="", help="name of a second host's results section")
     args = parser.parse_args()
+    stem = f"results-{args.section}" if args.section else "results"
+    marker = f"bench:{args.section}:" if args.section else "bench:"
+    start, end = f"<!-- {marker}start -->", f"<!-- {marker}end -->"
     command = ["optimize", "bench", *args.engines, "--json"] + (["--budget", f"{args.budget:g}"] if args.budget else [])
     if args.source:
         results = json.loads(Path(args.source).read_text())
@@ -91,21 +96,23 @@ def main() -> None:
             [sys.executable, "-m", "uniopt.cli", *command[1:]], capture_output=True, text=True, check=True
         )
         results = json.loads(out.stdout)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    (HERE / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = _table(results)
     rerun = " ".join(
-        ["python benchmarks/results.py", *args.engines] + (["--budget", f"{args.budget:g}"] if args.budget else [])
+        ["python benchmarks/results.py", *args.engines]
+        + (["--budget", f"{args.budget:g}"] if args.budget else [])
+        + (["--section", args.section] if args.section else [])
     )
     section = (
         f"Measured with `{rerun}` (which runs `{' '.join(command)}`) on: {_host()}.\n\n"
-        f"{table}\n\n![speed-ups](benchmarks/results.png)\n"
+        f"{table}\n\n![speed-ups](benchmarks/{stem}.png)\n"
     )
-    (HERE / "results.md").write_text(section)
-    _plot(results, HERE / "results.png")
+    (HERE / f"{stem}.md").write_text(section)
+    _plot(results, HERE / f"{stem}.png")
     text = README.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        README.write_text(head + START + "\n" + section + END + rest.split(END, 1)[1])
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        README.write_text(head + start + "\n" + section + end + rest.split(end, 1)[1])
     print(section)
 
 

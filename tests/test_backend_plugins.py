@@ -627,6 +627,31 @@ def test_openvino_int8_matmul_quantizes_matmuls_only(tmp_path: Path) -> None:
     assert torch.nn.functional.cosine_similarity(expected.flatten(), got.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize(("flags", "widest"), [(("avx2",), 63), (("avx2", "avx512f", "avx512_vnni"), 127)])
+def test_openvino_static_int8_uses_half_the_range_where_int8_saturates(
+    tmp_path: Path, flags: tuple[str, ...], widest: int
+) -> None:
+    """nncf's overflow fix on every layer for hosts without VNNI; the full int8 range elsewhere."""
+    import numpy as np
+    import openvino as ov
+
+    torch.manual_seed(5)
+    model = ConvThenLinear().eval()
+    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    host = host_profile()
+    cpu = dataclasses.replace(host.cpu, architecture="x86_64", flags=flags_from(flags))
+    build_stage(component, "openvino-int8-matmul", tmp_path, profile=dataclasses.replace(host, cpu=cpu))
+    (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
+    ir = ov.Core().read_model(str(entry.path / "model.xml"))
+    weights = [
+        op.get_data()
+        for op in ir.get_ordered_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+    ]
+    assert weights, "no int8 weights in the IR"
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == widest
+
+
 # -- allow and missing backends --------------------------------------------------------------------
 def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
     model, x = mlp2d

@@ -58,7 +58,8 @@ def _calibration_arrays(component: Any) -> list[list[Any]]:
     return [[t.detach().cpu().numpy() for t in inputs] for inputs in sets]
 
 
-def _nncf_int8(model: Any, component: Any, variant: str) -> Any:
+def _nncf_int8(model: Any, component: Any, variant: str, half_range: bool) -> Any:
+    """Quantize with nncf; ``half_range`` keeps every weight to 7 bits (hosts where int8 saturates)."""
     import nncf
 
     if variant == "int8-weights":
@@ -66,6 +67,8 @@ def _nncf_int8(model: Any, component: Any, variant: str) -> Any:
     names = [p.get_any_name() for p in model.inputs]
     samples = _calibration_arrays(component)
     dataset = nncf.Dataset(samples, lambda arrays: dict(zip(names, arrays, strict=True)))
+    overflow_fix = nncf.OverflowFix.ENABLE if half_range else nncf.OverflowFix.FIRST_LAYER
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix)
     if variant == "int8-matmul":
         # nncf's transformer preset (SmoothQuant, float softmax/norms) with the convolutions left in
         # float: on wav2vec2 the quantized feature-extractor convolutions are what costs accuracy.
@@ -75,8 +78,9 @@ def _nncf_int8(model: Any, component: Any, variant: str) -> Any:
             subset_size=len(samples),
             model_type=nncf.ModelType.TRANSFORMER,
             ignored_scope=nncf.IgnoredScope(types=list(_CONVOLUTIONS), validate=False),
+            advanced_parameters=advanced,
         )
-    return nncf.quantize(model, dataset, subset_size=len(samples))
+    return nncf.quantize(model, dataset, subset_size=len(samples), advanced_parameters=advanced)
 
 
 def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> tuple[Path, bool, Any]:
@@ -86,16 +90,18 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
     from ..cache import cache_key, library_versions
 
     export = exported_onnx(component, context, loaded)
+    half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
 
     def build(directory: Path) -> dict[str, Any]:
         model = ov.convert_model(str(export.path))
         if variant != "plain":
             with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("nncf"):
-                model = _nncf_int8(model, component, variant)
+                model = _nncf_int8(model, component, variant, half_range)
         ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
-        return {"variant": variant}
+        return {"variant": variant, "half_range": half_range}
 
-    key = cache_key({"artifact": f"openvino-{variant}", "export": export.key, "versions": library_versions()})
+    artifact = {"artifact": f"openvino-{variant}", "export": export.key, "versions": library_versions()}
+    key = cache_key({**artifact, "half_range": True} if half_range else artifact)
     entry, built = context.cache.get_or_build(
         key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
     )
