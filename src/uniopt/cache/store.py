@@ -10,12 +10,10 @@ a miss: it is deleted and rebuilt, with one warning per key and process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -26,6 +24,7 @@ from typing import Any, ClassVar
 
 from filelock import FileLock, Timeout
 
+from uniopt.cache.files import fsync_path, pid_alive, remove_path, sha256_file, tree_stat, unique_path
 from uniopt.cache.keys import jsonable
 from uniopt.errors import CacheError
 
@@ -70,61 +69,6 @@ class CacheEntry:
         return self.problem is None
 
 
-def _unique(directory: Path, prefix: str) -> Path:
-    return directory / f"{prefix}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(6)}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    """Flush a file or directory to disk; best effort (directories cannot be opened on Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _tree_stat(path: Path) -> tuple[int, float]:
-    """Return the total size of the files under ``path`` and the newest mtime in it."""
-    st = os.lstat(path)
-    size, newest = (0 if os.path.isdir(path) else st.st_size), st.st_mtime
-    for dirpath, dirs, names in os.walk(path):
-        for name in dirs + names:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(dirpath, name))
-                size += 0 if name in dirs else st.st_size
-                newest = max(newest, st.st_mtime)
-    return size, newest
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-
-
 def _scan(tmp: Path) -> dict[str, dict[str, Any]]:
     """Hash and fsync every file a build wrote; return relpath -> {size, sha256}."""
     files: dict[str, dict[str, Any]] = {}
@@ -135,8 +79,8 @@ def _scan(tmp: Path) -> dict[str, dict[str, Any]]:
             rel = full.relative_to(tmp).as_posix()
             if rel in (MANIFEST, LAST_USED) or full.is_symlink():
                 raise ValueError(f"a cache build wrote a reserved name or a symlink: {rel!r}")
-            files[rel] = {"size": full.stat().st_size, "sha256": _sha256(full)}
-            _fsync(full)
+            files[rel] = {"size": full.stat().st_size, "sha256": sha256_file(full)}
+            fsync_path(full)
     return files
 
 
@@ -172,7 +116,7 @@ class ArtifactCache:
         try:
             for d in (self._entries, self._tmp, self._locks):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = _unique(self._tmp, "probe")
+            probe = unique_path(self._tmp, "probe")
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
@@ -251,7 +195,7 @@ class ArtifactCache:
         problem = entry.problem
         for rel, info in entry.files.items():
             try:
-                if problem is None and _sha256(entry.path / rel) != info.get("sha256"):
+                if problem is None and sha256_file(entry.path / rel) != info.get("sha256"):
                     problem = f"file {rel!r} does not match its sha256"
             except OSError as exc:
                 problem = f"file {rel!r} cannot be read ({exc})"
@@ -292,7 +236,7 @@ class ArtifactCache:
             problem = f"manifest.json cannot be read ({exc})"
         if problem is not None:
             try:
-                size, mtime = _tree_stat(path)
+                size, mtime = tree_stat(path)
             except FileNotFoundError:
                 return None
             return CacheEntry(key, path, "", {}, {}, mtime, mtime, size, {}, problem)
@@ -316,7 +260,7 @@ class ArtifactCache:
     def _touch(self, path: Path, now: float | None = None) -> float:
         """Record a use of an entry in its ``.last_used`` sidecar, atomically."""
         now = time.time() if now is None else now
-        tmp = _unique(path, LAST_USED)
+        tmp = unique_path(path, LAST_USED)
         try:
             tmp.write_text(repr(now), encoding="ascii")
             os.replace(tmp, path / LAST_USED)
@@ -338,24 +282,24 @@ class ArtifactCache:
         With ``only_if_invalid``, an entry that is valid once moved (another process published
         it meanwhile) is put back.
         """
-        trash = _unique(self._tmp, key)
+        trash = unique_path(self._tmp, key)
         try:
             os.replace(path, trash)
         except FileNotFoundError:
             return False
         except OSError:
-            _remove_path(path)
+            remove_path(path)
             return not os.path.lexists(path)
         if only_if_invalid and (moved := self._inspect(key, trash)) and moved.problem is None:
             with contextlib.suppress(OSError):
                 os.rename(trash, path)
                 return False
-        _remove_path(trash)
+        remove_path(trash)
         return True
 
     def _build(self, key: str, build: Build, kind: str, desc: Any) -> tuple[CacheEntry, bool]:
         """Build into a fresh temporary directory, write its manifest last, then publish it."""
-        tmp = _unique(self._tmp, key)
+        tmp = unique_path(self._tmp, key)
         tmp.mkdir()
         try:
             result = build(tmp)
@@ -365,13 +309,13 @@ class ArtifactCache:
             manifest = dict(schema=self.SCHEMA_VERSION, key=key, kind=kind, description=desc)
             manifest.update(files=files, created=now, extra=extra)
             raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode()
-            part = _unique(tmp, MANIFEST)
+            part = unique_path(tmp, MANIFEST)
             with open(part, "wb", buffering=0) as f:
                 f.write(raw)
                 os.fsync(f.fileno())
             os.replace(part, tmp / MANIFEST)
             self._touch(tmp, now)
-            _fsync(tmp, directory=True)
+            fsync_path(tmp, directory=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -392,7 +336,7 @@ class ArtifactCache:
                 self._warn_once(existing)
                 self._discard(key, final, only_if_invalid=True)
                 continue
-            _fsync(self._entries, directory=True)
+            fsync_path(self._entries, directory=True)
             return entry, True
         shutil.rmtree(tmp, ignore_errors=True)
         raise CacheError(f"cannot publish cache entry {final}: {error}") from error
@@ -417,11 +361,11 @@ class ArtifactCache:
         now = time.time()
         for name in os.listdir(self._tmp):
             try:
-                age = now - _tree_stat(self._tmp / name)[1]
+                age = now - tree_stat(self._tmp / name)[1]
             except OSError:
                 continue
             fields = name.split(".")
             pid = int(fields[1]) if len(fields) >= 4 and fields[1].isdigit() else None
-            alive = pid is not None and age < self.ORPHAN_TEMP_SECONDS and _pid_alive(pid)
+            alive = pid is not None and age < self.ORPHAN_TEMP_SECONDS and pid_alive(pid)
             if age >= self.STALE_TEMP_SECONDS and not alive:
-                _remove_path(self._tmp / name)
+                remove_path(self._tmp / name)
