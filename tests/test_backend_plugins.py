@@ -310,8 +310,7 @@ def test_torch_int8_rnn_needs_an_rnn(mlp2d: Any, shared_cache: Path) -> None:
 
 # -- torch-bf16 ------------------------------------------------------------------------------------
 def test_torch_bf16(mlp2d: Any, shared_cache: Path) -> None:
-    profile = host_profile()
-    if not (profile.cpu.has("avx512_bf16") or profile.cpu.has("amx_bf16")):
+    if not host_profile().cpu.computes_bf16:
         pytest.skip("this CPU has no bf16 instructions")
     model, x = mlp2d
     r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",)), "torch-bf16")
@@ -440,9 +439,10 @@ def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneCompo
     assert isinstance(frames_engine.model, FrameMLP), "the engine itself is left as it was"
 
 
-def host_computes_bf16() -> bool:
-    cpu = host_profile().cpu
-    return cpu.has("avx512_bf16") or cpu.has("amx_bf16")
+def host_with_flags(flags: tuple[str, ...]) -> HostProfile:
+    """This host's profile with an x86 CPU that has exactly ``flags``."""
+    host = host_profile()
+    return dataclasses.replace(host, cpu=dataclasses.replace(host.cpu, architecture="x86_64", flags=flags_from(flags)))
 
 
 @pytest.mark.parametrize(("flags", "bits"), [(("avx2",), 7), (("avx2", "avx512f", "avx512_vnni"), 8)])
@@ -453,10 +453,8 @@ def test_onnxruntime_int8_keeps_weights_to_7_bits_where_int8_saturates(
     import onnx
     from onnx import numpy_helper
 
-    host = host_profile()
-    cpu = dataclasses.replace(host.cpu, architecture="x86_64", flags=flags_from(flags))
     (component,) = frames_engine.uniopt_components()
-    stage = build_stage(component, "onnxruntime-int8", tmp_path, profile=dataclasses.replace(host, cpu=cpu))
+    stage = build_stage(component, "onnxruntime-int8", tmp_path, profile=host_with_flags(flags))
     assert stage.info["weight_bits"] == bits
     (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind.startswith("onnxruntime-int8")]
     graph = onnx.load(str(entry.path / "model.onnx")).graph
@@ -535,7 +533,7 @@ def test_the_guard_rejects_reduced_precision(mlp2d: Any, shared_cache: Path) -> 
     engine = OneComponent(model, (x,), metric=Metric("snr_db", 1000.0))
     opt = optimize(engine, cache=shared_cache, allow=("torch-int8", "torch-bf16", "onnxruntime-fp32"))
     report = opt.report().component("model")
-    for name in ("torch-int8", "torch-bf16") if host_computes_bf16() else ("torch-int8",):
+    for name in ("torch-int8", "torch-bf16") if host_profile().cpu.computes_bf16 else ("torch-int8",):
         r = report.candidate(name)
         assert not r.accepted, name
         assert r.reason.startswith("guard: ") and "snr_db" in r.reason, r.reason
@@ -561,7 +559,7 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
     for name in names:
         r = report.candidate(name)
         assert r.accepted or r.reason, name
-        if name == "openvino-bf16" and not host_computes_bf16():
+        if name == "openvino-bf16" and not host_profile().cpu.computes_bf16:
             assert r.reason == "not available: CPU lacks avx512_bf16 / amx_bf16"
         else:
             assert not r.reason.startswith("not available"), r.reason
@@ -577,8 +575,7 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
 
 @pytest.mark.parametrize(("name", "hint"), [("openvino-f32", "f32"), ("openvino-bf16", "bf16")])
 def test_openvino_precision_is_explicit(mlp2d: Any, shared_cache: Path, name: str, hint: str) -> None:
-    profile = host_profile()
-    if hint == "bf16" and not (profile.cpu.has("avx512_bf16") or profile.cpu.has("amx_bf16")):
+    if hint == "bf16" and not host_profile().cpu.computes_bf16:
         pytest.skip("this CPU has no bf16 instructions")
     model, x = mlp2d
     stage = build_stage(Component("module", model, (x,)), name, shared_cache)
@@ -610,8 +607,7 @@ def test_openvino_int8_matmul_quantizes_matmuls_only(tmp_path: Path) -> None:
     model = ConvThenLinear().eval()
     component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
     stage = build_stage(component, "openvino-int8-matmul", tmp_path)
-    bf16 = host_profile().cpu.has("avx512_bf16") or host_profile().cpu.has("amx_bf16")
-    assert stage.info["precision_hint"] == ("bf16" if bf16 else "f32")
+    assert stage.info["precision_hint"] == ("bf16" if host_profile().cpu.computes_bf16 else "f32")
     (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
     ir = ov.Core().read_model(str(entry.path / "model.xml"))
     quantized = {
@@ -638,9 +634,7 @@ def test_openvino_static_int8_uses_half_the_range_where_int8_saturates(
     torch.manual_seed(5)
     model = ConvThenLinear().eval()
     component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
-    host = host_profile()
-    cpu = dataclasses.replace(host.cpu, architecture="x86_64", flags=flags_from(flags))
-    build_stage(component, "openvino-int8-matmul", tmp_path, profile=dataclasses.replace(host, cpu=cpu))
+    build_stage(component, "openvino-int8-matmul", tmp_path, profile=host_with_flags(flags))
     (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
     ir = ov.Core().read_model(str(entry.path / "model.xml"))
     weights = [

@@ -145,6 +145,11 @@ def test_int8_saturates_on_x86_without_vnni(make_profile, recorded: str, saturat
     assert make_profile(recorded).cpu.int8_saturates is saturates
 
 
+@pytest.mark.parametrize(("recorded", "bf16"), [("avx2", False), ("avx512", True), ("amx", True), ("arm", False)])
+def test_computes_bf16_from_either_flag(make_profile, recorded: str, bf16: bool) -> None:
+    assert make_profile(recorded).cpu.computes_bf16 is bf16
+
+
 # -- cgroup limits -------------------------------------------------------------------------------
 
 

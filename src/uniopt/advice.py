@@ -28,7 +28,7 @@ def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: T
             "No VNNI or AMX: int8 matmuls have no fast path here, so int8 is unlikely to pay off "
             "(ONNX Runtime and OpenVINO static int8 keep weights to 7 bits here to avoid int16 saturation)."
         )
-    if cpu.has("avx512_bf16") or cpu.has("amx_bf16"):
+    if cpu.computes_bf16:
         if profile.backend("openvino").available:
             lines.append(
                 "OpenVINO silently runs bf16 on this CPU unless told otherwise; uniopt always sets "

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
@@ -21,7 +22,6 @@ __all__ = ["compile_config"]
 
 _EXTRA = "openvino"
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _CONVOLUTIONS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
 
 
@@ -100,8 +100,14 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
         ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"variant": variant, "half_range": half_range}
 
-    artifact = {"artifact": f"openvino-{variant}", "export": export.key, "versions": library_versions()}
-    key = cache_key({**artifact, "half_range": True} if half_range else artifact)
+    key = cache_key(
+        {
+            "artifact": f"openvino-{variant}",
+            "export": export.key,
+            "versions": library_versions(),
+            "half_range": half_range,
+        }
+    )
     entry, built = context.cache.get_or_build(
         key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
     )
@@ -112,7 +118,7 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
 
 def _float_precision(profile: Any) -> str:
     """The precision for what static int8 leaves in float: bf16 where the CPU computes it."""
-    return "bf16" if any(profile.cpu.has(flag) for flag in _BF16_FLAGS) else "fp32"
+    return "bf16" if profile.cpu.computes_bf16 else "fp32"
 
 
 def _build(variant: str, precision: str, name: str) -> Any:
@@ -165,7 +171,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "openvino",
             "OpenVINO CPU, bf16 inference precision",
             _build("plain", "bf16", "openvino-bf16"),
-            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=_BF16_FLAGS, precision="bf16"),
+            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=BF16_FLAGS, precision="bf16"),
         )
     )
     register(

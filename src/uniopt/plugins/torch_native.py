@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .hookspecs import hookimpl
 
@@ -205,7 +206,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "torch_native",
             "bf16 weights and activations in eager PyTorch",
             _build_bf16,
-            Requirements(packages=("torch",), cpu_flags_any=("avx512_bf16", "amx_bf16"), precision="bf16"),
+            Requirements(packages=("torch",), cpu_flags_any=BF16_FLAGS, precision="bf16"),
         )
     )
     register(

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FLAG_NAMES", "CpuInfo", "flags_from", "parse_proc_cpuinfo", "read_cpu_info", "usable_cpus"]
+__all__ = ["BF16_FLAGS", "FLAG_NAMES", "CpuInfo", "flags_from", "parse_proc_cpuinfo", "read_cpu_info", "usable_cpus"]
 
 #: The instruction-set flags uniopt reports, and the /proc/cpuinfo flags that imply each.
 FLAG_SOURCES: dict[str, tuple[str, ...]] = {
@@ -24,6 +24,8 @@ FLAG_SOURCES: dict[str, tuple[str, ...]] = {
     "sve": ("sve",),
 }
 FLAG_NAMES: tuple[str, ...] = (*FLAG_SOURCES, "amx")
+#: Flags that mean the CPU computes bf16 natively (either is enough).
+BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class CpuInfo:
     def is_x86(self) -> bool:
         """Whether this is an x86 processor."""
         return self.architecture in ("x86_64", "AMD64", "i686")
+
+    @property
+    def computes_bf16(self) -> bool:
+        """Whether the CPU has bf16 instructions (one of :data:`BF16_FLAGS`)."""
+        return any(self.has(flag) for flag in BF16_FLAGS)
 
     @property
     def int8_saturates(self) -> bool:
