@@ -12,11 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -733,22 +735,37 @@ def test_doctor_without_openvino(without_openvino: dict[str, Any]) -> None:
 
 
 # -- the process-wide model cache ------------------------------------------------------------------
-def test_two_wrappers_of_one_module_build_once(tmp_path: Path) -> None:
+def test_two_wrappers_of_one_module_share_the_stage_in_use(tmp_path: Path) -> None:
     torch.manual_seed(31)
     model, x = mlp(31), torch.randn(4, 16)
-    first = optimize(model, (x,), cache=tmp_path / "a", allow=("onnxruntime-fp32",))
-    built = [r.name for r in first.report().component("module").candidates if r.accepted]
-    assert sorted(built) == ["eager", "onnxruntime-fp32"]
-    assert model_cache.builds == len(built)
-    # Another wrapper, even with another cache directory, takes both stages from the process cache.
-    second = optimize(model, (x,), cache=tmp_path / "b", allow=("onnxruntime-fp32",))
-    assert model_cache.builds == len(built)
-    assert second.report().component("module").candidate("onnxruntime-fp32").accepted
+    first = optimize(model, (x,), cache=tmp_path / "a", allow=("onnxruntime-fp32",), min_speedup=0.01)
+    report = first.report().component("module")
+    assert [r.name for r in report.candidates if r.accepted] == ["eager", "onnxruntime-fp32"]
+    assert report.chosen == "onnxruntime-fp32" and model_cache.builds == 2
+    # The loser (eager) was let go after the search; the stage in use stays in the process cache.
+    assert len(model_cache) == 1
+    # Another wrapper, even with another cache directory, takes the stage in use from the process
+    # cache (only eager, which nothing held on to, is built again).
+    second = optimize(model, (x,), cache=tmp_path / "b", allow=("onnxruntime-fp32",), min_speedup=0.01)
+    assert model_cache.builds == 3
+    assert second.report().component("module").stage is report.stage
     assert not [e for e in ArtifactCache(tmp_path / "b").entries() if e.kind == "onnx-export"], (
         "nothing was exported again"
     )
     with torch.inference_mode():
         torch.testing.assert_close(second(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_stage_no_engine_uses_is_freed(tmp_path: Path) -> None:
+    torch.manual_seed(33)
+    model, x = mlp(33), torch.randn(4, 16)
+    opt = optimize(model, (x,), cache=tmp_path, allow=("onnxruntime-fp32",), min_speedup=0.01)
+    stage = weakref.ref(opt.report().component("module").stage)
+    assert len(model_cache) == 1 and stage() is not None
+    del opt
+    gc.collect()
+    assert stage() is None, "the process cache kept a stage that no engine uses"
+    assert len(model_cache) == 0
 
 
 def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from .engines.registry import load_engine
+from .memory import release_memory
 from .optimizer import UniversalOptimizer
 
 __all__ = ["run_bench"]
@@ -29,4 +30,6 @@ def run_bench(
         if callable(info):
             report["engine_info"] = info()
         results.append(report)
+        del engine, example_inputs, opt
+        release_memory()  # the next engine starts from what this one leaves behind
     return results

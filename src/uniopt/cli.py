@@ -103,6 +103,10 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
 def _print_bench(result: dict[str, Any]) -> None:
     info = result.get("engine_info") or {}
     trained = "" if info.get("trained", True) else " (random weights: speed figures only)"
@@ -119,10 +123,12 @@ def _print_bench(result: dict[str, Any]) -> None:
             "x eager",
             "RTF",
             "accuracy",
+            "peak MiB",
+            "resident MiB",
             "chosen",
             "note",
         ):
-            table.add_column(col, justify="right" if col.endswith(("ms", "eager", "RTF")) else "left")
+            table.add_column(col, justify="right" if col.endswith(("ms", "eager", "RTF", "MiB")) else "left")
         for c in comp["candidates"]:
             accuracy = "-" if c["metric_value"] is None else f"{c['metric']} {c['metric_value']:.4g}"
             note = "" if c["accepted"] else escape(c["reason"][:80])
@@ -135,6 +141,8 @@ def _print_bench(result: dict[str, Any]) -> None:
                 _fmt(c["speedup"], ".2f"),
                 _fmt(c["real_time_factor"], ".3f"),
                 accuracy,
+                _mib(c.get("peak_memory_bytes")),
+                _mib(c.get("resident_memory_bytes")),
                 chosen,
                 note,
             )

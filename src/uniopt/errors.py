@@ -7,6 +7,7 @@ Every error derives from :class:`UniOptError`, so ``except UniOptError`` catches
     ├── InputError             bad input to an engine (dtype, shape, sample rate, NaN, empty audio)
     ├── PluginError            a plugin is broken: bad registration, duplicate name, unknown hook
     ├── BackendUnavailable     an optional backend (onnxruntime, openvino, nncf) is not installed
+    ├── MemoryBudgetError      a build step would need more memory than the limit leaves
     ├── OptimizationError      a candidate stage failed to build, load or run on this host
     │   └── ValidationError    a stage ran but disagrees with the FP32 reference
     └── CacheError             the artifact cache cannot be used (unwritable directory, ...)
@@ -22,6 +23,7 @@ __all__ = [
     "BackendUnavailable",
     "CacheError",
     "InputError",
+    "MemoryBudgetError",
     "OptimizationError",
     "PluginError",
     "SettingsError",
@@ -62,6 +64,21 @@ class BackendUnavailable(UniOptError, ImportError):
         self.extra = extra
         detail = f" ({reason})" if reason else ""
         super().__init__(f"{backend} is not available{detail}; install it with: pip install 'uniopt[{extra}]'")
+
+
+class MemoryBudgetError(UniOptError, MemoryError):
+    """A build step was refused before it ran: its estimated peak does not fit the memory left.
+
+    Recorded in the report as the candidate's reason (never raised to the engine's caller), so a
+    small VM ends with another candidate or eager instead of a process killed by the OOM killer.
+    """
+
+    def __init__(self, step: str, needed_bytes: int, available: str) -> None:
+        from .memory import format_bytes
+
+        self.step = step
+        self.needed_bytes = needed_bytes
+        super().__init__(f"{step} needs ~{format_bytes(needed_bytes)}, {available}")
 
 
 class OptimizationError(UniOptError):

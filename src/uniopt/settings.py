@@ -143,6 +143,13 @@ class Settings:
         "where exported models and decisions are kept (default: the user cache directory)",
         "a directory path",
     )
+    cache_bundle: str | None = _setting(
+        "UNIOPT_CACHE_BUNDLE",
+        _optional_str,
+        None,
+        "a read-only cache prepared elsewhere (optimize prepare): its artifacts are used, never changed",
+        "a directory path",
+    )
     cache_size_limit: int = _setting(
         "UNIOPT_CACHE_SIZE_LIMIT",
         _size,

@@ -5,6 +5,10 @@ Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used`
 ``locks/<key>.lock``. A finished temporary directory is renamed into ``entries/``, so readers see a
 whole entry or none. An entry with a missing or corrupt manifest, or a missing or resized file, is
 a miss: it is deleted and rebuilt, with one warning per key and process.
+
+A cache may sit on a read-only *bundle*: a cache directory prepared on another machine
+(``optimize prepare``). Its valid entries are found first and are never written, touched or
+deleted; an invalid or rejected one is passed over, and whatever is built goes to the cache itself.
 """
 
 from __future__ import annotations
@@ -107,11 +111,15 @@ class ArtifactCache:
     STALE_TEMP_SECONDS: ClassVar[float] = 3600.0
     ORPHAN_TEMP_SECONDS: ClassVar[float] = 86400.0  # removed even if its pid seems alive
 
-    def __init__(self, root: Path | str, max_bytes: int | None = None) -> None:
+    def __init__(self, root: Path | str, max_bytes: int | None = None, bundle: Path | str | None = None) -> None:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.root = Path(root).expanduser()
         self.max_bytes = max_bytes
+        self.bundle = None if bundle is None else Path(bundle).expanduser()
+        if self.bundle is not None and not (self.bundle / "entries").is_dir():
+            raise CacheError(f"{str(self.bundle)!r} is not a uniopt cache bundle (no entries/ folder)")
+        self._passed_over: set[str] = set()
         self._entries, self._tmp, self._locks = (self.root / d for d in ("entries", "tmp", "locks"))
         try:
             for d in (self._entries, self._tmp, self._locks):
@@ -133,7 +141,13 @@ class ArtifactCache:
         return self._entries / key
 
     def get(self, key: str) -> CacheEntry | None:
-        """Return the entry for ``key`` and mark it used, or None (an invalid one is deleted)."""
+        """Return the entry for ``key`` and mark it used, or None (an invalid one is deleted).
+
+        The bundle's entry comes first, when there is a valid one.
+        """
+        bundled = self._bundled(key)
+        if bundled is not None:
+            return bundled
         path = self.path_for(key)
         entry = self._inspect(key, path)
         if entry is None:
@@ -186,8 +200,8 @@ class ArtifactCache:
         return [(entry, self._full_check(entry)) for entry in self.entries()]
 
     def verify_entry(self, key: str) -> str | None:
-        """Check one entry by size and sha256: None when intact, else what is wrong."""
-        entry = self._inspect(key, self.path_for(key))
+        """Check one entry (the bundle's, when ``get`` would return it) by size and sha256."""
+        entry = self._bundled(key) or self._inspect(key, self.path_for(key))
         return "missing" if entry is None else self._full_check(entry)
 
     @staticmethod
@@ -202,8 +216,21 @@ class ArtifactCache:
         return problem
 
     def remove(self, key: str) -> None:
-        """Delete the entry for ``key`` if it exists."""
+        """Delete the entry for ``key`` if it exists; a bundle's entry is passed over from now on instead."""
+        if self._bundled(key) is not None:
+            self._passed_over.add(key)
         self._discard(key, self.path_for(key), only_if_invalid=False)
+
+    def _bundled(self, key: str) -> CacheEntry | None:
+        """The bundle's valid entry for ``key``, read without writing anything."""
+        if self.bundle is None or key in self._passed_over:
+            return None
+        entry = self._inspect(key, self.bundle / "entries" / self.path_for(key).name)
+        if entry is not None and entry.problem is not None:
+            self._warn_once(entry)
+            self._passed_over.add(key)
+            return None
+        return entry
 
     def clear(self) -> int:
         """Delete every entry and stale temporary; return the number of entries deleted."""

@@ -22,7 +22,13 @@ class CandidateResult:
     p99_ms: float | None = None
     real_time_factor: float | None = None
     speedup: float | None = None
+    #: Peak RSS increase while building and validating; resident memory the built stage adds.
     peak_memory_bytes: int | None = None
+    resident_memory_bytes: int | None = None
+    #: The largest estimate of the memory-checked build steps that ran (see plugins.memory_costs).
+    estimated_peak_bytes: int | None = None
+    #: The memory-checked build steps that ran, each ``{"step", "estimated_bytes", "peak_bytes"}``.
+    memory_steps: list[dict[str, Any]] = field(default_factory=list)
     build_seconds: float | None = None
     warmup_seconds: float | None = None
     from_cache: bool = False

@@ -1,11 +1,14 @@
 """Choosing a stage per component: tier defaults, or measured candidates behind the guard.
 
 ``tier`` mode walks the tier's chain for the component's kind and keeps the first candidate that
-is available, builds and passes the guard. ``auto`` mode builds every available candidate,
-validates each against the FP32 reference, warms the survivors up, times them interleaved, and
-keeps the fastest if it beats eager by ``min_speedup``; otherwise eager stays. The decision is
-stored in the artifact cache, keyed by host fingerprint, component and settings, so the next
-process applies it without timing anything.
+is available, builds and passes the guard. ``auto`` mode builds the available candidates one at a
+time, validates each against the FP32 reference, and times each survivor interleaved with eager and
+the best one so far; the slower of the two is released at once, so no more than two built stages
+are alive at a time. The best is kept if it beats eager by ``min_speedup``; otherwise eager stays.
+Every candidate's peak and resident memory are measured; a build step that would not fit the
+memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
+artifact cache, keyed by host fingerprint, component and settings, so the next process applies it
+without timing anything.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, NamedTuple
 import pluggy
 import torch
 
-from ..errors import OptimizationError, ValidationError
+from ..errors import MemoryBudgetError, OptimizationError, ValidationError
+from ..memory import measure_memory, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
@@ -88,7 +92,9 @@ class _Selector:
         self.context = context
         self.pm = pm
         self.results: list[CandidateResult] = []
+        #: Built stages still in the running: eager, the best so far, and the one being tried.
         self.stages: dict[str, Stage] = {}
+        self.best = "eager"
         self.started = time.perf_counter()
         component.module.eval()
         self._references: list[_Reference] | None = None
@@ -112,7 +118,24 @@ class _Selector:
         self.results.append(CandidateResult(name, accepted=False, reason=reason, **figures))
 
     def try_candidate(self, cand: Candidate) -> Stage | None:
-        """Build and validate one candidate; record and return None when it fails."""
+        """Build and validate one candidate, measuring its memory; record and return None when it fails.
+
+        What fails is released before this returns.
+        """
+        steps = len(self.context.memory_steps)
+        with measure_memory() as use:
+            stage = self._build_and_check(cand)
+        result = self.results[-1]
+        ran = self.context.memory_steps[steps:]
+        result.peak_memory_bytes = use.peak_increase_bytes
+        result.resident_memory_bytes = use.resident_increase_bytes if stage is not None else None
+        result.estimated_peak_bytes = max((s["estimated_bytes"] for s in ran), default=None)
+        result.memory_steps = list(ran)
+        if stage is None:
+            release_memory()
+        return stage
+
+    def _build_and_check(self, cand: Candidate) -> Stage | None:
         started = time.perf_counter()
         built = model_cache.get_or_build(
             stage_key(cand, self.component, self.context),
@@ -120,13 +143,15 @@ class _Selector:
         )
         build_seconds = time.perf_counter() - started
         if isinstance(built, BuildFailure):
-            self.reject(cand.name, f"build failed: {built.reason}", build_seconds=build_seconds)
+            refused = isinstance(built.error, MemoryBudgetError)
+            label = "refused for memory" if refused else "build failed"
+            self.reject(cand.name, f"{label}: {built.reason}", build_seconds=build_seconds)
             return None
         try:
             verdict = self.validate(cand, built)
         except Exception as exc:
             if self._drop_corrupt_artifacts(cand, built):
-                return self.try_candidate(cand)
+                return self._build_and_check(cand)
             if not self.context.settings.fallback_on_optimization_error:
                 raise OptimizationError(self.component.name, cand.name, f"first call failed: {exc}") from exc
             self.reject(
@@ -137,7 +162,7 @@ class _Selector:
             return None
         if not verdict.passed:
             if self._drop_corrupt_artifacts(cand, built):
-                return self.try_candidate(cand)
+                return self._build_and_check(cand)
             if not self.context.settings.fallback_on_optimization_error:
                 raise ValidationError(self.component.name, cand.name, verdict.reason)
             self.reject(
@@ -160,7 +185,6 @@ class _Selector:
                 from_cache=bool(built.info.get("from_cache")),
             )
         )
-        self.stages[cand.name] = built
         return built
 
     def _drop_corrupt_artifacts(self, cand: Candidate, stage: Stage) -> bool:
@@ -218,11 +242,30 @@ def _result(selector: _Selector, name: str) -> CandidateResult:
     return next(r for r in selector.results if r.name == name and r.accepted)
 
 
-def _time_survivors(selector: _Selector) -> None:
+def _duel(selector: _Selector, challenger: str | None) -> None:
+    """Time eager, the best so far and ``challenger`` interleaved; keep the faster of the last two.
+
+    The slower one is released at once, so at most two built stages (besides the eager module)
+    are ever alive. ``challenger=None`` times eager alone (nothing else passed the guard).
+    """
+    names = list(dict.fromkeys(n for n in ("eager", selector.best, challenger) if n is not None))
     inputs = selector.component.example_inputs
-    calls = {name: _call(stage, inputs) for name, stage in selector.stages.items()}
+    calls = {name: _call(selector.stages[name], inputs) for name in names}
     remaining = max(1.0, selector.context.settings.search_budget_s - (time.perf_counter() - selector.started))
     timings = measure_interleaved(calls, budget_s=remaining)
+    _record_timings(selector, timings)
+    if challenger is None or challenger == "eager":
+        return
+    if selector.best == "eager" or timings[challenger].p50 < timings[selector.best].p50:
+        loser, selector.best = selector.best, challenger
+    else:
+        loser = challenger
+    if loser != "eager":
+        del selector.stages[loser]
+        release_memory()
+
+
+def _record_timings(selector: _Selector, timings: dict[str, Any]) -> None:
     eager_p50 = timings["eager"].p50
     for name, timing in timings.items():
         result = _result(selector, name)
@@ -243,11 +286,11 @@ def _call(stage: Stage, inputs: tuple[Any, ...]) -> Any:
 
 
 def _winner(selector: _Selector) -> str:
-    accepted = [r for r in selector.results if r.accepted and r.speedup is not None]
-    best = max(accepted, key=lambda r: r.speedup or 0.0)
-    if best.name != "eager" and (best.speedup or 0.0) >= selector.context.settings.min_speedup:
-        return best.name
-    return "eager"
+    """The best survivor when it beats eager by ``min_speedup`` in its last interleaved timing."""
+    if selector.best == "eager":
+        return "eager"
+    speedup = _result(selector, selector.best).speedup or 0.0
+    return selector.best if speedup >= selector.context.settings.min_speedup else "eager"
 
 
 @contextmanager
@@ -321,13 +364,21 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
                 continue
             advance(cand.name)
             stage = selector.try_candidate(cand)
-            if context.settings.mode == "tier" and stage is not None:
+            if stage is None:
+                continue
+            if context.settings.mode == "tier":
                 return ComponentReport(component.name, cand.name, selector.results, stage=stage)
+            selector.stages[cand.name] = stage
+            if cand.name != "eager":
+                _duel(selector, cand.name)
     if context.settings.mode == "tier":
         raise AssertionError("eager always passes its own guard")
-    _time_survivors(selector)
+    if selector.best == "eager":
+        _duel(selector, None)
     chosen = _winner(selector)
     report = ComponentReport(component.name, chosen, selector.results, stage=selector.stages[chosen])
+    selector.stages.clear()
+    release_memory()
     _store_decision(context, key, component, report)
     return report
 

@@ -163,4 +163,4 @@ def _cache(settings: Settings) -> Any:
     from ..cache import ArtifactCache, default_cache_dir
 
     root = settings.cache_dir or default_cache_dir()
-    return ArtifactCache(root, max_bytes=settings.cache_size_limit)
+    return ArtifactCache(root, max_bytes=settings.cache_size_limit, bundle=settings.cache_bundle)

@@ -68,6 +68,8 @@ class BuildContext:
     threads: ThreadBudget
     cache: Any = None
     events: list[str] = field(default_factory=list)
+    #: Every memory-measured build step that ran: ``{"step", "estimated_bytes", "peak_bytes"}``.
+    memory_steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from ..errors import MemoryBudgetError
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
+from .memory_costs import memory_step
 
 __all__ = ["ExportedModel", "OnnxExporter", "exported_onnx", "graph_stage_runner"]
 
@@ -171,9 +173,12 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
         errors: list[str] = []
         for name in order:
             try:
-                exporter.export(component, directory / "model.onnx", name)
+                with memory_step(f"onnx-export-{name}", component, context):
+                    exporter.export(component, directory / "model.onnx", name)
                 _check_loadable(directory / "model.onnx")
                 return {"exporter": name, "failed": errors}
+            except MemoryBudgetError:
+                raise
             except Exception as exc:  # exporter failures are many and varied; the other may work
                 first_line = (str(exc).strip().splitlines() or [""])[0][:200]
                 errors.append(f"{name}: {type(exc).__name__}: {first_line}")

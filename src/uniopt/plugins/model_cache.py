@@ -1,13 +1,17 @@
-"""The process-wide model cache: the same component and candidate is built once per process.
+"""The process-wide model cache: a stage in use is built once per process.
 
 Wrapping the same model twice, or from several threads, shares the built stage. Each key has its
 own lock; the registry is re-checked once the lock is held, so two threads never build twice.
-The optimizer goes through :data:`model_cache` around every ``uniopt_build_stage`` call.
+The registry holds stages weakly: a stage lives as long as an engine (or a report) uses it, and
+a rejected candidate or a loser is freed as soon as the search lets go of it, instead of staying
+resident until the process ends. The optimizer goes through :data:`model_cache` around every
+``uniopt_build_stage`` call.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +21,10 @@ __all__ = ["ModelCache", "model_cache", "stage_key"]
 
 
 class ModelCache:
-    """A thread-safe registry of built stages, keyed by component key and candidate settings."""
+    """A thread-safe registry of the built stages still in use, keyed by component key and candidate settings."""
 
     def __init__(self) -> None:
-        self._stages: dict[str, Stage] = {}
+        self._stages: weakref.WeakValueDictionary[str, Stage] = weakref.WeakValueDictionary()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.builds = 0

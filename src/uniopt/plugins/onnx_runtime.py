@@ -12,6 +12,7 @@ from typing import Any
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
+from .memory_costs import file_bytes, memory_step
 
 __all__ = ["providers_for"]
 
@@ -36,7 +37,9 @@ def _session(path: Path, context: BuildContext, *, optimized_out: Path | None = 
     return ort.InferenceSession(str(path), options, providers=providers_for(ort.get_available_providers(), cuda))
 
 
-def _derived(context: BuildContext, export: Any, variant: str, make: Any, loaded: list[str]) -> tuple[Path, bool]:
+def _derived(
+    component: Any, context: BuildContext, export: Any, variant: str, make: Any, loaded: list[str]
+) -> tuple[Path, bool]:
     """A model derived from the export (ORT-optimized, int8), cached under its own key."""
     from ..cache import cache_key, library_versions
 
@@ -48,15 +51,35 @@ def _derived(context: BuildContext, export: Any, variant: str, make: Any, loaded
             "host": context.profile.fingerprint,
         }
     )
+    step = _DERIVE_STEPS[variant]
+
+    def build(directory: Path) -> None:
+        with memory_step(step, component, context):
+            make(export.path, directory / "model.onnx")
+
     entry, built = context.cache.get_or_build(
         key,
-        lambda d: make(export.path, d / "model.onnx"),
+        build,
         kind=f"onnxruntime-{variant}",
         description={"from": export.key[:16]},
     )
     if not built:
         loaded.append(key)
     return entry.path / "model.onnx", not built
+
+
+#: The memory-measured step (see memory_costs) behind each derived model.
+_DERIVE_STEPS = {
+    "fp32": "onnxruntime-optimize",
+    "int8": "onnxruntime-quantize",
+    "int8-7bit": "onnxruntime-quantize",
+    "fp16": "onnxruntime-fp16",
+}
+
+
+def _loaded_session(component: Any, path: Path, context: BuildContext, *, cuda: bool = False) -> Any:
+    with memory_step("onnxruntime-session", component, context, file_bytes(*path.parent.iterdir())):
+        return _session(path, context, cuda=cuda)
 
 
 def _stage(name: str, component: Any, session: Any, info: dict[str, Any]) -> Stage:
@@ -76,8 +99,8 @@ def _build_fp32(component: Any, context: BuildContext, loaded: list[str]) -> Sta
     def optimize(source: Path, target: Path) -> None:
         _session(source, context, optimized_out=target)
 
-    path, cached = _derived(context, export, "fp32", optimize, loaded)
-    session = _session(path, context)
+    path, cached = _derived(component, context, export, "fp32", optimize, loaded)
+    session = _loaded_session(component, path, context)
     info = {
         "exporter": export.exporter,
         "from_cache": cached and export.from_cache,
@@ -107,8 +130,8 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         plain.unlink()
 
     variant = "int8-7bit" if reduce_range else "int8"
-    path, cached = _derived(context, export, variant, quantize, loaded)
-    session = _session(path, context)
+    path, cached = _derived(component, context, export, variant, quantize, loaded)
+    session = _loaded_session(component, path, context)
     info = {
         "exporter": export.exporter,
         "from_cache": cached and export.from_cache,
@@ -129,8 +152,8 @@ def _build_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
         onnx.save(model, str(target))
 
-    path, cached = _derived(context, export, "fp16", convert, loaded)
-    session = _session(path, context, cuda=True)
+    path, cached = _derived(component, context, export, "fp16", convert, loaded)
+    session = _loaded_session(component, path, context, cuda=True)
     info = {
         "exporter": export.exporter,
         "from_cache": cached and export.from_cache,
@@ -142,7 +165,7 @@ def _build_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Sta
 @rebuild_on_failure
 def _build_cuda(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
     export = exported_onnx(component, context, loaded)
-    session = _session(export.path, context, cuda=True)
+    session = _loaded_session(component, export.path, context, cuda=True)
     if "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError("ONNX Runtime did not start its CUDA provider")
     return _stage(

@@ -17,6 +17,7 @@ from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
+from .memory_costs import file_bytes, memory_step
 
 __all__ = ["compile_config"]
 
@@ -93,11 +94,16 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
     half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
 
     def build(directory: Path) -> dict[str, Any]:
-        model = ov.convert_model(str(export.path))
-        if variant != "plain":
+        with memory_step("openvino-convert", component, context):
+            model = ov.convert_model(str(export.path))
+            if variant == "plain":
+                ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+                return {"variant": variant, "half_range": half_range}
+        step = "nncf-weights" if variant == "int8-weights" else "nncf-static"
+        with memory_step(step, component, context):
             with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("nncf"):
                 model = _nncf_int8(model, component, variant, half_range)
-        ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+            ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"variant": variant, "half_range": half_range}
 
     key = cache_key(
@@ -131,7 +137,8 @@ def _build(variant: str, precision: str, name: str) -> Any:
         hint = _float_precision(context.profile) if precision == "host-float" else precision
         path, cached, export = _ir(component, context, variant, loaded)
         device = _device_for(context.profile, hint)
-        compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint))
+        with memory_step("openvino-compile", component, context, file_bytes(path, path.with_suffix(".bin"))):
+            compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint))
         _check_precision(compiled, device, hint)
         request = compiled.create_infer_request()
         lock = threading.Lock()

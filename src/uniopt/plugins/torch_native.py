@@ -15,6 +15,7 @@ import torch
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .hookspecs import hookimpl
+from .memory_costs import memory_step
 
 __all__ = ["DynamicInt8Linear", "Int8Backend", "TorchDynamicInt8", "int8_backend"]
 
@@ -45,14 +46,17 @@ class TorchDynamicInt8:
     _warned = False
 
     def quantize(self, module: torch.nn.Module, layer_types: set[type[torch.nn.Module]]) -> torch.nn.Module:
-        work = _untie_projections(copy.deepcopy(module))
+        # The copy shares the weights of the layers about to be quantized (they are packed anew,
+        # never changed), so quantizing adds the int8 weights, not a second FP32 model.
+        shared = [p for m in module.modules() if isinstance(m, tuple(layer_types)) for p in m.parameters()]
+        work = _untie_projections(lean_copy(module, {id(p): p for p in shared}))
         wrapped = isinstance(work, tuple(layer_types))
         if wrapped:
             work = torch.nn.Sequential(work)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             spec = {kind: _qconfig(kind) for kind in layer_types}
-            quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8)
+            quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
         for warning in caught:
             if issubclass(warning.category, DeprecationWarning) and not TorchDynamicInt8._warned:
                 TorchDynamicInt8._warned = True
@@ -78,6 +82,28 @@ class DynamicInt8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=torch.qint8"
+
+
+def lean_copy(module: torch.nn.Module, tensors: dict[int, torch.Tensor]) -> torch.nn.Module:
+    """A deep copy of ``module`` in which each parameter or buffer whose ``id`` is in ``tensors`` is that tensor.
+
+    Seeding ``copy.deepcopy``'s memo this way never materialises a full FP32 copy: the given
+    tensors are shared or already converted, the rest is copied.
+    """
+    return copy.deepcopy(module, memo=dict(tensors))
+
+
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Each floating-point parameter and buffer of ``module`` converted to ``dtype``, by ``id`` (ties kept)."""
+    converted: dict[int, torch.Tensor] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) in converted or not tensor.is_floating_point():
+            continue
+        data = tensor.detach().to(dtype)
+        converted[id(tensor)] = (
+            torch.nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else data
+        )
+    return converted
 
 
 def _replace_modules(
@@ -135,7 +161,8 @@ def _build_int8(layer_types: set[type[torch.nn.Module]], name: str) -> Any:
             raise ValueError("no Linear/LSTM/GRU layer to quantize")
         if name == "torch-int8-rnn" and not _has_layers(module, _RNN_TYPES):
             raise ValueError("no LSTM/GRU layer in this component")
-        quantized = int8_backend.quantize(module, layer_types).eval()
+        with memory_step("torch-int8", component, context):
+            quantized = int8_backend.quantize(module, layer_types).eval()
         return Stage(name, quantized, {"int8_backend": int8_backend.name})
 
     return build
@@ -152,7 +179,8 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
 
 
 def _build_bf16(component: Any, context: BuildContext) -> Stage:
-    module = copy.deepcopy(component.module).to(torch.bfloat16).eval()
+    with memory_step("torch-copy", component, context):
+        module = lean_copy(component.module, _in_dtype(component.module, torch.bfloat16)).to(torch.bfloat16).eval()
 
     def run(*args: Any) -> Any:
         out = module(*_cast(args, torch.bfloat16))
@@ -170,7 +198,7 @@ def _build_compile(component: Any, context: BuildContext) -> Stage:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(context.cache.root / "inductor"))
     compiled = torch.compile(component.module, mode=settings.compile_mode, dynamic=bool(component.dynamic_axes))
     started = time.perf_counter()
-    with torch.inference_mode():
+    with memory_step("torch-compile", component, context), torch.inference_mode():
         compiled(*copy.deepcopy(component.example_inputs))
     seconds = time.perf_counter() - started
     if seconds > settings.compile_budget_s:

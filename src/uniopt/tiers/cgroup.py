@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CgroupLimits", "read_cgroup_limits"]
+__all__ = ["CgroupLimits", "read_cgroup_limits", "read_cgroup_memory"]
 
 #: cgroup v1 reports "no memory limit" as a huge page-aligned number; anything above this is none.
 _V1_UNLIMITED_BYTES = 1 << 60
@@ -126,3 +126,52 @@ def read_cgroup_limits(root: Path | str = "/") -> CgroupLimits:
             memory_limit_bytes=_v1_memory(_v1_dirs(root, v1, "memory")),
         )
     return CgroupLimits(version=None, cpu_quota=None, memory_limit_bytes=None)
+
+
+def _working_set(directory: Path, usage_file: str, inactive_field: str) -> int | None:
+    """Usage less the inactive page cache the kernel reclaims before it kills (as ``docker stats`` counts)."""
+    usage = _read(directory / usage_file)
+    if not usage:
+        return None
+    inactive = 0
+    for line in (_read(directory / "memory.stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == inactive_field:
+            inactive = int(value)
+    return max(0, int(usage) - inactive)
+
+
+def read_cgroup_memory(root: Path | str = "/") -> tuple[int, int] | None:
+    """``(limit, working set)`` of the limited cgroup on this process's path with the least room left.
+
+    None when no cgroup on the way up has a memory limit. Read afresh on every call.
+    """
+    root = Path(root)
+    text = _read(root / "proc/self/cgroup")
+    if text is None:
+        return None
+    v1, v2 = _parse_proc_cgroup(text)
+    unified = root / "sys/fs/cgroup"
+    if v2 is not None and (unified / "cgroup.controllers").exists():
+        dirs, limit_file, usage_file, inactive = (
+            _candidate_dirs(unified, v2),
+            "memory.max",
+            "memory.current",
+            "inactive_file",
+        )
+    elif v1:
+        dirs = _v1_dirs(root, v1, "memory")
+        limit_file, usage_file, inactive = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+    else:
+        return None
+    tightest: tuple[int, int] | None = None
+    for d in dirs:
+        text = _read(d / limit_file)
+        if not text or text == "max" or int(text) >= _V1_UNLIMITED_BYTES:
+            continue
+        used = _working_set(d, usage_file, inactive)
+        if used is None:
+            continue
+        if tightest is None or int(text) - used < tightest[0] - tightest[1]:
+            tightest = (int(text), used)
+    return tightest

@@ -103,6 +103,49 @@ class HostProfile:
             "fingerprint": self.fingerprint,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HostProfile:
+        """The profile ``to_dict`` (``optimize doctor --json``) printed, for building on another machine.
+
+        Raises ``ValueError`` when the data is not such a profile or its fingerprint does not match.
+        """
+        try:
+            cpu, memory = data["cpu"], data["memory"]
+            profile = cls(
+                cpu=CpuInfo(
+                    model=cpu["model"],
+                    vendor=cpu["vendor"],
+                    architecture=cpu["architecture"],
+                    physical_cores=int(cpu["physical_cores"]),
+                    logical_cores=int(cpu["logical_cores"]),
+                    flags=tuple((str(k), bool(v)) for k, v in cpu["flags"].items()),
+                ),
+                usable_cpus=float(cpu["usable_cpus"]),
+                affinity_cpus=cpu["affinity_cpus"],
+                cgroup_version=data["cgroup_version"],
+                cgroup_cpu_quota=cpu["cgroup_cpu_quota"],
+                memory=MemoryInfo(int(memory["total_bytes"]), int(memory["available_bytes"]), memory["limit_bytes"]),
+                gpus=tuple(GpuInfo(**g) for g in data["gpus"]),
+                backends=tuple(
+                    BackendInfo(
+                        name,
+                        bool(b["available"]),
+                        b["version"],
+                        b["reason"],
+                        tuple(b["providers"]),
+                        tuple((d, tuple(p)) for d, p in b["devices"].items()),
+                    )
+                    for name, b in data["backends"].items()
+                ),
+                os=data["os"],
+                python=data["python"],
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"not a uniopt host profile (optimize doctor --json): {exc!r}") from exc
+        if "fingerprint" in data and data["fingerprint"] != profile.fingerprint:
+            raise ValueError("the profile's fingerprint does not match its facts (edited, or another uniopt version)")
+        return profile
+
 
 def read_host_profile(root: Path | str = "/", *, probe: bool = True) -> HostProfile:
     """Read the profile under ``root``; ``probe=False`` skips importing backends (for tests)."""

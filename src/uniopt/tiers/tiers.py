@@ -69,6 +69,10 @@ class TierChoice:
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
 _DECODER_CPU = ("torch-int8", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
+# A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
+# candidates, which build without one (a bf16 copy, int8 Linear layers), come before ONNX Runtime.
+_ENCODER_SMALL = ("openvino-bf16", "openvino-int8-matmul", "torch-bf16", "torch-int8", "onnxruntime-fp32", "eager")
+_EMBEDDING_SMALL = ("openvino-bf16", "torch-bf16", "onnxruntime-fp32", "eager")
 
 TIERS: tuple[Tier, ...] = (
     Tier(
@@ -83,9 +87,9 @@ TIERS: tuple[Tier, ...] = (
         description="a small VM: few usable CPUs or little memory; no torch.compile, short search",
         when_any=(Condition("usable_cpus", "<=", 2), Condition("memory_limit_gib", "<", 4)),
         chains={
-            "encoder": _ENCODER_CPU,
+            "encoder": _ENCODER_SMALL,
             "decoder": _DECODER_CPU,
-            "embedding": _EMBEDDING_CPU,
+            "embedding": _EMBEDDING_SMALL,
             "segmentation": ("openvino-f32", "eager"),
             "generic": ("onnxruntime-fp32", "eager"),
         },

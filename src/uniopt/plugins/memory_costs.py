@@ -1,0 +1,114 @@
+"""What each kind of build step costs in memory, as data, and the check that runs before a step.
+
+A step's peak is estimated as ``peak_factor`` times its base bytes plus ``fixed_bytes`` (runtime
+libraries loaded, first-call buffers). The base is the component's weight bytes (parameters and
+buffers) for the steps that start from the module, and the size of the model file for the steps
+that load one (an int8 IR costs less to compile than its FP32 module weighs). The factors were
+measured with ``python benchmarks/memory_factors.py`` on the wav2vec2-base encoder (95 M parameters)
+and the TTS codec decoder, taking the larger of the two; ``tests/test_memory.py`` builds each kind
+of step again and checks that the estimate covers the measured peak.
+
+Before a step runs, :func:`memory_step` compares the estimate (times :data:`SAFETY_FACTOR`, plus
+:data:`RESERVE_BYTES`) with the memory left under the host's or the cgroup's limit, and refuses with
+a :class:`~uniopt.errors.MemoryBudgetError` when it does not fit: the candidate is then recorded
+as refused and the next one is tried, instead of the process being killed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import MemoryBudgetError
+from ..memory import measure_memory, memory_headroom, module_bytes
+
+__all__ = [
+    "RESERVE_BYTES",
+    "SAFETY_FACTOR",
+    "STEP_COSTS",
+    "StepCost",
+    "estimate_step",
+    "file_bytes",
+    "memory_step",
+    "weight_bytes",
+]
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A build step's peak RSS increase: ``peak_factor`` x base bytes + ``fixed_bytes``."""
+
+    peak_factor: float
+    fixed_bytes: int = 0
+    description: str = ""
+
+
+#: Measured per kind of step (see the module docstring); keys are the step names builders use.
+STEP_COSTS: dict[str, StepCost] = {
+    "onnx-export-legacy": StepCost(2.6, 96 * MiB, "torch.onnx.export, TorchScript tracer"),
+    "onnx-export-dynamo": StepCost(3.2, 160 * MiB, "torch.onnx.export(dynamo=True) and program.save"),
+    "onnxruntime-optimize": StepCost(2.4, 96 * MiB, "ORT_ENABLE_ALL session writing the optimized model"),
+    "onnxruntime-quantize": StepCost(3.0, 96 * MiB, "onnxruntime.quantization.quantize_dynamic"),
+    "onnxruntime-fp16": StepCost(2.5, 64 * MiB, "onnxruntime.transformers float16 conversion"),
+    "onnxruntime-session": StepCost(1.5, 96 * MiB, "loading the model into an InferenceSession, first call"),
+    "openvino-convert": StepCost(2.2, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),
+    "nncf-weights": StepCost(2.2, 96 * MiB, "nncf.compress_weights"),
+    "nncf-static": StepCost(3.2, 192 * MiB, "nncf.quantize: statistics over the calibration inputs"),
+    "openvino-compile": StepCost(1.6, 160 * MiB, "compile_model and the first call"),
+    "torch-copy": StepCost(1.1, 32 * MiB, "a copy of the module in another dtype"),
+    "torch-int8": StepCost(0.6, 48 * MiB, "dynamic int8 Linear: non-Linear weights copied, Linear packed"),
+    "torch-compile": StepCost(2.0, 512 * MiB, "torch.compile and its first call (inductor)"),
+}
+
+#: Estimates are scaled by this before comparing with the memory left (they are measured, not bounds).
+SAFETY_FACTOR = 1.15
+#: Kept free for the engine's own work (activations of a call, Python objects).
+RESERVE_BYTES = 96 * MiB
+
+
+def weight_bytes(component: Any) -> int:
+    """The component module's parameter and buffer bytes (computed once per component)."""
+    cached = component.__dict__.get("_weight_bytes")
+    if cached is None:
+        cached = module_bytes(component.module)
+        component.__dict__["_weight_bytes"] = cached
+    return int(cached)
+
+
+def estimate_step(step: str, base_bytes: int) -> int:
+    """The estimated peak RSS increase of ``step`` on ``base_bytes`` of weights or model file, in bytes."""
+    cost = STEP_COSTS[step]
+    return int(cost.peak_factor * base_bytes + cost.fixed_bytes)
+
+
+def file_bytes(*paths: Path) -> int:
+    """The size of a model on disk: each file, and for a folder every file in it."""
+    total = 0
+    for path in paths:
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        total += sum(p.stat().st_size for p in files if p.exists())
+    return total
+
+
+@contextmanager
+def memory_step(step: str, component: Any, context: Any, base_bytes: int | None = None) -> Iterator[None]:
+    """Refuse ``step`` when its estimate does not fit the memory left; measure it when it runs.
+
+    ``base_bytes`` defaults to the component's weight bytes. Each step that runs is appended to
+    ``context.memory_steps`` as ``{"step", "base_bytes", "estimated_bytes", "peak_bytes"}``.
+    """
+    base = weight_bytes(component) if base_bytes is None else base_bytes
+    needed = estimate_step(step, base)
+    headroom = memory_headroom()
+    if needed * SAFETY_FACTOR + RESERVE_BYTES > headroom.available_bytes:
+        raise MemoryBudgetError(step, needed, headroom.describe())
+    with measure_memory() as use:
+        yield
+    log = getattr(context, "memory_steps", None)
+    if log is not None:
+        log.append({"step": step, "base_bytes": base, "estimated_bytes": needed, "peak_bytes": use.peak_increase_bytes})

@@ -1,0 +1,46 @@
+"""The machine uniopt exists for: a 1.3 CPU / 1.5 GiB cgroup, where optimizing must never get the process killed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str):  # noqa: ANN202 - a script loaded by path
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+small_vm = _load(ROOT / "scripts" / "small_vm.py", "small_vm")
+
+
+@pytest.mark.cgroup
+def test_phoneme_engine_tier_mode_finishes_in_a_small_vm(tmp_path: Path) -> None:
+    """Empty cache, default (base-size) wav2vec2: tier mode ends optimized or eager, with reasons, never killed."""
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "phoneme", "--mode", "tier", "--small-vm"]
+    try:
+        with small_vm.small_vm(1.0, 64 * 2**20):  # can a cgroup be made here at all?
+            pass
+    except small_vm.Unavailable as exc:
+        pytest.skip(str(exc))
+    proc = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert "error" not in row, row.get("error")
+    assert row["limit"] == small_vm.LIMIT_1_5_GIB
+    # Exports of the 95 M-parameter encoder do not fit there: refused with the reason, before running.
+    assert row["refused"], "nothing was refused for memory: the estimates are not being checked"
+    for reason in row["refused"]:
+        assert "available under the 1.5 GiB limit" in reason, reason
+    assert row["peak"] < small_vm.LIMIT_1_5_GIB
