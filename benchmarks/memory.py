@@ -61,7 +61,10 @@ stage_bytes = sum(
 )
 refused = [f"{c.component}/{r.name}: {r.reason}" for c in report.components for r in c.candidates
            if r.reason.startswith("refused for memory")]
-print(json.dumps({"eager_rss": eager_rss, "optimized_rss": rss_bytes(), "peak": eager_rss + use.peak_increase_bytes,
+import os
+from uniopt.cache import ArtifactCache
+built = sorted({e.kind for e in ArtifactCache(os.environ["UNIOPT_CACHE_DIR"]).entries()})
+print(json.dumps({"built": built, "eager_rss": eager_rss, "optimized_rss": rss_bytes(), "peak": eager_rss + use.peak_increase_bytes,
                   "stage_bytes": stage_bytes, "chosen": chosen, "refused": refused, "setup_s": setup}))
 """
 
@@ -70,6 +73,7 @@ def _small_vm() -> object:
     spec = importlib.util.spec_from_file_location("small_vm", ROOT / "scripts" / "small_vm.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -132,6 +136,10 @@ def main() -> None:
                 print(_fmt(row), flush=True)
                 for reason in row.get("refused", []):
                     print(f"|   | refused | {reason} | | | | | | | |", flush=True)
+                if "built" in row:
+                    print(
+                        f"|   | built in the cache | {', '.join(row['built']) or 'nothing'} | | | | | | | |", flush=True
+                    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

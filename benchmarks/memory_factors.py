@@ -33,7 +33,7 @@ CANDIDATES = (
 )
 
 WORKER = """
-import json, sys
+import dataclasses, json, sys
 from uniopt import UniversalOptimizer
 from uniopt.plugins.memory_costs import weight_bytes
 name, candidate = sys.argv[1], sys.argv[2]
@@ -43,7 +43,19 @@ if name == "phoneme":
 else:
     from uniopt.engines.tts import FishSpeechEngine
     component = next(c for c in FishSpeechEngine().uniopt_components() if c.name.endswith("codec"))
-opt = UniversalOptimizer(component.module, component.example_inputs, mode="auto", allow=("eager", candidate),
+
+
+class OneComponent:  # the component as its engine declares it (exporter, metric, calibration)
+
+    def __init__(self, component):
+        self.module = component.module
+        self.component = dataclasses.replace(component, name="module")
+
+    def uniopt_components(self):
+        return [self.component]
+
+
+opt = UniversalOptimizer(OneComponent(component), mode="auto", allow=("eager", candidate),
                          reuse_decisions=False, search_budget_s=120)
 result = opt.report().components[0].candidate(candidate)
 print(json.dumps({"component": name, "weights": weight_bytes(component), "candidate": candidate,

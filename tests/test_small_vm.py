@@ -17,6 +17,7 @@ def _load(path: Path, name: str):  # noqa: ANN202 - a script loaded by path
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

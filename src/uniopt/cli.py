@@ -40,6 +40,10 @@ def _print_doctor(data: dict[str, Any]) -> None:
     host.add_row("instruction sets", " ".join(f for f, on in cpu["flags"].items() if on) or "none of interest")
     host.add_row("memory", f"{_gib(mem['total_bytes'])} total, {_gib(mem['available_bytes'])} available")
     host.add_row("memory limit", _gib(mem["limit_bytes"]))
+    room = mem.get("headroom")
+    if room:
+        used = f"cgroup working set {_gib(room['used_bytes'])}, " if room["used_bytes"] is not None else ""
+        host.add_row("memory left", f"{used}[bold]{_gib(room['available_bytes'])}[/] available to build in")
     host.add_row("GPUs", ", ".join(g["name"] for g in data["gpus"]) or "none")
     host.add_row("fingerprint", data["fingerprint"][:16] + "…")
     console.print(host)
@@ -174,6 +178,47 @@ def bench(
             _print_bench(result)  # each engine's table as soon as it is measured
     if as_json:
         typer.echo(json.dumps(results, indent=2))
+
+
+@app.command()
+def prepare(
+    engines: list[str] = typer.Argument(
+        ..., help="Built-in engines (phoneme, diarization, tts) or package.module:factory."
+    ),
+    target: str = typer.Option(..., "--for", help="The target host's `optimize doctor --json` output (a file)."),
+    out: str = typer.Option(..., "--out", help="The bundle directory to build into (created if missing)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Build every artifact another host can use (exports, ORT and OpenVINO models, int8) into a bundle.
+
+    On that host, UNIOPT_CACHE_BUNDLE=OUT makes tier and auto mode load them instead of exporting.
+    """
+    from pathlib import Path
+
+    from .prepare import prepare_bundle
+    from .tiers import HostProfile
+
+    try:
+        profile = HostProfile.from_dict(json.loads(Path(target).read_text()))
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]error:[/] --for {escape(target)}: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    try:
+        rows = prepare_bundle(engines, profile, out)
+    except UniOptError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps([vars(r) for r in rows], indent=2))
+        return
+    table = Table(title=f"Bundle {out} for host {profile.fingerprint[:16]}…")
+    for col in ("engine", "component", "candidate", "status", "s", "note"):
+        table.add_column(col, justify="right" if col == "s" else "left")
+    for r in rows:
+        table.add_row(r.engine, r.component, r.candidate, r.status, f"{r.seconds:.1f}", escape(r.reason[:90]))
+    console.print(table)
+    if any(r.status == "failed" for r in rows):
+        raise typer.Exit(1)
 
 
 cache_app = typer.Typer(help="List, verify and clear the artifact cache.", no_args_is_help=True)

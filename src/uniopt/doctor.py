@@ -28,7 +28,11 @@ class DoctorReport:
     advice: list[str]
 
     def to_dict(self) -> dict[str, Any]:
+        from .memory import memory_headroom
+
         data = self.profile.to_dict()
+        room = memory_headroom()
+        data["memory"]["headroom"] = {"available_bytes": room.available_bytes, "used_bytes": room.used_bytes}
         data["tier"] = {
             "name": self.choice.tier.name,
             "reason": self.choice.reason,

@@ -123,6 +123,8 @@ class _Selector:
         What fails is released before this returns.
         """
         steps = len(self.context.memory_steps)
+        if cand.name != "eager":
+            self.references()  # the FP32 reference outputs are the search's, not this candidate's memory
         with measure_memory() as use:
             stage = self._build_and_check(cand)
         result = self.results[-1]
@@ -369,6 +371,7 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
             if context.settings.mode == "tier":
                 return ComponentReport(component.name, cand.name, selector.results, stage=stage)
             selector.stages[cand.name] = stage
+            del stage  # the selector alone holds it, so a loser is freed as soon as it loses
             if cand.name != "eager":
                 _duel(selector, cand.name)
     if context.settings.mode == "tier":

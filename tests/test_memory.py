@@ -1,0 +1,179 @@
+"""Memory: measuring a step, the memory left under a cgroup limit, refusing before a kill, releasing losers."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from test_selection import SlowNet, _fake, _optimize, fake_plugins  # noqa: F401 - the fixture is used by name
+from uniopt import UniversalOptimizer
+from uniopt.cache import ArtifactCache
+from uniopt.memory import MemoryHeadroom, measure_memory, memory_headroom, module_bytes
+from uniopt.plugins import Candidate, Requirements, Stage, memory_costs
+from uniopt.tiers import HostProfile, host_profile
+from uniopt.tiers.cgroup import read_cgroup_memory
+
+MiB = 2**20
+LIMIT_1_5_GIB = 1610612736
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def test_measure_memory_sees_a_freed_peak_and_nests() -> None:
+    with measure_memory() as outer:
+        block = np.ones(40 * MiB // 8)  # 40 MiB, touched
+        del block
+        with measure_memory() as inner:
+            block = np.ones(100 * MiB // 8)
+            del block
+        kept = np.ones(20 * MiB // 8)
+    assert inner.peak_increase_bytes >= 95 * MiB
+    assert outer.peak_increase_bytes >= 95 * MiB, "the inner reset of VmHWM hid the outer peak"
+    assert outer.resident_increase_bytes >= 19 * MiB
+    assert outer.peak_increase_bytes < 400 * MiB
+    del kept
+
+
+def test_module_bytes_counts_tied_weights_once() -> None:
+    emb = torch.nn.Embedding(1000, 64)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    model.register_buffer("scale", torch.ones(10))
+    assert module_bytes(model) == 1000 * 64 * 4 + 10 * 4
+
+
+# -- the memory left under a cgroup limit -------------------------------------------------------------
+def _cgroup_root(tmp_path: Path, version: int, limit: str, usage: int, inactive: int) -> Path:
+    root = tmp_path / f"v{version}"
+    if version == 1:
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text("4:memory:/vm\n1:cpu:/\n")
+        d = root / "sys/fs/cgroup/memory/vm"
+        d.mkdir(parents=True)
+        (d / "memory.limit_in_bytes").write_text(limit)
+        (d / "memory.usage_in_bytes").write_text(str(usage))
+        (d / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {inactive}\n")
+    else:
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text("0::/app/vm\n")
+        (root / "sys/fs/cgroup").mkdir(parents=True)
+        (root / "sys/fs/cgroup/cgroup.controllers").write_text("cpu memory\n")
+        d = root / "sys/fs/cgroup/app/vm"
+        d.mkdir(parents=True)
+        (root / "sys/fs/cgroup/app/memory.max").write_text("max\n")
+        (d / "memory.max").write_text(limit)
+        (d / "memory.current").write_text(str(usage))
+        (d / "memory.stat").write_text(f"anon 1\ninactive_file {inactive}\n")
+    return root
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_working_set_leaves_out_reclaimable_cache(tmp_path: Path, version: int) -> None:
+    root = _cgroup_root(tmp_path, version, str(LIMIT_1_5_GIB), usage=900 * MiB, inactive=200 * MiB)
+    assert read_cgroup_memory(root) == (LIMIT_1_5_GIB, 700 * MiB)
+    room = memory_headroom(root)
+    assert room.limit_bytes == LIMIT_1_5_GIB and room.available_bytes == LIMIT_1_5_GIB - 700 * MiB
+    assert room.describe() == "836 MiB available under the 1.5 GiB limit"
+
+
+def test_no_cgroup_limit_means_host_memory(tmp_path: Path) -> None:
+    root = _cgroup_root(tmp_path, 2, "max", usage=1, inactive=0)
+    assert read_cgroup_memory(root) is None
+    assert memory_headroom(root).limit_bytes is None
+
+
+# -- refusing a step that would not fit ------------------------------------------------------------
+def _squeeze(monkeypatch: pytest.MonkeyPatch, available: int) -> None:
+    """The memory left is what a 1.5 GiB cgroup with ``available`` bytes free would report."""
+    room = MemoryHeadroom(available, LIMIT_1_5_GIB, LIMIT_1_5_GIB - available)
+    monkeypatch.setattr(memory_costs, "memory_headroom", lambda: room)
+
+
+def _wide_mlp() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).eval()
+    return model, torch.randn(4, 256)
+
+
+def test_an_export_that_does_not_fit_is_refused_before_it_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model, x = _wide_mlp()
+    _squeeze(monkeypatch, 64 * MiB)
+    opt = UniversalOptimizer(
+        model,
+        (x,),
+        mode="auto",
+        tier="cpu-avx512",
+        allow=("eager", "onnxruntime-fp32"),
+        cache_dir=str(tmp_path),
+        fallback_on_optimization_error=False,  # a refusal is not a failure: nothing raises
+        model_warmup_runs=1,
+    )
+    report = opt.report().component("module")
+    refused = report.candidate("onnxruntime-fp32")
+    assert not refused.accepted
+    assert refused.reason.startswith("refused for memory: onnx-export-")
+    assert "MiB, 64 MiB available under the 1.5 GiB limit" in refused.reason
+    assert report.chosen == "eager"
+    assert not [e for e in ArtifactCache(tmp_path).entries() if e.kind == "onnx-export"], "the export ran anyway"
+
+
+def test_with_room_the_same_candidate_builds_and_its_memory_is_reported(tmp_path: Path) -> None:
+    model, x = _wide_mlp()
+    opt = UniversalOptimizer(
+        model, (x,), mode="tier", tier="low-resource", allow=("eager", "onnxruntime-fp32"), cache_dir=str(tmp_path)
+    )
+    result = opt.report().component("module").candidate("onnxruntime-fp32")
+    assert result.accepted
+    steps = [s["step"] for s in result.memory_steps]
+    assert steps[0].startswith("onnx-export-") and steps[1:] == ["onnxruntime-optimize", "onnxruntime-session"]
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes > 0
+    assert result.estimated_peak_bytes == max(s["estimated_bytes"] for s in result.memory_steps)
+    assert json.loads(json.dumps(opt.report().to_dict()))["components"][0]["candidates"]
+
+
+# -- holding only what can still win ----------------------------------------------------------------
+class _Tracked:
+    alive: weakref.WeakSet[Any] = weakref.WeakSet()
+    most = 0
+
+
+def _tracked(name: str, seconds: float) -> Candidate:
+    inner = _fake(name, seconds)
+
+    def build(component: Any, context: Any) -> Stage:
+        stage = inner.build(component, context)
+        _Tracked.alive.add(stage)
+        gc.collect()
+        _Tracked.most = max(_Tracked.most, len(_Tracked.alive))
+        return stage
+
+    return Candidate(name, "fake", f"tracked {name}", build, Requirements())
+
+
+def test_auto_mode_keeps_at_most_two_built_stages_alive(fake_plugins: Any, tmp_path: Any) -> None:  # noqa: F811
+    fake_plugins(*[_tracked(f"c{i}", 0.001 * (5 - i)) for i in range(5)])
+    opt = _optimize(SlowNet(), tmp_path, search_budget_s=60)
+    report = opt.report().component("module")
+    assert report.chosen == "c4"  # the fastest, found though only two were ever held
+    assert _Tracked.most == 2
+    assert all(report.candidate(f"c{i}").speedup for i in range(5)), "every survivor was timed against eager"
+    gc.collect()
+    assert len(_Tracked.alive) == 1, "losers are released once the search is over"
+
+
+# -- host profiles for another machine -------------------------------------------------------------
+def test_a_doctor_profile_round_trips_and_a_changed_one_is_refused() -> None:
+    data = json.loads(json.dumps(host_profile().to_dict()))
+    assert HostProfile.from_dict(data) == host_profile()
+    data["cpu"]["usable_cpus"] = 64.0
+    with pytest.raises(ValueError, match="fingerprint"):
+        HostProfile.from_dict(data)
+    with pytest.raises(ValueError, match="not a uniopt host profile"):
+        HostProfile.from_dict({"cpu": {}})
