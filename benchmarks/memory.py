@@ -64,8 +64,9 @@ refused = [f"{c.component}/{r.name}: {r.reason}" for c in report.components for 
 import os
 from uniopt.cache import ArtifactCache
 built = sorted({e.kind for e in ArtifactCache(os.environ["UNIOPT_CACHE_DIR"]).entries()})
-print(json.dumps({"built": built, "eager_rss": eager_rss, "optimized_rss": rss_bytes(), "peak": eager_rss + use.peak_increase_bytes,
-                  "stage_bytes": stage_bytes, "chosen": chosen, "refused": refused, "setup_s": setup}))
+print(json.dumps({"built": built, "eager_rss": eager_rss, "optimized_rss": rss_bytes(),
+                  "peak": eager_rss + use.peak_increase_bytes, "stage_bytes": stage_bytes, "chosen": chosen,
+                  "refused": refused, "setup_s": setup}))
 """
 
 
