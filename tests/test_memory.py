@@ -177,3 +177,49 @@ def test_a_doctor_profile_round_trips_and_a_changed_one_is_refused() -> None:
         HostProfile.from_dict(data)
     with pytest.raises(ValueError, match="not a uniopt host profile"):
         HostProfile.from_dict({"cpu": {}})
+
+
+def test_each_kind_of_build_step_stays_within_its_estimate(tmp_path: Path) -> None:
+    """Every kind of step, built for real on a 25 MiB model: the measured peak is within the estimate.
+
+    The factors themselves were measured on real-size models (benchmarks/memory_factors.py).
+    """
+    torch.manual_seed(4)
+    layers: list[torch.nn.Module] = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(1024, 1024), torch.nn.GELU()]
+    model = torch.nn.Sequential(*layers).eval()
+    names = (
+        "torch-int8",
+        "torch-bf16",
+        "onnxruntime-fp32",
+        "onnxruntime-int8",
+        "openvino-f32",
+        "openvino-bf16",
+        "openvino-int8-weights",
+        "openvino-int8-static",
+    )
+    opt = UniversalOptimizer(
+        model,
+        (torch.randn(2, 16, 1024),),
+        mode="auto",
+        tier="cpu-avx512",
+        allow=("eager", *names),
+        cache_dir=str(tmp_path),
+        search_budget_s=600,
+        model_warmup_runs=1,
+    )
+    report = opt.report().component("module")
+    ran: set[str] = set()
+    for name in names:
+        result = report.candidate(name)
+        if result.reason.startswith("not available"):  # bf16 on a CPU without it
+            continue
+        assert result.memory_steps, (name, result.reason)
+        for step in result.memory_steps:
+            ran.add(step["step"].rsplit("-", 1)[0] if step["step"].startswith("openvino-compile") else step["step"])
+            assert step["peak_bytes"] <= step["estimated_bytes"], (name, step)
+    expected = {"torch-int8", "onnxruntime-optimize", "onnxruntime-quantize", "onnxruntime-session"}
+    expected |= {"openvino-convert", "nncf-weights", "nncf-static", "openvino-compile"}
+    assert expected <= ran, expected - ran
+    assert any(s.startswith("onnx-export-") for s in ran)

@@ -42,6 +42,8 @@ def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: T
             f"{usable_memory / 2**30:.1f} GiB usable memory is below the ~4 GiB torch.compile needs; "
             f"torch.compile is {state} (USE_MODEL_COMPILATION)."
         )
+    if profile.memory.limit_bytes is not None or usable_memory < COMPILE_MIN_MEMORY_BYTES:
+        lines.append(_export_advice(usable_memory))
     if profile.usable_cpus < profile.cpu.logical_cores:
         lines.append(
             f"This process may use {profile.usable_cpus:g} of {profile.cpu.logical_cores} CPUs "
@@ -56,3 +58,18 @@ def host_advice(profile: HostProfile, tier: Tier, settings: Settings, threads: T
     if tier.name == "low-resource" and settings.mode == "auto":
         lines.append("Small host: UNIOPT_MODE=tier skips the timing search for a faster first start.")
     return lines
+
+
+def _export_advice(usable_memory: int) -> str:
+    """How large a model this host can export itself, from the measured step costs."""
+    from .memory import format_bytes
+    from .plugins.memory_costs import RESERVE_BYTES, SAFETY_FACTOR, STEP_COSTS
+
+    export = max(STEP_COSTS["onnx-export-legacy"], STEP_COSTS["onnx-export-dynamo"], key=lambda c: c.peak_factor)
+    largest = max(0, int(((usable_memory - RESERVE_BYTES) / SAFETY_FACTOR - export.fixed_bytes) / export.peak_factor))
+    return (
+        f"An ONNX export needs about {export.peak_factor:g}x the model's weights on top of the engine, so with "
+        f"{format_bytes(usable_memory)} this host exports models below ~{format_bytes(largest)} of weights at most "
+        "(less the engine itself): larger exports are refused, not killed. Build them elsewhere with "
+        "`optimize prepare ENGINE --for doctor.json --out DIR` and set UNIOPT_CACHE_BUNDLE=DIR here."
+    )

@@ -137,7 +137,8 @@ def _build(variant: str, precision: str, name: str) -> Any:
         hint = _float_precision(context.profile) if precision == "host-float" else precision
         path, cached, export = _ir(component, context, variant, loaded)
         device = _device_for(context.profile, hint)
-        with memory_step("openvino-compile", component, context, file_bytes(path, path.with_suffix(".bin"))):
+        ir_bytes = file_bytes(path, path.with_suffix(".bin"))
+        with memory_step(f"openvino-compile-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
             compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint))
         _check_precision(compiled, device, hint)
         request = compiled.create_infer_request()
