@@ -1,6 +1,6 @@
 """Measure each build step's peak memory against its estimate (the factors in plugins/memory_costs.py).
 
-    python benchmarks/memory_factors.py [--component phoneme|codec ...] [--candidate NAME ...]
+    python benchmarks/memory_factors.py [--component phoneme|codec|decoder ...] [--candidate NAME ...]
 
 Every candidate is built in a fresh process with an empty cache, so each step runs from scratch
 (export, ORT optimization or quantization, OpenVINO convert, nncf, compile, torch copies). Prints,
@@ -40,9 +40,9 @@ name, candidate = sys.argv[1], sys.argv[2]
 if name == "phoneme":
     from uniopt.engines.phoneme import PhonemeExtractor
     component = PhonemeExtractor().uniopt_components()[0]
-else:
+else:  # the TTS engine's "codec" or "decoder"
     from uniopt.engines.tts import FishSpeechEngine
-    component = next(c for c in FishSpeechEngine().uniopt_components() if c.name.endswith("codec"))
+    component = next(c for c in FishSpeechEngine().uniopt_components() if c.name == name)
 
 
 class OneComponent:  # the component as its engine declares it (exporter, metric, calibration)
@@ -77,7 +77,7 @@ def run(component: str, candidate: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--component", action="append", choices=("phoneme", "codec"))
+    parser.add_argument("--component", action="append", choices=("phoneme", "codec", "decoder"))
     parser.add_argument("--candidate", action="append", choices=CANDIDATES)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
