@@ -7,13 +7,15 @@ Every error derives from :class:`UniOptError`, so ``except UniOptError`` catches
     ├── InputError             bad input to an engine (dtype, shape, sample rate, NaN, empty audio)
     ├── PluginError            a plugin is broken: bad registration, duplicate name, unknown hook
     ├── BackendUnavailable     an optional backend (onnxruntime, openvino, nncf) is not installed
+    ├── NotApplicable          a candidate does not apply to a component (no LSTM to quantize, no export)
     ├── OptimizationError      a candidate stage failed to build, load or run on this host
     │   └── ValidationError    a stage ran but disagrees with the FP32 reference
     └── CacheError             the artifact cache cannot be used (unwritable directory, ...)
 
 A user's mistake raises with a message that says what to do. A plugin's failure on this host is
 recorded as a fallback in the report; it is raised only when ``FALLBACK_ON_OPTIMIZATION_ERROR``
-is false, as an :class:`OptimizationError` whose ``__cause__`` is the original exception.
+is false, as an :class:`OptimizationError` whose ``__cause__`` is the original exception. A
+candidate that does not apply (:class:`NotApplicable`) is recorded whatever that setting says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "BackendUnavailable",
     "CacheError",
     "InputError",
+    "NotApplicable",
     "OptimizationError",
     "PluginError",
     "SettingsError",
@@ -62,6 +65,10 @@ class BackendUnavailable(UniOptError, ImportError):
         self.extra = extra
         detail = f" ({reason})" if reason else ""
         super().__init__(f"{backend} is not available{detail}; install it with: pip install 'uniopt[{extra}]'")
+
+
+class NotApplicable(UniOptError):
+    """A candidate does not apply to this component; recorded as such, never raised to the caller."""
 
 
 class OptimizationError(UniOptError):
