@@ -222,3 +222,21 @@ def test_inside_validation_a_call_the_graph_cannot_take_raises(tmp_path: Path) -
     with strict_calls(stage), pytest.raises(OptimizationError, match="backend error"):
         stage(torch.randn(1, 16, 8))
     assert runner.fallbacks.calls == 0
+
+
+def test_the_engines_validate_graph_stages_at_the_sizes_they_run() -> None:
+    from transformers import Wav2Vec2Config
+
+    from uniopt import Settings
+    from uniopt.engines.phoneme import PhonemeExtractor
+    from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "conv_dim": (32, 32, 32), "conv_kernel": (10, 3, 3), "conv_stride": (5, 4, 4),
+            "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}  # fmt: skip
+    extractor = PhonemeExtractor.from_config(Wav2Vec2Config(**tiny), settings=Settings(), chunk_seconds=3.0)
+    (model,) = extractor.uniopt_components()
+    assert [tuple(inputs[0].shape) for inputs in shape_variants(model)] == [(1, extractor.chunk_samples), (1, 16_000)]
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=0)
+    codec = next(c for c in engine.uniopt_components() if c.name == "codec")
+    assert [inputs[0].shape[-1] for inputs in shape_variants(codec)] == [1, 12]
