@@ -28,6 +28,7 @@ import torch
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from ..plugins.memory_costs import memory_step
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
 from .guard import GuardResult, check_outputs, check_structure, fixed_shapes, reference_outputs, strict_calls
@@ -99,6 +100,7 @@ class _Selector:
         self.started = time.perf_counter()
         component.module.eval()
         self._references: list[_Reference] | None = None
+        self.call_bytes = 0
         self._shape_references: list[_Reference] | None = None
 
     def references(self, shapes: bool = False) -> list[_Reference]:
@@ -117,6 +119,13 @@ class _Selector:
         return [*self._references, *self._shape_references]
 
     def _reference_list(self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False) -> list[_Reference]:
+        with measure_memory() as use:
+            found = self._compute_references(input_sets, skip_failing)
+        # What a call of the module needs beyond its weights: a stage's first calls need about as much.
+        self.call_bytes = max(self.call_bytes, use.peak_increase_bytes)
+        return found
+
+    def _compute_references(self, input_sets: list[tuple[Any, ...]], skip_failing: bool) -> list[_Reference]:
         torch.manual_seed(0)
         module, forcing, name = self.component.module, self.component.teacher_forcing, self.component.name
         found = []
@@ -170,7 +179,11 @@ class _Selector:
             self.reject(cand.name, f"{label}: {built.reason}", build_seconds=build_seconds)
             return None
         try:
-            verdict = self.validate(cand, built)
+            with memory_step("first-calls", self.component, self.context, self.call_bytes):
+                verdict = self.validate(cand, built)
+        except MemoryBudgetError as exc:
+            self.reject(cand.name, f"refused for memory: {exc}", build_seconds=build_seconds)
+            return None
         except InputError:  # the reference itself fails: the component's inputs are wrong
             raise
         except Exception as exc:
