@@ -56,7 +56,7 @@ class OneComponent:  # the component as its engine declares it (exporter, metric
 
 
 opt = UniversalOptimizer(OneComponent(component), mode="auto", allow=("eager", candidate),
-                         reuse_decisions=False, search_budget_s=120)
+                         reuse_decisions=False, search_budget_s=3600)
 result = opt.report().components[0].candidate(candidate)
 print(json.dumps({"component": name, "weights": weight_bytes(component), "candidate": candidate,
                   "accepted": result.accepted, "reason": result.reason, "peak": result.peak_memory_bytes,

@@ -384,12 +384,12 @@ def test_remove_and_clear(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_unwritable_root_raises_cache_error(tmp_path: Path) -> None:
+def test_unwritable_root_raises_cache_error_when_required(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
     root = afile / "cache"
     with pytest.raises(CacheError, match="UNIOPT_CACHE_DIR") as info:
-        ArtifactCache(root)
+        ArtifactCache(root, required=True)
     assert str(root) in str(info.value)
     assert isinstance(info.value, OSError)
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from uniopt import Metric
-from uniopt.optimizer.guard import TIE_MARGIN_NATS, check_outputs, metric_value
+from uniopt.optimizer.guard import (
+    MAX_MEAN_KL_NATS,
+    TIE_MARGIN_NATS,
+    check_outputs,
+    distribution_error,
+    metric_value,
+)
 
 FP32 = {"precision": "fp32", "metric": Metric(), "atol": 1e-4, "rtol": 1e-4}
 
@@ -102,3 +108,67 @@ def test_integer_tokens_are_judged_by_agreement_not_exact_equality() -> None:
     assert not check_outputs(ref, many_flips, precision="int8", metric=token, atol=0, rtol=0).passed
     # Without an agreement metric, integers must match exactly.
     assert not check_outputs(ref, one_flip, precision="fp32", metric=Metric(), atol=1e-4, rtol=1e-4).passed
+
+
+# -- NaN and infinity ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("metric", "threshold"), [("cosine", 0.99), ("snr_db", 20.0), ("ctc_agreement", 0.9)])
+def test_an_all_nan_candidate_fails_when_the_reference_holds_one_infinity(metric: str, threshold: float) -> None:
+    ref = torch.linspace(-1, 1, 12).reshape(3, 4)
+    ref[0, 0] = -math.inf
+    verdict = check_outputs(
+        ref, torch.full_like(ref, math.nan), precision="int8", metric=Metric(metric, threshold), atol=0, rtol=0
+    )
+    assert not verdict.passed and "where the reference is finite" in verdict.reason
+
+
+def test_the_references_own_infinities_must_be_matched_and_the_rest_is_judged() -> None:
+    ref = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    ref[:, 0] = -math.inf  # a masked label
+    close = ref + 1e-3
+    cos = Metric("cosine", 0.999)
+    assert check_outputs(ref, close, precision="int8", metric=cos, atol=0, rtol=0).passed
+    ctc = check_outputs(ref, close, precision="int8", metric=Metric("ctc_agreement", 0.9), atol=0, rtol=0)
+    assert ctc.passed and ctc.value == 1.0
+    assert check_outputs(ref, ref + 5e-5, **FP32).passed
+    moved = close.clone()
+    moved[0, 0], moved[0, 1] = 0.5, -math.inf
+    verdict = check_outputs(ref, moved, precision="int8", metric=cos, atol=0, rtol=0)
+    assert not verdict.passed and "where the reference is finite" in verdict.reason
+    flipped = close.clone()
+    flipped[1, 0] = math.inf
+    verdict = check_outputs(ref, flipped, precision="int8", metric=cos, atol=0, rtol=0)
+    assert not verdict.passed and "same places" in verdict.reason
+
+
+def test_a_metric_that_comes_out_nan_fails() -> None:
+    ref = torch.full((2, 4), 1e200, dtype=torch.float64)  # the norms overflow: cosine is inf / inf
+    assert math.isnan(metric_value("cosine", ref, ref))
+    verdict = check_outputs(ref, ref.clone(), precision="int8", metric=Metric("cosine", 0.99), atol=0, rtol=0)
+    assert not verdict.passed and "nan" in verdict.reason
+
+
+# -- FP32 is judged as FP32 --------------------------------------------------------------------------
+def test_fp32_float_outputs_are_judged_by_tolerance_next_to_integer_outputs() -> None:
+    tokens, logits = torch.arange(8), torch.randn(8, 5)
+    token = Metric("token_agreement", 0.9)
+    assert check_outputs(
+        (tokens, logits), (tokens, logits + 1e-6), precision="fp32", metric=token, atol=1e-4, rtol=1e-4
+    ).passed
+    verdict = check_outputs(
+        (tokens, logits), (tokens, logits * 3 + 5), precision="fp32", metric=token, atol=1e-4, rtol=1e-4
+    )
+    assert not verdict.passed and verdict.metric == "allclose" and verdict.reason.startswith("output 1")
+
+
+# -- agreement is not enough -------------------------------------------------------------------------
+def test_scaled_logits_keep_every_argmax_but_fail_on_their_distribution() -> None:
+    logits = 4 * torch.randn(50, 12, generator=torch.Generator().manual_seed(2))
+    ctc = Metric("ctc_agreement", 0.98)
+    assert metric_value("ctc_agreement", logits, logits / 10) == 1.0
+    verdict = check_outputs(logits, logits / 10, precision="int8", metric=ctc, atol=0, rtol=0)
+    assert not verdict.passed and "mean KL" in verdict.reason
+    assert distribution_error(logits, logits / 10) > MAX_MEAN_KL_NATS
+    noisy = logits + 0.05 * torch.randn(50, 12, generator=torch.Generator().manual_seed(3))
+    assert check_outputs(logits, noisy, precision="int8", metric=ctc, atol=0, rtol=0).passed
+    for name in ("argmax_agreement", "token_agreement"):
+        assert not check_outputs(logits, logits / 10, precision="bf16", metric=Metric(name, 0.9), atol=0, rtol=0).passed

@@ -230,7 +230,7 @@ def _open_cache() -> Any:
     from .settings import load_settings
 
     settings = load_settings()
-    return ArtifactCache(settings.cache_dir or default_cache_dir(), max_bytes=settings.cache_size_limit)
+    return ArtifactCache(settings.cache_dir or default_cache_dir(), max_bytes=settings.cache_size_limit, required=True)
 
 
 def _size(n: int) -> str:

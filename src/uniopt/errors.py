@@ -8,13 +8,15 @@ Every error derives from :class:`UniOptError`, so ``except UniOptError`` catches
     ├── PluginError            a plugin is broken: bad registration, duplicate name, unknown hook
     ├── BackendUnavailable     an optional backend (onnxruntime, openvino, nncf) is not installed
     ├── MemoryBudgetError      a build step would need more memory than the limit leaves
+    ├── NotApplicable          a candidate does not apply to a component (no LSTM to quantize, no export)
     ├── OptimizationError      a candidate stage failed to build, load or run on this host
     │   └── ValidationError    a stage ran but disagrees with the FP32 reference
     └── CacheError             the artifact cache cannot be used (unwritable directory, ...)
 
 A user's mistake raises with a message that says what to do. A plugin's failure on this host is
 recorded as a fallback in the report; it is raised only when ``FALLBACK_ON_OPTIMIZATION_ERROR``
-is false, as an :class:`OptimizationError` whose ``__cause__`` is the original exception.
+is false, as an :class:`OptimizationError` whose ``__cause__`` is the original exception. A
+candidate that does not apply (:class:`NotApplicable`) is recorded whatever that setting says.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "CacheError",
     "InputError",
     "MemoryBudgetError",
+    "NotApplicable",
     "OptimizationError",
     "PluginError",
     "SettingsError",
@@ -79,6 +82,10 @@ class MemoryBudgetError(UniOptError, MemoryError):
         self.step = step
         self.needed_bytes = needed_bytes
         super().__init__(f"{step} needs ~{format_bytes(needed_bytes)}, {available}")
+
+
+class NotApplicable(UniOptError):
+    """A candidate does not apply to this component; recorded as such, never raised to the caller."""
 
 
 class OptimizationError(UniOptError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,9 @@ def test_bad_audio_raises_input_error_that_says_what_to_do(audio: object, messag
         prepare_audio(audio, SR)
 
 
-@pytest.mark.parametrize("rate", [0, -16_000, 999, 384_001, 16_000.5, "16000", True, None])
+@pytest.mark.parametrize(
+    "rate", [0, -16_000, 999, 384_001, 16_000.5, "16000", True, None, float("nan"), float("inf"), -float("inf")]
+)
 def test_implausible_sample_rates_are_rejected(rate: object) -> None:
     with pytest.raises(InputError, match="sample_rate"):
         prepare_audio(np.zeros(SR, dtype=np.float32), rate)  # type: ignore[arg-type]
@@ -70,6 +74,18 @@ def test_int16_and_int32_pcm_are_scaled_to_unit_range() -> None:
     np.testing.assert_allclose(prepare_audio(pcm16, SR), [32767 / 32768, -1.0, 0.0, 0.5])
     pcm32 = np.array([2**31 - 1, -(2**31), 2**30], dtype=np.int32)
     np.testing.assert_allclose(prepare_audio(pcm32, SR), [1.0, -1.0, 0.5], rtol=1e-7)
+
+
+def test_int16_pcm_is_scaled_without_a_float64_copy() -> None:
+    pcm = (np.arange(1_000_000) % 65536 - 32768).astype(np.int16)
+    tracemalloc.start()
+    try:
+        out = prepare_audio(pcm, SR)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.dtype == np.float32 and out[0] == -1.0
+    assert peak < 1.6 * out.nbytes, f"{peak / 2**20:.1f} MiB for {out.nbytes / 2**20:.1f} MiB of float32"
 
 
 def test_output_is_contiguous_float32_mono_for_numpy_torch_and_lists() -> None:

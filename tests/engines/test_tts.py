@@ -107,6 +107,16 @@ def test_reference_audio_extends_the_prompt(engine: FishSpeechEngine) -> None:
     assert audio.shape == (engine.config.decode_steps * HOP,)
 
 
+def test_reference_audio_goes_through_the_shared_audio_checks(engine: FishSpeechEngine) -> None:
+    reference = np.sin(np.linspace(0, 400, 3 * HOP + 100)).astype(np.float32) * 0.5
+    expected = engine.encode_prompt("voice", reference)
+    pcm = np.round(reference * 32768).astype(np.int16)  # int16 PCM is scaled to [-1, 1)
+    assert torch.equal(engine.encode_prompt("voice", pcm), expected)
+    stereo = np.stack([reference, reference])  # two channels are averaged
+    assert torch.equal(engine.encode_prompt("voice", stereo), expected)
+    assert torch.equal(engine.encode_prompt("voice", list(reference)), expected)
+
+
 def test_end_of_speech_token_ends_the_utterance() -> None:
     config = dataclasses.replace(FishSpeechConfig.tiny(decode_steps=4), allow_eos=True)
     engine = FishSpeechEngine(config)
@@ -123,11 +133,12 @@ def test_end_of_speech_token_ends_the_utterance() -> None:
         ("   ", None, {}, "empty"),
         (42, None, {}, "must be a str"),
         ("x" * 400, None, {}, "max_seq_len"),
-        ("hi", [0.0] * HOP, {}, "numpy array or tensor"),
-        ("hi", np.zeros(HOP, dtype=np.int16), {}, "floats"),
-        ("hi", np.zeros((2, HOP), dtype=np.float32), {}, "mono"),
-        ("hi", np.zeros(HOP - 1, dtype=np.float32), {}, "at least one frame"),
+        ("hi", "voice.wav", {}, "numpy array or torch tensor"),
+        ("hi", np.zeros(HOP, dtype=np.uint8), {}, "integer audio"),
+        ("hi", np.zeros((3, HOP), dtype=np.float32), {}, "channel"),
+        ("hi", np.zeros(HOP - 1, dtype=np.float32), {}, f"at least {HOP}"),
         ("hi", np.full(HOP, np.nan, dtype=np.float32), {}, "NaN"),
+        ("hi", np.zeros(0, dtype=np.float32), {}, "empty"),
         ("hi", np.zeros(200 * HOP, dtype=np.float32), {}, "at most"),
         ("hi", None, {"temperature": -0.1}, "temperature"),
         ("hi", None, {"top_p": 0.0}, "top_p"),

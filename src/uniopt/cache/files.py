@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -10,7 +11,23 @@ import shutil
 import threading
 from pathlib import Path
 
-__all__ = ["fsync_path", "pid_alive", "remove_path", "sha256_file", "tree_stat", "unique_path"]
+__all__ = ["fsync_path", "is_unwritable", "pid_alive", "remove_path", "sha256_file", "tree_stat", "unique_path"]
+
+#: Error numbers that mean a file system takes no more writes (full, read-only, not ours).
+UNWRITABLE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM") if hasattr(errno, name)
+)
+
+
+def is_unwritable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from is an OSError of :data:`UNWRITABLE_ERRNOS`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def unique_path(directory: Path, prefix: str) -> Path:

@@ -13,12 +13,14 @@ deleted; an invalid or rejected one is passed over, and whatever is built goes t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +30,7 @@ from typing import Any, ClassVar
 
 from filelock import FileLock, Timeout
 
-from uniopt.cache.files import fsync_path, pid_alive, remove_path, sha256_file, tree_stat, unique_path
+from uniopt.cache.files import fsync_path, is_unwritable, pid_alive, remove_path, sha256_file, tree_stat, unique_path
 from uniopt.cache.keys import jsonable
 from uniopt.errors import CacheError
 
@@ -111,28 +113,62 @@ class ArtifactCache:
     STALE_TEMP_SECONDS: ClassVar[float] = 3600.0
     ORPHAN_TEMP_SECONDS: ClassVar[float] = 86400.0  # removed even if its pid seems alive
 
-    def __init__(self, root: Path | str, max_bytes: int | None = None, bundle: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        max_bytes: int | None = None,
+        bundle: Path | str | None = None,
+        *,
+        required: bool = False,
+    ) -> None:
+        """Open (creating) the cache at ``root``, on the read-only ``bundle`` if one is given.
+
+        A directory that cannot be written (read-only, a file in the way, no permission) raises
+        :class:`CacheError` when ``required``; otherwise it is warned about once and the cache
+        lives in a private temporary directory, deleted at exit (:attr:`persistent` is False).
+        """
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
-        self.root = Path(root).expanduser()
+        self.requested_root = self.root = Path(root).expanduser()
         self.max_bytes = max_bytes
         self.bundle = None if bundle is None else Path(bundle).expanduser()
         if self.bundle is not None and not (self.bundle / "entries").is_dir():
             raise CacheError(f"{str(self.bundle)!r} is not a uniopt cache bundle (no entries/ folder)")
         self._passed_over: set[str] = set()
-        self._entries, self._tmp, self._locks = (self.root / d for d in ("entries", "tmp", "locks"))
+        self.persistent = True
         try:
-            for d in (self._entries, self._tmp, self._locks):
-                d.mkdir(parents=True, exist_ok=True)
-            probe = unique_path(self._tmp, "probe")
-            probe.write_bytes(b"")
-            probe.unlink()
+            self._open(self.root)
         except OSError as exc:
-            raise CacheError(
+            error = CacheError(
                 f"the uniopt cache directory {str(self.root)!r} is not writable ({exc}); "
                 "set UNIOPT_CACHE_DIR to a writable directory"
-            ) from exc
+            )
+            if required:
+                raise error from exc
+            self._without_persistence(error)
         self._remove_stale_temporaries()
+
+    def _open(self, root: Path) -> None:
+        self._entries, self._tmp, self._locks = (root / d for d in ("entries", "tmp", "locks"))
+        for d in (self._entries, self._tmp, self._locks):
+            d.mkdir(parents=True, exist_ok=True)
+        probe = unique_path(self._tmp, "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def _without_persistence(self, error: CacheError) -> None:
+        """Go on in a private temporary directory (deleted at exit), warning once per directory."""
+        if not self.persistent:
+            raise error
+        with _warned_lock:
+            first = str(self.requested_root) not in _warned
+            _warned.add(str(self.requested_root))
+        if first:
+            logger.warning("%s; continuing without a persistent cache (nothing is kept for the next run)", error)
+        self.root = Path(tempfile.mkdtemp(prefix="uniopt-cache-"))
+        atexit.register(shutil.rmtree, self.root, True)
+        self.persistent = False
+        self._open(self.root)
 
     def path_for(self, key: str) -> Path:
         """Return the directory of the entry for ``key`` (which may not exist)."""
@@ -179,10 +215,17 @@ class ArtifactCache:
             entry = self.get(key) if lock.is_locked else None  # re-check once the lock is held
             if entry is not None:
                 return entry, False
-            entry, built = self._build(key, build, kind, desc)
+            try:
+                entry, built = self._build(key, build, kind, desc)
+            except Exception as exc:  # a build that ran out of room may wrap the OSError
+                if not is_unwritable(exc) or not self.persistent:
+                    raise
+                self._without_persistence(CacheError(f"the uniopt cache {str(self.root)!r} cannot be written: {exc}"))
+                entry, built = self._build(key, build, kind, desc)
         finally:
             if lock.is_locked:
-                lock.release()
+                with contextlib.suppress(OSError):
+                    lock.release()
         if built:
             self._evict(self.max_bytes, keep=key)
         return entry, built

@@ -10,12 +10,17 @@ PCM, any sample rate) into the float32 mono waveform at the rate a model was tra
 * dtype: float16/32/64 samples are taken as they are (expected in [-1, 1]); int16 PCM is divided by
   32768 and int32 PCM by 2147483648, so full scale maps to [-1, 1); other integer types, booleans,
   complex numbers and non-numeric arrays are rejected.
-* sample rate: an integer from 1000 to 384000 Hz; other rates are resampled with
+* sample rate: a whole number of Hz from 1000 to 384000 (NaN, infinities, fractions, zero and
+  negative rates are rejected); other rates than the model's are resampled with
   :func:`scipy.signal.resample_poly` (up/down factors reduced by their gcd).
+* empty audio, NaN or infinite samples, and audio shorter than the model's ``min_samples`` are rejected.
+
+The phoneme, diarization and TTS engines (its reference audio) all go through :func:`prepare_audio`.
 """
 
 from __future__ import annotations
 
+import math
 from math import gcd
 from typing import Any
 
@@ -50,7 +55,7 @@ def validate_sample_rate(sample_rate: Any) -> int:
             f"sample_rate must be an integer number of Hz, got {type(sample_rate).__name__}; "
             "pass the rate the audio was recorded at, e.g. 16000"
         )
-    if float(sample_rate) != int(sample_rate):
+    if not math.isfinite(float(sample_rate)) or float(sample_rate) != int(sample_rate):
         raise InputError(f"sample_rate must be a whole number of Hz, got {sample_rate}")
     rate = int(sample_rate)
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
@@ -86,8 +91,10 @@ def _to_float(wav: np.ndarray) -> np.ndarray:
     kind = wav.dtype.kind
     if kind == "f":
         return wav.astype(np.float32, copy=False)
-    if wav.dtype in _PCM_SCALE:
-        return (wav.astype(np.float64) / _PCM_SCALE[wav.dtype]).astype(np.float32)
+    if wav.dtype in _PCM_SCALE:  # one float32 copy, scaled in place (a power of two: exact)
+        scaled = wav.astype(np.float32)
+        scaled *= np.float32(1.0 / _PCM_SCALE[wav.dtype])
+        return scaled
     if kind in "iu":
         raise InputError(
             f"integer audio of dtype {wav.dtype} is not supported; pass float samples in [-1, 1] "

@@ -248,10 +248,13 @@ class PhonemeExtractor:
         }
 
     def uniopt_components(self) -> list[Component]:
-        """The CTC network, ``self.model``, with 5 s of deterministic speech-like audio as example."""
+        """The CTC network, ``self.model``, with 5 s of deterministic speech-like audio as example.
 
-        def inputs(seed: int) -> tuple[torch.Tensor]:
-            return (torch.from_numpy(self._normalized(speech_like_audio(5.0, seed)))[None],)
+        Graph stages are also validated at the lengths the extractor runs: a whole chunk, and 1 s.
+        """
+
+        def inputs(seed: int, seconds: float = 5.0) -> tuple[torch.Tensor]:
+            return (torch.from_numpy(self._normalized(speech_like_audio(seconds, seed)))[None],)
 
         return [
             Component(
@@ -265,6 +268,7 @@ class PhonemeExtractor:
                 kind="encoder",
                 exporter="legacy",
                 calibration_inputs=[inputs(seed) for seed in range(1, 5)],
+                validation_inputs=[inputs(5, self.chunk_samples / SAMPLE_RATE), inputs(6, 1.0)],
             )
         ]
 

@@ -30,6 +30,15 @@ class Metric:
             raise ValueError(f"unknown metric {self.name!r}; expected one of {', '.join(METRICS)}")
 
 
+def as_inputs(inputs: Any) -> tuple[Any, ...]:
+    """Positional inputs as a tuple: a tuple as it is, a list's items, anything else as one input."""
+    if isinstance(inputs, tuple):
+        return inputs
+    if isinstance(inputs, list):
+        return tuple(inputs)
+    return (inputs,)
+
+
 @dataclass
 class Component:
     """One optimizable part of an engine.
@@ -43,8 +52,12 @@ class Component:
     backend, for modules no exporter can capture faithfully (a Python decode loop over an
     in-place KV cache, say). ``calibration_inputs`` are more
     representative inputs (another length, another speaker): int8 calibration uses them and the
-    guard checks the first of them too. ``audio_seconds`` is how much audio the example input
-    stands for, for real-time factors.
+    guard checks the first of them too. ``validation_inputs`` are inputs at the other sizes the
+    engine really calls the module with (its chunk length, its batch sizes): graph stages, whose
+    shapes are fixed at export, are checked on each of them; without them the guard derives
+    inputs at half and double the example's size along each dynamic axis. ``audio_seconds`` is
+    how much audio the example input stands for, for real-time factors. Inputs may be given as a
+    tuple, a list or a single tensor.
 
     ``teacher_forcing(inputs, reference_outputs)`` is for autoregressive modules, whose free-running
     outputs part ways for good at the first different choice: it returns inputs under which the
@@ -62,6 +75,7 @@ class Component:
     kind: str = "generic"
     exporter: str = "dynamo"
     calibration_inputs: Sequence[tuple[Any, ...]] = ()
+    validation_inputs: Sequence[tuple[Any, ...]] = ()
     audio_seconds: float | None = None
     teacher_forcing: Callable[[tuple[Any, ...], Any], tuple[Any, ...]] | None = None
 
@@ -93,8 +107,9 @@ class Component:
             raise TypeError(f"component {self.name!r}: module must be a torch.nn.Module")
         if self.exporter not in ("dynamo", "legacy", "none"):
             raise ValueError(f"component {self.name!r}: exporter must be dynamo, legacy or none")
-        if not isinstance(self.example_inputs, tuple):
-            self.example_inputs = (self.example_inputs,)
+        self.example_inputs = as_inputs(self.example_inputs)
+        self.calibration_inputs = [as_inputs(inputs) for inputs in self.calibration_inputs]
+        self.validation_inputs = [as_inputs(inputs) for inputs in self.validation_inputs]
         if not self.input_names:
             self.input_names = tuple(f"input_{i}" for i in range(len(self.example_inputs)))
         if len(self.input_names) != len(self.example_inputs):

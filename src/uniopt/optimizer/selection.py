@@ -25,13 +25,15 @@ from typing import Any, NamedTuple
 import pluggy
 import torch
 
-from ..errors import MemoryBudgetError, OptimizationError, ValidationError
+from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from ..plugins.memory_costs import memory_step
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
-from .guard import GuardResult, check_outputs, check_structure, run_reference
+from .guard import GuardResult, check_outputs, check_structure, fixed_shapes, reference_outputs, strict_calls
 from .report import CandidateResult, ComponentReport
+from .shapes import shape_variants
 from .timing import measure_interleaved
 
 __all__ = ["optimize_component"]
@@ -98,21 +100,48 @@ class _Selector:
         self.started = time.perf_counter()
         component.module.eval()
         self._references: list[_Reference] | None = None
+        self.call_bytes = 0
+        self._shape_references: list[_Reference] | None = None
 
-    def references(self) -> list[_Reference]:
-        """FP32 outputs for the example and the first calibration input, computed once, on demand."""
+    def references(self, shapes: bool = False) -> list[_Reference]:
+        """FP32 outputs for the example and the first calibration input, computed once, on demand.
+
+        With ``shapes``, also for the inputs at other sizes that fixed-shape stages are checked on.
+        """
+        component = self.component
         if self._references is None:
-            torch.manual_seed(0)
-            module, forcing = self.component.module, self.component.teacher_forcing
-            self._references = []
-            for inputs in (self.component.example_inputs, *self.component.calibration_inputs[:1]):
-                outputs = run_reference(module, inputs)
-                forced = None
-                if forcing is not None:
-                    forced_inputs = forcing(inputs, outputs)
-                    forced = (forced_inputs, run_reference(module, forced_inputs))
-                self._references.append(_Reference(inputs, outputs, forced))
-        return self._references
+            self._references = self._reference_list([component.example_inputs, *component.calibration_inputs[:1]])
+        if not shapes:
+            return self._references
+        if self._shape_references is None:  # derived sizes the module does not take are left out
+            derived = not component.validation_inputs
+            self._shape_references = self._reference_list(shape_variants(component), skip_failing=derived)
+        return [*self._references, *self._shape_references]
+
+    def _reference_list(self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False) -> list[_Reference]:
+        with measure_memory() as use:
+            found = self._compute_references(input_sets, skip_failing)
+        # What a call of the module needs beyond its weights: a stage's first calls need about as much.
+        self.call_bytes = max(self.call_bytes, use.peak_increase_bytes)
+        return found
+
+    def _compute_references(self, input_sets: list[tuple[Any, ...]], skip_failing: bool) -> list[_Reference]:
+        torch.manual_seed(0)
+        module, forcing, name = self.component.module, self.component.teacher_forcing, self.component.name
+        found = []
+        for inputs in input_sets:
+            try:
+                outputs = reference_outputs(name, module, inputs)
+            except InputError:
+                if skip_failing:
+                    continue
+                raise
+            forced = None
+            if forcing is not None:
+                forced_inputs = forcing(inputs, outputs)
+                forced = (forced_inputs, reference_outputs(name, module, forced_inputs))
+            found.append(_Reference(inputs, outputs, forced))
+        return found
 
     def reject(self, name: str, reason: str, **figures: Any) -> None:
         self.results.append(CandidateResult(name, accepted=False, reason=reason, **figures))
@@ -150,7 +179,13 @@ class _Selector:
             self.reject(cand.name, f"{label}: {built.reason}", build_seconds=build_seconds)
             return None
         try:
-            verdict = self.validate(cand, built)
+            with memory_step("first-calls", self.component, self.context, self.call_bytes):
+                verdict = self.validate(cand, built)
+        except MemoryBudgetError as exc:
+            self.reject(cand.name, f"refused for memory: {exc}", build_seconds=build_seconds)
+            return None
+        except InputError:  # the reference itself fails: the component's inputs are wrong
+            raise
         except Exception as exc:
             if self._drop_corrupt_artifacts(cand, built):
                 return self._build_and_check(cand)
@@ -207,12 +242,13 @@ class _Selector:
         return True
 
     def validate(self, cand: Candidate, stage: Stage) -> Any:
+        references = self.references(shapes=fixed_shapes(stage))  # raises InputError if the module does
         if stage.run is self.component.module:  # the reference itself: equal by definition
             return GuardResult(True, "allclose", 0.0)
         s = self.context.settings
         verdict = None
-        for ref in self.references():
-            with torch.inference_mode():
+        for ref in references:
+            with torch.inference_mode(), strict_calls(stage):
                 outputs = stage(*copy.deepcopy(ref.inputs))
             expected = ref.outputs
             if ref.forced is not None:  # free-running outputs: structure only; scores decide
@@ -220,7 +256,7 @@ class _Selector:
                 if verdict is not None:
                     return verdict
                 forced_inputs, expected = ref.forced
-                with torch.inference_mode():
+                with torch.inference_mode(), strict_calls(stage):
                     outputs = stage(*copy.deepcopy(forced_inputs))
             verdict = check_outputs(
                 expected,

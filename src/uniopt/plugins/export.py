@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
-from ..errors import MemoryBudgetError
+from ..cache.files import is_unwritable
+from ..errors import MemoryBudgetError, NotApplicable, OptimizationError
+from ..optimizer.component import Metric
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
+from .fallback import RuntimeFallbacks
 from .memory_costs import memory_step
 
-__all__ = ["ExportedModel", "OnnxExporter", "exported_onnx", "graph_stage_runner"]
+__all__ = ["ExportError", "ExportedModel", "GraphRunner", "OnnxExporter", "exported_onnx", "graph_stage_runner"]
 
 log = logging.getLogger("uniopt")
 
@@ -46,6 +51,9 @@ class OnnxExporter:
 
     OPSET: int = 18
     LEGACY_OPSET: int = 17
+    #: How close an export must stay to eager at other sizes after the tracer warned (FP32, fused).
+    SHAPE_ATOL: float = 1e-3
+    SHAPE_RTOL: float = 1e-3
 
     def export(self, component: Any, path: Path, exporter: str) -> None:
         """Write ``component`` as ONNX to ``path`` with ``exporter`` ("dynamo" or "legacy")."""
@@ -57,10 +65,10 @@ class OnnxExporter:
         sink = io.StringIO()
         with (
             contextlib.redirect_stdout(sink),
-            warnings.catch_warnings(),
+            warnings.catch_warnings(record=True) as caught,
             quiet_loggers("torch.onnx", "torch.export"),
         ):
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("always")
             if exporter == "dynamo":
                 shapes = tuple(
                     {axis: torch.export.Dim.DYNAMIC for axis in axes.get(name, {})} or None for name in names
@@ -95,6 +103,98 @@ class OnnxExporter:
                         dynamo=False,
                         do_constant_folding=True,
                     )
+        self.check_export(component, path, tracer_warnings(caught))
+
+    def check_export(self, component: Any, path: Path, warned: list[str]) -> None:
+        """Raise :class:`ExportError` when the graph at ``path`` cannot take the component's dynamic sizes.
+
+        A declared dynamic axis that came out static fails. The legacy tracer warns when it turns a
+        tensor into a Python value (``int(x.shape[1])``), which it then records as a constant; on a
+        dynamic axis that constant is wrong at every other size, so after such warnings the graph is
+        run at other sizes (:func:`~uniopt.optimizer.shapes.shape_variants`) against eager.
+        """
+        check_dynamic_axes(component, path)
+        if warned and component.dynamic_axes:
+            check_other_sizes(component, path, warned, atol=self.SHAPE_ATOL, rtol=self.SHAPE_RTOL)
+
+
+class ExportError(RuntimeError):
+    """An export that ran but cannot stand for the module (a dynamic axis came out fixed)."""
+
+
+def tracer_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The first lines of the legacy tracer's warnings among ``caught``; the rest are logged at debug."""
+    found = []
+    for item in caught:
+        text = str(item.message).strip().splitlines()[0] if str(item.message).strip() else ""
+        if item.category.__name__ == "TracerWarning":
+            found.append(f"{Path(item.filename).name}:{item.lineno}: {text[:160]}")
+        else:
+            log.debug("exporter warning (%s): %s", item.category.__name__, text[:200])
+    return found
+
+
+def graph_input_shapes(path: Path) -> dict[str, list[int | str | None]]:
+    """Each graph input's shape as the ONNX file declares it: ints, symbolic names, None if unknown."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes: dict[str, list[int | str | None]] = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    return shapes
+
+
+def check_dynamic_axes(component: Any, path: Path) -> None:
+    """Raise :class:`ExportError` when a declared dynamic input axis is a fixed size in the graph."""
+    shapes = graph_input_shapes(path)
+    for name, axes in component.dynamic_axes.items():
+        dims = shapes.get(name)
+        if dims is None:
+            continue
+        for axis in axes:
+            if -len(dims) <= axis < len(dims) and isinstance(dims[axis], int):
+                raise ExportError(
+                    f"input {name!r} axis {axis} is declared dynamic but the exported graph fixes it to {dims[axis]}"
+                )
+
+
+def check_other_sizes(component: Any, path: Path, warned: list[str], *, atol: float, rtol: float) -> None:
+    """Run the graph in ONNX Runtime at other sizes; raise :class:`ExportError` where it differs from eager."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # the guard still checks every graph stage at these sizes
+        return
+    from ..optimizer.guard import check_outputs
+    from ..optimizer.shapes import shape_variants
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    module = component.module.eval()
+    for inputs in shape_variants(component):
+        try:
+            expected = run_reference(module, inputs)
+        except Exception:  # not a size this module takes: nothing to compare
+            continue
+        shape = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        feeds = dict(zip(component.input_names, inputs, strict=True))
+        try:
+            arrays = session.run(None, {n: feeds[n].detach().cpu().numpy() for n in names})
+        except Exception as exc:
+            raise ExportError(f"the graph fails at input shape {shape} ({warned[0]}): {_first_line(exc)}") from exc
+        leaves, spec = flatten_outputs(expected)
+        outputs = pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
+        verdict = check_outputs(expected, outputs, precision="fp32", metric=_ALLCLOSE, atol=atol, rtol=rtol)
+        if not verdict.passed:
+            raise ExportError(f"the graph is wrong at input shape {shape} ({warned[0]}): {verdict.reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @contextlib.contextmanager
@@ -117,6 +217,10 @@ def _check_tensor_inputs(component: Any) -> None:
             raise TypeError(f"ONNX export needs tensor inputs; input {name!r} is {type(value).__name__}")
 
 
+_ALLCLOSE = Metric("allclose", 0.0)
+#: Version of the checks an export passes before it is kept (exports made before are not reused).
+EXPORT_CHECKS = 2
+
 exporter = OnnxExporter()
 
 
@@ -129,6 +233,7 @@ def export_key(component: Any) -> dict[str, Any]:
         "component": component.key(),
         "exporter": component.exporter,
         "opset": [exporter.OPSET, exporter.LEGACY_OPSET],
+        "checks": EXPORT_CHECKS,
         "versions": library_versions(),
     }
 
@@ -169,7 +274,7 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
     from ..cache import cache_key
 
     if component.exporter == "none":
-        raise ValueError(f"component {component.name!r} declares that it does not export to ONNX")
+        raise NotApplicable(f"component {component.name!r} declares that it does not export to ONNX")
     key = cache_key(export_key(component))
     order = [component.exporter, "legacy" if component.exporter == "dynamo" else "dynamo"]
 
@@ -184,8 +289,11 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
             except MemoryBudgetError:
                 raise
             except Exception as exc:  # exporter failures are many and varied; the other may work
+                if is_unwritable(exc):  # the cache's disk, not the exporter: the cache handles it
+                    raise
                 first_line = (str(exc).strip().splitlines() or [""])[0][:200]
                 errors.append(f"{name}: {type(exc).__name__}: {first_line}")
+                log.info("%s: the %s exporter failed: %s", component.name, name, errors[-1])
                 for leftover in directory.iterdir():
                     leftover.unlink()
         raise RuntimeError("ONNX export failed with every exporter: " + " | ".join(errors))
@@ -235,36 +343,63 @@ def _fits(args: tuple[Any, ...], signature: list[tuple[Any, tuple[int | None, ..
     return True
 
 
-def graph_stage_runner(component: Any, run_arrays: Any) -> Any:
-    """Wrap ``run_arrays(list of numpy inputs) -> list of arrays`` as a torch-in, torch-out callable.
+class GraphRunner:
+    """A graph backend's ``run_arrays(list of numpy inputs) -> list of arrays`` as a torch-in, torch-out callable.
 
-    An input the exported graph cannot take (another dtype, or another size on an axis that was
-    not declared dynamic) runs through the eager module instead, logged once, rather than failing
-    deep inside the backend.
+    A call the graph cannot take (another dtype or rank, another size on an axis that was not
+    declared dynamic, or an error inside the backend) runs the eager module instead, through the
+    one run-time policy (:class:`~uniopt.plugins.fallback.RuntimeFallbacks`: counted, logged once,
+    raised when fallback is off). Inside :meth:`strict` (the guard's validation) it raises instead.
     """
-    import numpy as np
-    from torch.utils import _pytree as pytree
 
-    spec = output_structure(component)
-    signature = _signature(component)
-    expected = len(signature)
-    eager = component.module
-    warned: list[bool] = []
+    #: The graph was captured at fixed shapes: the guard validates it at other sizes too.
+    fixed_shapes = True
 
-    def run(*args: Any) -> Any:
-        if len(args) != expected:
-            raise TypeError(f"{component.name} takes {expected} inputs, got {len(args)}")
-        if not _fits(args, signature):
-            if not warned:
-                warned.append(True)
-                log.warning(
-                    "%s: input %s is outside the exported graph's shapes; running eager",
-                    component.name,
-                    [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)],
-                )
-            return eager(*args)
+    def __init__(self, component: Any, run_arrays: Callable[[list[Any]], list[Any]], candidate: str, allowed: bool):
+        self.component_name = component.name
+        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
+        self._run_arrays = run_arrays
+        self._spec = output_structure(component)
+        self._signature = _signature(component)
+        self._eager = component.module
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def strict(self) -> Iterator[None]:
+        """Raise :class:`~uniopt.errors.OptimizationError` instead of running eager (this thread only)."""
+        before = getattr(self._local, "strict", False)
+        self._local.strict = True
+        try:
+            yield
+        finally:
+            self._local.strict = before
+
+    def __call__(self, *args: Any) -> Any:
+        import numpy as np
+
+        if len(args) != len(self._signature):
+            raise TypeError(f"{self.component_name} takes {len(self._signature)} inputs, got {len(args)}")
+        if not _fits(args, self._signature):
+            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+            return self._eager_instead(args, f"input {shapes} is outside the exported graph's shapes", None)
         arrays = [a.detach().cpu().numpy() for a in args]
-        outputs = run_arrays(arrays)
-        return pytree.tree_unflatten([torch.from_numpy(np.ascontiguousarray(o)) for o in outputs], spec)
+        try:
+            outputs = self._run_arrays(arrays)
+        except Exception as exc:  # the backend's own errors are many; none reaches the engine's caller
+            shapes = [tuple(a.shape) for a in arrays]
+            return self._eager_instead(args, f"backend error at input {shapes}: {_first_line(exc)}", exc)
+        return pytree.tree_unflatten([torch.from_numpy(np.ascontiguousarray(o)) for o in outputs], self._spec)
 
-    return run
+    def _eager_instead(self, args: tuple[Any, ...], reason: str, error: BaseException | None) -> Any:
+        if getattr(self._local, "strict", False):
+            raise OptimizationError(self.component_name, self.fallbacks.candidate, reason) from error
+        self.fallbacks.record(reason, error)
+        return self._eager(*args)
+
+
+def graph_stage_runner(
+    component: Any, run_arrays: Any, context: BuildContext | None = None, candidate: str = "graph"
+) -> GraphRunner:
+    """A :class:`GraphRunner` for ``candidate``; ``context`` supplies the fallback setting (default on)."""
+    allowed = context is None or context.settings.fallback_on_optimization_error
+    return GraphRunner(component, run_arrays, candidate, allowed)

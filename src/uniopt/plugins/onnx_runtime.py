@@ -82,14 +82,14 @@ def _loaded_session(component: Any, path: Path, context: BuildContext, *, cuda: 
         return _session(path, context, cuda=cuda)
 
 
-def _stage(name: str, component: Any, session: Any, info: dict[str, Any]) -> Stage:
+def _stage(name: str, component: Any, session: Any, info: dict[str, Any], context: BuildContext) -> Stage:
     output_names = [o.name for o in session.get_outputs()]
     input_names = [i.name for i in session.get_inputs()]
 
     def run_arrays(arrays: list[Any]) -> list[Any]:
         return session.run(output_names, dict(zip(input_names, arrays, strict=True)))
 
-    return Stage(name, graph_stage_runner(component, run_arrays), info)
+    return Stage(name, graph_stage_runner(component, run_arrays, context, name), info)
 
 
 @rebuild_on_failure
@@ -106,7 +106,7 @@ def _build_fp32(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         "from_cache": cached and export.from_cache,
         "export_seconds": export.seconds,
     }
-    return _stage("onnxruntime-fp32", component, session, info)
+    return _stage("onnxruntime-fp32", component, session, info, context)
 
 
 @rebuild_on_failure
@@ -137,7 +137,7 @@ def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         "from_cache": cached and export.from_cache,
         "weight_bits": 7 if reduce_range else 8,
     }
-    return _stage("onnxruntime-int8", component, session, info)
+    return _stage("onnxruntime-int8", component, session, info, context)
 
 
 @rebuild_on_failure
@@ -159,7 +159,7 @@ def _build_fp16(component: Any, context: BuildContext, loaded: list[str]) -> Sta
         "from_cache": cached and export.from_cache,
         "providers": session.get_providers(),
     }
-    return _stage("onnxruntime-fp16", component, session, info)
+    return _stage("onnxruntime-fp16", component, session, info, context)
 
 
 @rebuild_on_failure
@@ -168,9 +168,8 @@ def _build_cuda(component: Any, context: BuildContext, loaded: list[str]) -> Sta
     session = _loaded_session(component, export.path, context, cuda=True)
     if "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError("ONNX Runtime did not start its CUDA provider")
-    return _stage(
-        "onnxruntime-cuda", component, session, {"exporter": export.exporter, "from_cache": export.from_cache}
-    )
+    info = {"exporter": export.exporter, "from_cache": export.from_cache}
+    return _stage("onnxruntime-cuda", component, session, info, context)
 
 
 @hookimpl

@@ -156,7 +156,7 @@ def _build(variant: str, precision: str, name: str) -> Any:
             "precision_hint": _PRECISION_HINTS[hint],
             "device": device,
         }
-        return Stage(name, graph_stage_runner(component, run_arrays), info)
+        return Stage(name, graph_stage_runner(component, run_arrays, context, name), info)
 
     return build
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import NotApplicable
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .hookspecs import hookimpl
@@ -158,9 +159,9 @@ def _build_int8(layer_types: set[type[torch.nn.Module]], name: str) -> Any:
     def build(component: Any, context: BuildContext) -> Stage:
         module = component.module
         if not _has_layers(module, layer_types) and not _has_layers(module, {torch.nn.Linear}):
-            raise ValueError("no Linear/LSTM/GRU layer to quantize")
+            raise NotApplicable("no Linear/LSTM/GRU layer to quantize")
         if name == "torch-int8-rnn" and not _has_layers(module, _RNN_TYPES):
-            raise ValueError("no LSTM/GRU layer in this component")
+            raise NotApplicable("no LSTM/GRU layer in this component")
         with memory_step("torch-int8", component, context):
             quantized = int8_backend.quantize(module, layer_types).eval()
         return Stage(name, quantized, {"int8_backend": int8_backend.name})
@@ -169,7 +170,12 @@ def _build_int8(layer_types: set[type[torch.nn.Module]], name: str) -> Any:
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
+    """Floating tensors of one or more dimensions to ``dtype``; 0-d tensors are controls and stay as they are.
+
+    A 0-d input is a setting (a temperature, a top-p, a penalty), not an activation: in bf16, 0.8
+    would become 0.80078125.
+    """
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
         return value.to(dtype)
     if isinstance(value, (tuple, list)):
         return type(value)(_cast(v, dtype) for v in value)

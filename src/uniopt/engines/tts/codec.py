@@ -10,6 +10,7 @@ the decoder runs at any number of frames.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,11 @@ class CodecDecoder(nn.Module):
         return torch.tanh(self.conv_out(self.snake_out(x)))
 
 
-def codec_component(codec: nn.Module, codes: Tensor) -> Component:
-    """The codec as a uniopt component: codes ``[1, codebooks, frames]`` in, audio out, judged by SNR."""
+def codec_component(codec: nn.Module, codes: Tensor, validation_codes: Sequence[Tensor] = ()) -> Component:
+    """The codec as a uniopt component: codes ``[1, codebooks, frames]`` in, audio out, judged by SNR.
+
+    ``validation_codes`` are codes at the other lengths the engine decodes (graph stages are checked on them).
+    """
     return Component(
         name="codec",
         module=codec,
@@ -136,4 +140,5 @@ def codec_component(codec: nn.Module, codes: Tensor) -> Component:
         metric=Metric("snr_db", 20.0),
         kind="codec",
         exporter="dynamo",
+        validation_inputs=[(c,) for c in validation_codes],
     )

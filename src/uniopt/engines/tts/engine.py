@@ -128,9 +128,9 @@ class FishSpeechEngine:
         codes = None
         if reference_audio is not None:
             hop = self.config.codec.hop_length
-            audio = check_reference_audio(
-                reference_audio, frame_size=hop, max_frames=self.config.model.max_seq_len // 2
-            )
+            most = self.config.model.max_seq_len // 2
+            rate = self.sample_rate
+            audio = check_reference_audio(reference_audio, frame_size=hop, max_frames=most, sample_rate=rate)
             c = self.config.model
             codes = encode_reference(
                 audio, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size, frame_size=hop
@@ -246,7 +246,10 @@ class FishSpeechEngine:
             torch.tensor(7, dtype=torch.long),
         )
         generator = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, c.codec.codebook_size, (1, c.codec.num_codebooks, c.decode_steps), generator=generator)
+        size, books = c.codec.codebook_size, c.codec.num_codebooks
+        codes = torch.randint(0, size, (1, books, c.decode_steps), generator=generator)
+        # The codec decodes every utterance whole: one frame (an early end) up to several decode chunks.
+        longer = torch.randint(0, size, (1, books, 3 * c.decode_steps), generator=generator)
         return [
             decoder_component(
                 self.decoder,
@@ -255,7 +258,7 @@ class FishSpeechEngine:
                 TokenGenerator.teacher_forcing,
                 calibration_inputs=(sampled,),
             ),
-            codec_component(self.codec, codes),
+            codec_component(self.codec, codes, (codes[..., :1], longer)),
         ]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...errors import InputError
+from ..audio import prepare_audio
 
 __all__ = ["ByteTokenizer", "check_reference_audio", "encode_reference"]
 
@@ -68,34 +69,21 @@ class ByteTokenizer:
         return frames
 
 
-def check_reference_audio(reference_audio: Any, *, frame_size: int, max_frames: int) -> np.ndarray:
+def check_reference_audio(
+    reference_audio: Any, *, frame_size: int, max_frames: int, sample_rate: int = 44_100
+) -> np.ndarray:
     """``reference_audio`` as a float32 mono array, or :class:`InputError` saying what is wrong.
 
-    Accepts a 1-D numpy array or tensor of floats (or ``[1, n]``), sampled at the engine's rate,
-    at least one frame long, finite.
+    Checked and converted by :func:`uniopt.engines.audio.prepare_audio` (stereo is averaged, int16
+    PCM scaled), at the engine's ``sample_rate``; it must be at least one frame and at most
+    ``max_frames`` frames long.
     """
-    if isinstance(reference_audio, torch.Tensor):
-        reference_audio = reference_audio.detach().cpu().numpy()
-    if not isinstance(reference_audio, np.ndarray):
-        raise InputError(
-            f"reference_audio must be a numpy array or tensor of samples, got {type(reference_audio).__name__}"
-        )
-    audio = reference_audio
-    if audio.ndim == 2 and audio.shape[0] == 1:
-        audio = audio[0]
-    if audio.ndim != 1:
-        raise InputError(f"reference_audio must be mono, shape (samples,) or (1, samples); got {reference_audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise InputError(f"reference_audio must hold floats in [-1, 1], got dtype {audio.dtype}")
-    if audio.shape[0] < frame_size:
-        raise InputError(f"reference_audio has {audio.shape[0]} samples; it needs at least one frame of {frame_size}")
+    audio = prepare_audio(reference_audio, sample_rate, sample_rate, min_samples=frame_size)
     if audio.shape[0] // frame_size > max_frames:
         raise InputError(
             f"reference_audio is {audio.shape[0] // frame_size} frames long; at most {max_frames} fit the prompt"
         )
-    if not np.isfinite(audio).all():
-        raise InputError("reference_audio contains NaN or infinite samples")
-    return audio.astype(np.float32, copy=False)
+    return audio
 
 
 def encode_reference(
