@@ -1,0 +1,92 @@
+"""Real engines nobody here wrote, installed from PyPI, wrapped as a user would wrap them.
+
+resemblyzer's ``VoiceEncoder`` ships its trained weights; its users call ``embed_utterance`` and
+``embed_speaker``, which compute mel frames and call ``self(mels)`` with a batch of partial
+utterances of shape ``(partials, 160, 40)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from uniopt import UniversalOptimizer
+from uniopt.plugins.model_cache import model_cache
+
+with warnings.catch_warnings():  # resemblyzer imports a scipy.ndimage path scipy deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from resemblyzer import VoiceEncoder
+    from resemblyzer import audio as resemblyzer_audio
+
+FIXTURE = Path(__file__).parent / "data" / "diarization" / "two_speakers.wav"
+TIER_MODE: dict[str, Any] = {"mode": "tier", "tier": "low-resource", "model_warmup_runs": 0}
+#: The guard's embedding threshold, for the utterance embeddings the engine's methods return.
+COSINE = 0.999
+
+
+@pytest.fixture(scope="module")
+def recording() -> np.ndarray:
+    audio, rate = sf.read(FIXTURE, dtype="float32")
+    assert rate == 16_000
+    return audio
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache() -> Any:
+    model_cache.clear()
+    yield
+    model_cache.clear()
+
+
+def _partials(wav: np.ndarray) -> torch.Tensor:
+    """The mel frames ``embed_utterance`` gives the model for ``wav`` (its own slicing)."""
+    wav_slices, mel_slices = VoiceEncoder.compute_partial_slices(len(wav), rate=1.3, min_coverage=0.75)
+    wav = np.pad(wav, (0, max(0, wav_slices[-1].stop - len(wav))))
+    mel = resemblyzer_audio.wav_to_mel_spectrogram(wav)
+    return torch.from_numpy(np.array([mel[s] for s in mel_slices]))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "uniopt" and r.levelno >= logging.WARNING]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_resemblyzer_embed_utterance_and_embed_speaker_run_the_stage(
+    recording: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = VoiceEncoder(device="cpu", verbose=False)
+    turns = [recording[int(s * 16_000) : int(s * 16_000) + 48_000] for s in (0.5, 10.5, 20.5)]  # 3 s of speaker A
+    mels = _partials(turns[0])
+    assert mels.shape == (3, 160, 40) and all(_partials(t).shape == mels.shape for t in turns)
+    expected = [encoder.embed_utterance(t) for t in turns]
+    expected_speaker = encoder.embed_speaker(turns)
+
+    fast = UniversalOptimizer(encoder, example_inputs=(mels,), cache_dir=str(tmp_path), **TIER_MODE)
+    assert fast.report().component("module").chosen == "onnxruntime-fp32"
+    assert fast.engine is encoder and isinstance(fast, UniversalOptimizer)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uniopt"):
+        got = [fast.embed_utterance(t) for t in turns]
+        got_speaker = encoder.embed_speaker(turns)  # through the user's own reference, too
+    assert not _warnings(caplog)  # no call fell outside the exported graph
+    stats = fast.get_performance_info()["components"]["module"]
+    assert stats["calls"] == 6 and stats["eager_calls"] == 0
+    for e, g in zip(expected, got, strict=True):
+        assert _cosine(e, g) > COSINE and not np.array_equal(e, g)  # ONNX Runtime's numbers, not eager's
+    assert _cosine(expected_speaker, got_speaker) > COSINE
+
+    longer = recording[int(0.5 * 16_000) : int(4.5 * 16_000)]  # another partial count: the graph's batch is fixed
+    reference = VoiceEncoder(device="cpu", verbose=False).embed_utterance(longer)
+    with caplog.at_level(logging.WARNING, logger="uniopt"):
+        assert _cosine(fast.embed_utterance(longer), reference) > COSINE
+    assert any("outside the exported graph's shapes" in m for m in _warnings(caplog))
