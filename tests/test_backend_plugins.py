@@ -389,6 +389,7 @@ def test_onnxruntime_candidates_accepted_with_a_dynamic_axis(frames_engine: OneC
     assert result(opt, "onnxruntime-int8", "model").metric == "cosine"
     cuda = result(opt, "onnxruntime-cuda", "model")
     assert not cuda.accepted and "CUDAExecutionProvider" in cuda.reason
+    opt.restore()  # the module-scoped engine runs eager again for the tests below
 
 
 @pytest.mark.parametrize("name", ["onnxruntime-fp32", "onnxruntime-int8"])
@@ -422,6 +423,9 @@ def test_onnxruntime_stage_falls_back_on_a_static_axis(
 
 
 def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneComponent, shared_cache: Path) -> None:
+    inputs = [torch.randn(1, frames, 16) for frames in (6, 3, 17)]
+    with torch.inference_mode():
+        expected = [frames_engine.model(x) for x in inputs]
     opt = UniversalOptimizer(
         frames_engine,
         mode="tier",
@@ -431,12 +435,12 @@ def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneCompo
         model_warmup_runs=1,
     )
     assert opt.report().component("model").chosen == "onnxruntime-fp32"
-    for frames in (6, 3, 17):
-        x = torch.randn(1, frames, 16)
+    for x, want in zip(inputs, expected, strict=True):
         with torch.inference_mode():
-            torch.testing.assert_close(opt(x), frames_engine.model(x), atol=1e-4, rtol=1e-4)
-    assert opt.engine is not frames_engine and opt.engine.model is not frames_engine.model
-    assert isinstance(frames_engine.model, FrameMLP), "the engine itself is left as it was"
+            torch.testing.assert_close(opt(x), want, atol=1e-4, rtol=1e-4)
+    assert opt.engine is frames_engine and isinstance(frames_engine.model, FrameMLP), "installed in place"
+    assert opt.get_performance_info()["components"]["model"]["calls"] == 3
+    opt.restore()
 
 
 def host_with_flags(flags: tuple[str, ...]) -> HostProfile:
@@ -654,6 +658,7 @@ def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
     assert report.candidate("eager").accepted
     assert report.candidate("onnxruntime-fp32").accepted
     assert report.candidate("openvino-f32").reason.startswith("not available: not in UNIOPT_ALLOW")
+    opt.restore()
 
 
 @pytest.fixture(scope="module")
@@ -736,6 +741,8 @@ def test_doctor_without_openvino(without_openvino: dict[str, Any]) -> None:
 def test_two_wrappers_of_one_module_build_once(tmp_path: Path) -> None:
     torch.manual_seed(31)
     model, x = mlp(31), torch.randn(4, 16)
+    with torch.inference_mode():
+        expected = model(x)
     first = optimize(model, (x,), cache=tmp_path / "a", allow=("onnxruntime-fp32",))
     built = [r.name for r in first.report().component("module").candidates if r.accepted]
     assert sorted(built) == ["eager", "onnxruntime-fp32"]
@@ -748,12 +755,14 @@ def test_two_wrappers_of_one_module_build_once(tmp_path: Path) -> None:
         "nothing was exported again"
     )
     with torch.inference_mode():
-        torch.testing.assert_close(second(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(second(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:
     torch.manual_seed(32)
     model, x = mlp(32), torch.randn(4, 16)
+    with torch.inference_mode():
+        expected = model(x)
     cache = tmp_path / "cache"
 
     def wrap(_: int) -> tuple[Any, torch.Tensor]:
@@ -778,5 +787,5 @@ def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:
     assert len(stages) == 1, "every wrapper got the one built stage"
     outputs = [out for _, out in results]
     assert all(torch.equal(out, outputs[0]) for out in outputs)
-    torch.testing.assert_close(outputs[0], model(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outputs[0], expected, atol=1e-4, rtol=1e-4)
     assert len([e for e in ArtifactCache(cache).entries() if e.kind == "onnx-export"]) == 1

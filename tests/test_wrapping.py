@@ -251,3 +251,21 @@ def test_mode_off_does_not_touch_the_engine() -> None:
     engine.enc.train()
     UniversalOptimizer(engine, mode="off")
     assert installation_of(engine.enc) is None and engine.enc.training
+
+
+def test_a_copy_of_an_optimized_module_is_a_plain_module(tmp_path: Any) -> None:
+    import copy
+    import inspect
+    import pickle
+
+    engine = Engine()
+    x = torch.randn(2, 16)
+    fast = UniversalOptimizer(engine, cache_dir=str(tmp_path), **TIER_MODE)
+    assert list(inspect.signature(engine.enc.forward).parameters) == ["x", "scale"]  # callers that inspect it
+    for copied in (copy.deepcopy(engine.enc), pickle.loads(pickle.dumps(engine.enc))):
+        assert installation_of(copied) is None
+        runs = copied.eager_runs
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x, scale=2.0), 2 * engine.enc(x), atol=1e-4, rtol=1e-4)
+        assert copied.eager_runs == runs + 1  # the copy ran its own forward; the stage stayed with engine.enc
+    assert _stats(fast, "enc")["calls"] == 2

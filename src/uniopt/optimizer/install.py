@@ -41,11 +41,50 @@ _HOOK_DICTS = (
 )
 
 
+_LOCK = threading.Lock()  # installing and removing: one at a time, whatever the thread
+
+
 def installation_of(module: torch.nn.Module) -> Installation | None:
     """The uniopt installation in ``module``'s forward, if there is one."""
     forward = module.__dict__.get("forward")
-    owner = getattr(forward, "__self__", None)
-    return owner if isinstance(owner, Installation) else None
+    return forward.installation if isinstance(forward, _Forward) else None
+
+
+class _Forward:
+    """The installed ``module.forward``: calls the installation; has the original's signature and name.
+
+    A deep copy or a pickle of the module gets its class's own forward instead: the stage, and its
+    state, stay with the module it was installed in.
+    """
+
+    def __init__(self, installation: Installation, original: Callable[..., Any]) -> None:
+        self.installation = installation
+        self.__wrapped__ = original
+        self.__name__ = getattr(original, "__name__", "forward")
+        self.__doc__ = getattr(original, "__doc__", None)
+        try:
+            self.__signature__: inspect.Signature | None = inspect.signature(original)
+        except (TypeError, ValueError):
+            self.__signature__ = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.installation.forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ClassForward:
+        return _ClassForward(copy.deepcopy(self.installation.module, memo))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ClassForward, (self.installation.module,))
+
+
+class _ClassForward:
+    """A copied module's forward: its class's own."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
 
 
 def twin(module: torch.nn.Module) -> torch.nn.Module:
@@ -54,7 +93,8 @@ def twin(module: torch.nn.Module) -> torch.nn.Module:
     It has no hooks of its own (the user's hooks run once, around the installed forward).
     """
     clone = copy.copy(module)
-    clone.__dict__.pop("forward", None)
+    if isinstance(clone.__dict__.get("forward"), (_Forward, _ClassForward)):
+        del clone.__dict__["forward"]
     for name in _HOOK_DICTS:
         if name in module.__dict__:
             clone.__dict__[name] = type(module.__dict__[name])()
@@ -119,9 +159,6 @@ class Installation:
         input_count: int,
         timer: Callable[[str, float], None] | None = None,
     ) -> None:
-        previous = installation_of(module)
-        if previous is not None:
-            previous.remove()
         self.name = name
         self.module = module
         self.candidate = "eager" if stage is None else stage.candidate
@@ -129,14 +166,16 @@ class Installation:
         self.eager_reasons: Counter[str] = Counter()
         self._timer = timer
         self._input_count = input_count
-        self._original: Callable[..., Any] = module.forward
         self._run, self._takes_keywords = self._runner(stage, source)
-        try:
-            self._signature: inspect.Signature | None = inspect.signature(self._original)
-        except (TypeError, ValueError):
-            self._signature = None
         self._lock = threading.Lock()
-        module.__dict__["forward"] = self.forward
+        with _LOCK:
+            previous = installation_of(module)
+            if previous is not None:
+                del module.__dict__["forward"]
+            self._original: Callable[..., Any] = module.forward
+            forward = _Forward(self, self._original)
+            self._signature = forward.__signature__
+            module.__dict__["forward"] = forward
 
     @staticmethod
     def _runner(stage: Stage | None, source: torch.nn.Module) -> tuple[Callable[..., Any] | None, bool]:
@@ -161,8 +200,9 @@ class Installation:
 
     def remove(self) -> None:
         """Put the module's original forward back (nothing happens if another one replaced it)."""
-        if self.installed:
-            del self.module.__dict__["forward"]
+        with _LOCK:
+            if self.installed:
+                del self.module.__dict__["forward"]
 
     def stats(self) -> dict[str, Any]:
         """The stage, the calls it served and the ones that ran eager, by reason."""
