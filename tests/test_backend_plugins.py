@@ -575,6 +575,7 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
     bf16 = report.candidate("openvino-bf16")
     if bf16.accepted:
         assert bf16.metric == "cosine"
+    opt.restore()  # mlp2d is module-scoped: its model runs eager again for the tests below
 
 
 @pytest.mark.parametrize(("name", "hint"), [("openvino-f32", "f32"), ("openvino-bf16", "bf16")])

@@ -90,3 +90,28 @@ def test_resemblyzer_embed_utterance_and_embed_speaker_run_the_stage(
     with caplog.at_level(logging.WARNING, logger="uniopt"):
         assert _cosine(fast.embed_utterance(longer), reference) > COSINE
     assert any("outside the exported graph's shapes" in m for m in _warnings(caplog))
+
+
+def test_resemblyzer_wrapped_by_sample_runs_the_stage_for_every_length(
+    recording: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = VoiceEncoder(device="cpu", verbose=False)
+    short, longer = recording[8_000:56_000], recording[8_000:88_000]  # 3 and 5 partial utterances
+    fast = UniversalOptimizer(
+        encoder,
+        sample=[lambda e: e.embed_utterance(short), lambda e: e.embed_utterance(longer)],
+        cache_dir=str(tmp_path),
+        **TIER_MODE,
+    )
+    report = fast.report().component("module")
+    assert report.chosen == "onnxruntime-fp32" and report.found_by == "embed_utterance() (2 calls in the samples)"
+    reference = VoiceEncoder(device="cpu", verbose=False)
+    turns = [recording[int(s * 16_000) : int(s * 16_000) + n] for s, n in ((0.5, 40_000), (10.5, 100_000))]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uniopt"):
+        got = [fast.embed_utterance(t) for t in turns] + [fast.embed_speaker(turns)]
+    assert not _warnings(caplog)  # 2 and 6 partials: the batch axis was found dynamic
+    expected = [reference.embed_utterance(t) for t in turns] + [reference.embed_speaker(turns)]
+    assert all(_cosine(g, e) > COSINE for g, e in zip(got, expected, strict=True))
+    stats = fast.get_performance_info()["components"]["module"]
+    assert stats["calls"] == 4 and stats["eager_calls"] == 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from ..errors import UniOptError
 from ..plugins import BuildContext, plugin_manager
 from ..settings import Settings, resolve_settings
 from ..threads import thread_budget
 from ..tiers import HostProfile, TierChoice, host_profile
-from .adapters import check_wrappable, engine_components
+from .adapters import check_paths, check_wrappable, engine_components
+from .capture import Captured, capture_components
 from .component import Component
 from .install import Installation, installation_of, twin
 from .report import ComponentReport, OptimizationReport
@@ -29,6 +32,12 @@ class UniversalOptimizer:
     that passes the accuracy guard. Keyword settings override the environment and ``.env``
     (see :class:`uniopt.settings.Settings`).
 
+    Components are the engine's own (``uniopt_components()``), the module itself (an ``nn.Module``
+    with ``example_inputs``), or found by ``sample=``: a function of the engine, or a list of them,
+    that calls the engine as its users do (``lambda e: e.embed_utterance(wav)``); the outermost
+    modules those calls reach become the components (see :mod:`uniopt.optimizer.capture`), and
+    ``overrides`` sets fields of a found component by its path (``{"model": {"kind": "encoder"}}``).
+
     Each chosen stage is installed in the engine you pass, as the ``forward`` of the component's own
     module (the module object, its attributes, methods and buffers stay; accelerate's hooks work
     this way), so every method of the engine runs it: ``fast.engine is engine``. The component
@@ -42,6 +51,8 @@ class UniversalOptimizer:
         example_inputs: Any = None,
         mode: str | None = None,
         *,
+        sample: Any = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
         profile: HostProfile | None = None,
         **settings: Any,
     ) -> None:
@@ -54,14 +65,27 @@ class UniversalOptimizer:
         self._installations: dict[str, Installation] = {}
         self._context: BuildContext | None = None
         self._plugins: Any = None
+        found_by: dict[str, str] = {}
+        if sample is not None and example_inputs is not None:
+            raise UniOptError("pass sample= or example_inputs, not both")
+        if overrides and sample is None:
+            raise UniOptError("overrides= applies to components found by sample=; pass sample= too")
+        components: list[Component] = []
         if self._settings.mode == "off":
-            check_wrappable(engine)
-            components: list[Component] = []
+            if sample is None:
+                check_wrappable(engine)
+        elif sample is not None:
+            captured = capture_components(engine, sample, overrides)
+            components = [c.component for c in captured]
+            found_by = {c.component.name: _described(c) for c in captured}
+            check_paths(engine, components)
         else:
             components = engine_components(engine, example_inputs)
         started = time.perf_counter()
         detached = [self._detached(c) for c in components]
         reports = [self._optimize(c) for c in detached]
+        for report in reports:
+            report.found_by = found_by.get(report.component, "")
         self._report = OptimizationReport(
             fingerprint=self._profile.fingerprint,
             tier=self._tier.tier.name,
@@ -178,6 +202,11 @@ class UniversalOptimizer:
     def __repr__(self) -> str:
         name, mode, tier = type(self._engine).__name__, self._settings.mode, self._tier.tier.name
         return f"UniversalOptimizer({name}, mode={mode!r}, tier={tier!r})"
+
+
+def _described(captured: Captured) -> str:
+    calls = f"{captured.calls} call{'s' if captured.calls != 1 else ''}"
+    return f"{captured.method}() ({calls} in the samples)" if captured.method else f"the sample calls ({calls})"
 
 
 def _cache(settings: Settings) -> Any:
