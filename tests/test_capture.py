@@ -11,6 +11,7 @@ from torch import nn
 
 from uniopt import Metric, UniOptError, UniversalOptimizer
 from uniopt.optimizer.capture import FLOAT_METRIC, LABEL_METRIC, capture_components
+from uniopt.optimizer.install import installation_of
 from uniopt.plugins.model_cache import model_cache
 
 TIER_MODE: dict[str, Any] = {"mode": "tier", "tier": "low-resource", "model_warmup_runs": 0, "threads": 1}
@@ -121,3 +122,26 @@ def test_sample_and_example_inputs_are_exclusive() -> None:
         UniversalOptimizer(Encoder(), (torch.randn(1, 2, 16),), sample=lambda e: e(torch.randn(1, 2, 16)))
     with pytest.raises(UniOptError, match="overrides= applies to components found by sample="):
         UniversalOptimizer(Encoder(), (torch.randn(1, 2, 16),), overrides={"module": {}})
+
+
+class Counter(nn.Module):
+    """Its output depends on how often it was called before: module state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        return x * self.steps
+
+
+def test_a_module_with_state_is_found_and_left_eager(tmp_path: Any) -> None:
+    module = Counter()
+    samples = [lambda m: m(torch.ones(2)), lambda m: m(torch.ones(3))]
+    (found,) = capture_components(module, samples)
+    assert found.eager_reason.startswith("its outputs depend on its earlier calls")
+    fast = UniversalOptimizer(module, sample=samples, cache_dir=str(tmp_path), **TIER_MODE)
+    report = fast.report().component("module")
+    assert report.chosen == "eager" and report.candidate("eager").reason == found.eager_reason
+    assert installation_of(module) is None

@@ -115,3 +115,22 @@ def test_resemblyzer_wrapped_by_sample_runs_the_stage_for_every_length(
     assert all(_cosine(g, e) > COSINE for g, e in zip(got, expected, strict=True))
     stats = fast.get_performance_info()["components"]["module"]
     assert stats["calls"] == 4 and stats["eager_calls"] == 0
+
+
+def test_silero_vad_script_module_keeps_its_timestamps(recording: np.ndarray, tmp_path: Path) -> None:
+    with warnings.catch_warnings():  # torch.jit.load is deprecated upstream
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from silero_vad import get_speech_timestamps, load_silero_vad
+
+        model = load_silero_vad()
+    assert isinstance(model, torch.jit.ScriptModule)
+    audio = torch.from_numpy(recording)
+    expected = get_speech_timestamps(audio, model)
+    assert len(expected) >= 6  # the fixture's six turns, some split at pauses
+    samples = [lambda m: get_speech_timestamps(audio[:64_000], m), lambda m: get_speech_timestamps(audio[:96_000], m)]
+    fast = UniversalOptimizer(model, sample=samples, cache_dir=str(tmp_path), **TIER_MODE)
+    report = fast.report().component("module")
+    assert report.found_by.startswith("the sample calls (") and report.chosen == "eager"
+    assert "depend on its earlier calls" in report.candidate("eager").reason  # its LSTM state and context
+    assert get_speech_timestamps(audio, fast) == expected
+    assert get_speech_timestamps(audio, model) == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ LABEL_METRIC = Metric("argmax_agreement", 0.99)
 MAX_DEPTH = 3
 
 Sample = Callable[[Any], Any]
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _Seen:
     names: tuple[str, ...] = ()
     calls: list[Call] = field(default_factory=list)
     problem: str = ""
+    stateful: bool = False
 
 
 def engine_modules(engine: Any) -> dict[int, tuple[str, torch.nn.Module]]:
@@ -58,7 +61,12 @@ def engine_modules(engine: Any) -> dict[int, tuple[str, torch.nn.Module]]:
     found: dict[int, tuple[str, torch.nn.Module]] = {}
 
     def add_module(prefix: str, module: torch.nn.Module) -> None:
+        if isinstance(module, torch.jit.ScriptModule):  # its submodules run inside TorchScript
+            found.setdefault(id(module), (prefix, module))
+            return
         for name, sub in module.named_modules(remove_duplicate=True):
+            if isinstance(sub, torch.jit.ScriptModule) and sub is not module:
+                continue
             path = f"{prefix}.{name}".strip(".") if name else prefix
             found.setdefault(id(sub), (path, sub))
 
@@ -86,7 +94,7 @@ def _caller(engine: Any) -> str:
     frame = sys._getframe(2)
     method = ""
     while frame is not None:
-        if frame.f_locals.get("self") is engine:
+        if frame.f_locals.get("self") is engine and not frame.f_code.co_filename.startswith(_TORCH_DIR):
             method = frame.f_code.co_name
         frame = frame.f_back  # type: ignore[assignment]
     return method
@@ -151,14 +159,36 @@ class _Recorder:
                 self.seen[key].calls.append(Call(inputs, _detached(outputs), self.sample, method))
 
 
+def _watched(recorder: _Recorder, module: torch.nn.Module) -> Callable[..., Any]:
+    """``module``'s forward, reporting to ``recorder`` as the hooks do."""
+    forward = type(module).forward.__get__(module) if "forward" not in module.__dict__ else module.__dict__["forward"]
+    forward = getattr(module._c, "forward", forward) if hasattr(module, "_c") else forward
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        recorder.before(module, args, kwargs)
+        outputs = None
+        try:
+            outputs = forward(*args, **kwargs)
+            return outputs
+        finally:
+            recorder.after(module, args, kwargs, outputs)
+
+    return watched
+
+
 def _record(engine: Any, samples: Sequence[Sample]) -> list[_Seen]:
     modules = engine_modules(engine)
     if not modules:
         raise UniOptError(f"{type(engine).__name__} has no nn.Module among its attributes: nothing to optimize")
     recorder = _Recorder(engine, modules)
-    handles = []
+    handles: list[Any] = []
+    patched: list[torch.nn.Module] = []
     try:
         for _, module in modules.values():
+            if isinstance(module, torch.jit.ScriptModule):  # no hooks on ScriptModules: watch its forward
+                module.__dict__["forward"] = _watched(recorder, module)
+                patched.append(module)
+                continue
             handles.append(module.register_forward_pre_hook(recorder.before, with_kwargs=True))
             handles.append(module.register_forward_hook(recorder.after, with_kwargs=True, always_call=True))
         for index, sample in enumerate(samples):
@@ -168,11 +198,31 @@ def _record(engine: Any, samples: Sequence[Sample]) -> list[_Seen]:
     finally:
         for handle in handles:
             handle.remove()
+        for module in patched:
+            del module.__dict__["forward"]
     found = [s for s in recorder.seen.values() if s.calls or s.problem]
     for seen in found:  # ordinary tensors, even where the engine ran under inference_mode
         for call in seen.calls:
             call.inputs, call.outputs = _detached(call.inputs), _detached(call.outputs)
+        if seen.calls and not seen.problem and not _replays(seen.module, seen.calls[0]):
+            seen.stateful = True
     return found
+
+
+def _replays(module: torch.nn.Module, call: Call) -> bool:
+    """Whether ``module`` gives the recorded outputs again for the recorded inputs (no hidden state)."""
+    with torch.no_grad():
+        again = module(*copy.deepcopy(call.inputs))
+    old, new = pytree.tree_leaves(call.outputs), pytree.tree_leaves(again)
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new, strict=True):
+        if isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor) or a.shape != b.shape or not torch.allclose(a, b, atol=1e-6, rtol=1e-5):
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 def _sizes(calls: Sequence[Call]) -> list[list[tuple[int, ...] | None]]:
@@ -214,13 +264,13 @@ def _component(seen: _Seen, overrides: Mapping[str, Any]) -> Component:
     outputs = tuple(f"output_{i}" for i in range(len(leaves)))
     axes = _dynamic_axes(seen, names, outputs)
     other = next((c for c in calls if c.sample != first.sample), None)
-    if other is None and len(calls) == 1:
+    if other is None and len(calls) == 1 and not seen.stateful:
         raise UniOptError(
             f"component {seen.path or 'module'!r} was called once, by one sample: uniopt cannot tell which input "
             "sizes vary between calls; pass two or more samples of different sizes (sample=[a, b]), or the "
             "same one twice if the sizes never change"
         )
-    calibration = [other.inputs] if other is not None else [calls[1].inputs]
+    calibration = [other.inputs] if other is not None else [c.inputs for c in calls[1:2]]
     options: dict[str, Any] = {
         "input_names": names,
         "output_names": outputs,
@@ -232,13 +282,21 @@ def _component(seen: _Seen, overrides: Mapping[str, Any]) -> Component:
     return Component(seen.path or "module", seen.module, first.inputs, **options)
 
 
+#: Why a module whose outputs depend on its earlier calls is left eager.
+STATEFUL = (
+    "its outputs depend on its earlier calls (state kept in the module), which a stage built from a copy "
+    "would keep apart from the engine's own resets; left eager"
+)
+
+
 @dataclass(frozen=True)
 class Captured:
-    """A component found by sampling, and the engine method that called it."""
+    """A component found by sampling, the engine method that called it, and why it stays eager ("": it need not)."""
 
     component: Component
     method: str
     calls: int
+    eager_reason: str = ""
 
 
 def capture_components(
@@ -264,5 +322,5 @@ def capture_components(
             raise UniOptError(f"module {seen.path or 'module'!r}: {seen.problem}; declare it with uniopt_components()")
         component = _component(seen, overrides.get(seen.path or "module", {}))
         method = next((c.method for c in seen.calls if c.method), "")
-        captured.append(Captured(component, method, len(seen.calls)))
+        captured.append(Captured(component, method, len(seen.calls), STATEFUL if seen.stateful else ""))
     return captured

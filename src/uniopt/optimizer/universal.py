@@ -17,7 +17,7 @@ from .adapters import check_paths, check_wrappable, engine_components
 from .capture import Captured, capture_components
 from .component import Component
 from .install import Installation, installation_of, twin
-from .report import ComponentReport, OptimizationReport
+from .report import CandidateResult, ComponentReport, OptimizationReport
 
 __all__ = ["UniversalOptimizer"]
 
@@ -71,14 +71,16 @@ class UniversalOptimizer:
         if overrides and sample is None:
             raise UniOptError("overrides= applies to components found by sample=; pass sample= too")
         components: list[Component] = []
+        kept: list[ComponentReport] = []
         if self._settings.mode == "off":
             if sample is None:
                 check_wrappable(engine)
         elif sample is not None:
             captured = capture_components(engine, sample, overrides)
-            components = [c.component for c in captured]
+            components = [c.component for c in captured if not c.eager_reason]
             found_by = {c.component.name: _described(c) for c in captured}
-            check_paths(engine, components)
+            check_paths(engine, [c.component for c in captured])
+            kept = [_kept_eager(c, found_by) for c in captured if c.eager_reason]
         else:
             components = engine_components(engine, example_inputs)
         started = time.perf_counter()
@@ -86,6 +88,7 @@ class UniversalOptimizer:
         reports = [self._optimize(c) for c in detached]
         for report in reports:
             report.found_by = found_by.get(report.component, "")
+        reports.extend(kept)
         self._report = OptimizationReport(
             fingerprint=self._profile.fingerprint,
             tier=self._tier.tier.name,
@@ -94,7 +97,7 @@ class UniversalOptimizer:
             components=reports,
             setup_seconds=time.perf_counter() - started,
         )
-        for component, work, report in zip(components, detached, reports, strict=True):
+        for component, work, report in zip(components, detached, reports[: len(components)], strict=True):
             self._install(component.module, work, report)
 
     # -- building -------------------------------------------------------------------------------
@@ -202,6 +205,13 @@ class UniversalOptimizer:
     def __repr__(self) -> str:
         name, mode, tier = type(self._engine).__name__, self._settings.mode, self._tier.tier.name
         return f"UniversalOptimizer({name}, mode={mode!r}, tier={tier!r})"
+
+
+def _kept_eager(captured: Captured, found_by: dict[str, str]) -> ComponentReport:
+    """The report of a found component that is not optimized, with the reason."""
+    name = captured.component.name
+    result = CandidateResult("eager", accepted=True, reason=captured.eager_reason)
+    return ComponentReport(name, "eager", [result], found_by=found_by[name])
 
 
 def _described(captured: Captured) -> str:
