@@ -134,3 +134,55 @@ def test_silero_vad_script_module_keeps_its_timestamps(recording: np.ndarray, tm
     assert "depend on its earlier calls" in report.candidate("eager").reason  # its LSTM state and context
     assert get_speech_timestamps(audio, fast) == expected
     assert get_speech_timestamps(audio, model) == expected
+
+
+def _tiny_wav2vec2_dir(directory: Path) -> Path:
+    """A config-built Wav2Vec2ForCTC, its CTC tokenizer and feature extractor, saved as a model directory."""
+    import json
+
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
+    vocab.update({c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")})
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, pad_token_id=0,
+    )  # fmt: skip
+    model = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():  # random weights favour letters over the pad token, so there is text to compare
+        model.lm_head.bias[5:] += torch.linspace(0, 3, len(vocab) - 5)
+    model.save_pretrained(directory)
+    Wav2Vec2CTCTokenizer(str(directory / "vocab.json")).save_pretrained(directory)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000, return_attention_mask=False).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def test_transformers_asr_pipeline_wrapped_by_sample_keeps_its_transcriptions(
+    recording: np.ndarray, tmp_path: Path
+) -> None:
+    from transformers import pipeline
+
+    (tmp_path / "wav2vec2").mkdir()
+    model_dir = _tiny_wav2vec2_dir(tmp_path / "wav2vec2")
+    asr = pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
+    model = asr.model
+    clips = [recording[16_000:64_000], recording[160_000:272_000]]
+    expected = [asr(c)["text"] for c in clips]
+    assert all(len(t) > 10 for t in expected)
+    samples = [lambda p: p(recording[:32_000]), lambda p: p(recording[:48_000])]
+    fast = UniversalOptimizer(asr, sample=samples, cache_dir=str(tmp_path / "cache"), **TIER_MODE)
+    (report,) = fast.report().components
+    assert (report.component, report.chosen, report.found_by) == (
+        "model",
+        "onnxruntime-fp32",
+        "__call__() (2 calls in the samples)",
+    )
+    assert fast.engine is asr and asr.model is model
+    assert [fast(c)["text"] for c in clips] == expected
+    stats = fast.get_performance_info()["components"]["model"]
+    assert stats["calls"] == 2 and stats["eager_calls"] == 0  # input_values by keyword, bound to the graph's input
