@@ -145,3 +145,36 @@ def test_a_module_with_state_is_found_and_left_eager(tmp_path: Any) -> None:
     report = fast.report().component("module")
     assert report.chosen == "eager" and report.candidate("eager").reason == found.eager_reason
     assert installation_of(module) is None
+
+
+def test_the_phoneme_engine_found_by_sample_ends_with_its_declared_choice(tmp_path: Any) -> None:
+    from transformers import Wav2Vec2Config
+
+    from uniopt.engines.audio import speech_like_audio
+    from uniopt.engines.phoneme import PhonemeExtractor
+    from uniopt.settings import Settings
+
+    tiny = {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "conv_dim": (32, 32, 32), "conv_kernel": (10, 3, 3), "conv_stride": (5, 4, 4),
+        "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2,
+    }  # fmt: skip
+    settings = {**TIER_MODE, "use_model_quantization": False, "cache_dir": str(tmp_path)}
+
+    def engine() -> PhonemeExtractor:
+        return PhonemeExtractor.from_config(Wav2Vec2Config(**tiny), settings=Settings())
+
+    declared = UniversalOptimizer(engine(), **settings)
+    wavs = [speech_like_audio(seconds, seed) for seconds, seed in ((2.0, 1), (3.0, 2), (4.0, 3))]
+    sampled_engine = engine()
+    sampled = UniversalOptimizer(
+        sampled_engine,
+        sample=[lambda e: e.extract_phonemes(wavs[0], 16_000), lambda e: e.extract_phonemes(wavs[1], 16_000)],
+        overrides={"model": {"kind": "encoder", "metric": Metric("ctc_agreement", 0.98), "exporter": "legacy"}},
+        **settings,
+    )
+    report = sampled.report().component("model")
+    assert report.found_by == "extract_phonemes() (2 calls in the samples)"
+    assert report.chosen == declared.report().component("model").chosen != "eager"
+    assert sampled.extract_phonemes(wavs[2], 16_000) == declared.extract_phonemes(wavs[2], 16_000)
+    assert sampled.get_performance_info()["components"]["model"]["eager_calls"] == 0
