@@ -167,7 +167,13 @@ def optimize(
     engine: Any, inputs: Any = None, *, cache: Path, allow: tuple[str, ...], **settings: Any
 ) -> UniversalOptimizer:
     """Auto mode with only ``allow`` (and eager, the baseline) as candidates."""
-    return UniversalOptimizer(engine, inputs, cache_dir=str(cache), allow=("eager", *allow), **{**COMMON, **settings})
+    opt = UniversalOptimizer(engine, inputs, cache_dir=str(cache), allow=("eager", *allow), **{**COMMON, **settings})
+    _WRAPPED.append(opt)
+    return opt
+
+
+#: Wrappers made by optimize(); restored after each test, as they optimize their models in place.
+_WRAPPED: list[UniversalOptimizer] = []
 
 
 def result(opt: UniversalOptimizer, name: str, component: str = "module") -> CandidateResult:
@@ -203,6 +209,8 @@ def _fresh_model_cache() -> Any:
     model_cache.clear()
     yield
     model_cache.clear()
+    while _WRAPPED:
+        _WRAPPED.pop().restore()
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +321,9 @@ def test_torch_bf16(mlp2d: Any, shared_cache: Path) -> None:
     if not host_profile().cpu.computes_bf16:
         pytest.skip("this CPU has no bf16 instructions")
     model, x = mlp2d
-    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",)), "torch-bf16")
+    opt = optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",))
+    r = result(opt, "torch-bf16")
+    opt.restore()  # the reference below is the FP32 module
     assert r.accepted, r.reason
     assert r.metric == "cosine" and r.metric_value is not None and 0.999 <= r.metric_value
 
