@@ -178,3 +178,31 @@ def test_the_phoneme_engine_found_by_sample_ends_with_its_declared_choice(tmp_pa
     assert report.chosen == declared.report().component("model").chosen != "eager"
     assert sampled.extract_phonemes(wavs[2], 16_000) == declared.extract_phonemes(wavs[2], 16_000)
     assert sampled.get_performance_info()["components"]["model"]["eager_calls"] == 0
+
+
+def test_the_diarizer_found_by_sample_ends_with_its_declared_choices(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from uniopt.engines.diarization import Diarizer
+
+    audio, rate = sf.read(Path(__file__).parent / "data" / "diarization" / "two_speakers.wav", dtype="float32")
+    settings: dict[str, Any] = {"mode": "tier", "model_warmup_runs": 0, "cache_dir": str(tmp_path)}
+    declared = UniversalOptimizer(Diarizer(), **settings)
+    declared_components = Diarizer().uniopt_components()
+    overrides = {c.name: {"metric": c.metric, "kind": c.kind, "exporter": c.exporter} for c in declared_components}
+    sampled = UniversalOptimizer(
+        Diarizer(),
+        sample=[lambda d: d.diarize(audio[: 8 * rate], rate), lambda d: d.diarize(audio[: 12 * rate], rate)],
+        overrides=overrides,
+        **settings,
+    )
+    chosen = {c.component: c.chosen for c in declared.report().components}
+    assert {c.component: c.chosen for c in sampled.report().components} == chosen
+    assert {c.found_by for c in sampled.report().components} == {"diarize() (2 calls in the samples)"}
+    assert sampled.diarize(audio, rate) == declared.diarize(audio, rate)
+    info = sampled.get_performance_info()["components"]
+    assert all(info[name]["eager_calls"] == 0 for name in info) and set(info) == {
+        n for n, c in chosen.items() if c != "eager"
+    }
