@@ -169,7 +169,13 @@ def optimize(
     engine: Any, inputs: Any = None, *, cache: Path, allow: tuple[str, ...], **settings: Any
 ) -> UniversalOptimizer:
     """Auto mode with only ``allow`` (and eager, the baseline) as candidates."""
-    return UniversalOptimizer(engine, inputs, cache_dir=str(cache), allow=("eager", *allow), **{**COMMON, **settings})
+    opt = UniversalOptimizer(engine, inputs, cache_dir=str(cache), allow=("eager", *allow), **{**COMMON, **settings})
+    _WRAPPED.append(opt)
+    return opt
+
+
+#: Wrappers made by optimize(); restored after each test, as they optimize their models in place.
+_WRAPPED: list[UniversalOptimizer] = []
 
 
 def result(opt: UniversalOptimizer, name: str, component: str = "module") -> CandidateResult:
@@ -205,6 +211,8 @@ def _fresh_model_cache() -> Any:
     model_cache.clear()
     yield
     model_cache.clear()
+    while _WRAPPED:
+        _WRAPPED.pop().restore()
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +323,9 @@ def test_torch_bf16(mlp2d: Any, shared_cache: Path) -> None:
     if not host_profile().cpu.computes_bf16:
         pytest.skip("this CPU has no bf16 instructions")
     model, x = mlp2d
-    r = result(optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",)), "torch-bf16")
+    opt = optimize(model, (x,), cache=shared_cache, allow=("torch-bf16",))
+    r = result(opt, "torch-bf16")
+    opt.restore()  # the reference below is the FP32 module
     assert r.accepted, r.reason
     assert r.metric == "cosine" and r.metric_value is not None and 0.999 <= r.metric_value
 
@@ -391,6 +401,7 @@ def test_onnxruntime_candidates_accepted_with_a_dynamic_axis(frames_engine: OneC
     assert result(opt, "onnxruntime-int8", "model").metric == "cosine"
     cuda = result(opt, "onnxruntime-cuda", "model")
     assert not cuda.accepted and "CUDAExecutionProvider" in cuda.reason
+    opt.restore()  # the module-scoped engine runs eager again for the tests below
 
 
 @pytest.mark.parametrize("name", ["onnxruntime-fp32", "onnxruntime-int8"])
@@ -424,6 +435,9 @@ def test_onnxruntime_stage_falls_back_on_a_static_axis(
 
 
 def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneComponent, shared_cache: Path) -> None:
+    inputs = [torch.randn(1, frames, 16) for frames in (6, 3, 17)]
+    with torch.inference_mode():
+        expected = [frames_engine.model(x) for x in inputs]
     opt = UniversalOptimizer(
         frames_engine,
         mode="tier",
@@ -433,12 +447,12 @@ def test_tier_mode_installs_onnxruntime_for_every_length(frames_engine: OneCompo
         model_warmup_runs=1,
     )
     assert opt.report().component("model").chosen == "onnxruntime-fp32"
-    for frames in (6, 3, 17):
-        x = torch.randn(1, frames, 16)
+    for x, want in zip(inputs, expected, strict=True):
         with torch.inference_mode():
-            torch.testing.assert_close(opt(x), frames_engine.model(x), atol=1e-4, rtol=1e-4)
-    assert opt.engine is not frames_engine and opt.engine.model is not frames_engine.model
-    assert isinstance(frames_engine.model, FrameMLP), "the engine itself is left as it was"
+            torch.testing.assert_close(opt(x), want, atol=1e-4, rtol=1e-4)
+    assert opt.engine is frames_engine and isinstance(frames_engine.model, FrameMLP), "installed in place"
+    assert opt.get_performance_info()["components"]["model"]["calls"] == 3
+    opt.restore()
 
 
 def host_with_flags(flags: tuple[str, ...]) -> HostProfile:
@@ -573,6 +587,7 @@ def test_openvino_candidates(mlp2d: Any, shared_cache: Path) -> None:
     bf16 = report.candidate("openvino-bf16")
     if bf16.accepted:
         assert bf16.metric == "cosine"
+    opt.restore()  # mlp2d is module-scoped: its model runs eager again for the tests below
 
 
 @pytest.mark.parametrize(("name", "hint"), [("openvino-f32", "f32"), ("openvino-bf16", "bf16")])
@@ -656,6 +671,7 @@ def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
     assert report.candidate("eager").accepted
     assert report.candidate("onnxruntime-fp32").accepted
     assert report.candidate("openvino-f32").reason.startswith("not available: not in UNIOPT_ALLOW")
+    opt.restore()
 
 
 @pytest.fixture(scope="module")
@@ -738,6 +754,8 @@ def test_doctor_without_openvino(without_openvino: dict[str, Any]) -> None:
 def test_two_wrappers_of_one_module_share_the_stage_in_use(tmp_path: Path) -> None:
     torch.manual_seed(31)
     model, x = mlp(31), torch.randn(4, 16)
+    with torch.inference_mode():
+        expected = model(x)
     first = optimize(model, (x,), cache=tmp_path / "a", allow=("onnxruntime-fp32",), min_speedup=0.01)
     report = first.report().component("module")
     assert [r.name for r in report.candidates if r.accepted] == ["eager", "onnxruntime-fp32"]
@@ -753,16 +771,17 @@ def test_two_wrappers_of_one_module_share_the_stage_in_use(tmp_path: Path) -> No
         "nothing was exported again"
     )
     with torch.inference_mode():
-        torch.testing.assert_close(second(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(second(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_stage_no_engine_uses_is_freed(tmp_path: Path) -> None:
     torch.manual_seed(33)
     model, x = mlp(33), torch.randn(4, 16)
     opt = optimize(model, (x,), cache=tmp_path, allow=("onnxruntime-fp32",), min_speedup=0.01)
+    _WRAPPED.remove(opt)
     stage = weakref.ref(opt.report().component("module").stage)
     assert len(model_cache) == 1 and stage() is not None
-    del opt
+    del opt, model  # the stage is installed in the model itself: both go
     gc.collect()
     assert stage() is None, "the process cache kept a stage that no engine uses"
     assert len(model_cache) == 0
@@ -771,6 +790,8 @@ def test_a_stage_no_engine_uses_is_freed(tmp_path: Path) -> None:
 def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:
     torch.manual_seed(32)
     model, x = mlp(32), torch.randn(4, 16)
+    with torch.inference_mode():
+        expected = model(x)
     cache = tmp_path / "cache"
 
     def wrap(_: int) -> tuple[Any, torch.Tensor]:
@@ -795,5 +816,5 @@ def test_wrappers_from_four_threads_build_once(tmp_path: Path) -> None:
     assert len(stages) == 1, "every wrapper got the one built stage"
     outputs = [out for _, out in results]
     assert all(torch.equal(out, outputs[0]) for out in outputs)
-    torch.testing.assert_close(outputs[0], model(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outputs[0], expected, atol=1e-4, rtol=1e-4)
     assert len([e for e in ArtifactCache(cache).entries() if e.kind == "onnx-export"]) == 1

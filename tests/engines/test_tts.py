@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from uniopt import UniversalOptimizer
+from uniopt import Component, UniversalOptimizer
 from uniopt.engines.tts import (
     FishSpeechAdapter,
     FishSpeechConfig,
@@ -23,8 +23,9 @@ from uniopt.engines.tts import (
     TokenGenerator,
 )
 from uniopt.errors import InputError
-from uniopt.optimizer.adapters import StageModule, with_replaced
 from uniopt.optimizer.guard import metric_value
+from uniopt.optimizer.install import Installation, twin
+from uniopt.plugins import Stage
 
 HOP = 2048
 SR = 44_100
@@ -242,20 +243,28 @@ def test_components_are_what_synthesize_runs(engine: FishSpeechEngine) -> None:
 
     calls: dict[str, int] = {"decoder": 0, "codec": 0}
 
-    def counting(name: str, module: torch.nn.Module):
+    def counting(component: Component) -> Installation:
+        source = twin(component.module)
+
         def run(*args):
-            calls[name] += 1
-            return module(*args)
+            calls[component.name] += 1
+            return source(*args)
 
-        return StageModule(run, module)  # what uniopt installs for an exported graph: forward only
+        # what uniopt installs for an exported graph: a callable taking the positional inputs only
+        stage = Stage("counting", run)
+        return Installation(
+            component.name, component.module, stage, source=source, input_count=len(component.example_inputs)
+        )
 
-    shimmed = with_replaced(
-        engine, {"decoder": counting("decoder", engine.decoder), "codec": counting("codec", engine.codec)}
-    )
     expected, _, _ = engine.synthesize("through forward", seed=2)
-    got, _, _ = shimmed.synthesize("through forward", seed=2)
+    installed = [counting(decoder), counting(codec)]
+    try:
+        got, _, _ = engine.synthesize("through forward", seed=2)
+    finally:
+        for installation in installed:
+            installation.remove()
     assert np.array_equal(got, expected) and calls == {"decoder": 1, "codec": 1}
-    assert engine.decoder is decoder.module  # the original engine is untouched
+    assert "forward" not in engine.decoder.__dict__  # removed: the class's forward again
 
 
 def test_universal_optimizer_off_gives_identical_audio(engine: FishSpeechEngine) -> None:

@@ -1,14 +1,13 @@
-"""Engine adapters: which components an engine has, and how to put a stage in a module's place.
+"""Engine adapters: which components an engine has, and where each one lives in it.
 
 An engine declares its components by defining ``uniopt_components()``, returning
 :class:`~uniopt.optimizer.component.Component` objects whose ``name`` is the attribute path of the
 module inside the engine (``"model"``, ``"segmentation.net"``). A plain ``nn.Module`` is one
-component, called ``"module"``, and needs example inputs.
+component, called ``"module"``, at the engine itself, and needs example inputs.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -16,25 +15,7 @@ import torch
 from ..errors import UniOptError
 from .component import Component
 
-__all__ = ["StageModule", "check_wrappable", "engine_components", "with_replaced"]
-
-
-class StageModule(torch.nn.Module):
-    """An ``nn.Module`` that runs a stage and answers attribute look-ups from the original module."""
-
-    def __init__(self, stage: Any, original: torch.nn.Module) -> None:
-        super().__init__()
-        self.stage = stage
-        object.__setattr__(self, "_original", original)
-
-    def forward(self, *args: Any) -> Any:
-        return self.stage(*args)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
+__all__ = ["check_wrappable", "component_path", "engine_components", "resolve_path"]
 
 
 def check_wrappable(engine: Any) -> None:
@@ -46,43 +27,58 @@ def check_wrappable(engine: Any) -> None:
         )
 
 
+def declares_components(engine: Any) -> bool:
+    """Whether ``engine`` lists its own components through ``uniopt_components()``."""
+    return callable(getattr(engine, "uniopt_components", None))
+
+
+def component_path(engine: Any, component: Component) -> str:
+    """The attribute path of ``component`` in ``engine`` ("" for an ``nn.Module`` wrapped as itself)."""
+    return "" if component.module is engine and component.name == "module" else component.name
+
+
+def resolve_path(engine: Any, path: str) -> Any:
+    """The object at attribute path ``path`` of ``engine``; a :class:`UniOptError` naming the missing step."""
+    obj = engine
+    walked = type(engine).__name__
+    for attr in path.split(".") if path else ():
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise UniOptError(
+                f"component path {path!r}: {walked} has no attribute {attr!r}; a component's name is "
+                "the attribute path of its module in the engine"
+            ) from None
+        walked = f"{walked}.{attr}"
+    return obj
+
+
+def check_paths(engine: Any, components: list[Component]) -> None:
+    """Raise unless every component's module is the module at its path in ``engine``."""
+    names = [c.name for c in components]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UniOptError(f"components named twice: {', '.join(duplicates)}")
+    for component in components:
+        path = component_path(engine, component)
+        found = resolve_path(engine, path)
+        if found is not component.module:
+            raise UniOptError(
+                f"component {component.name!r}: the engine's {path!r} is a {type(found).__name__}, not the "
+                f"{type(component.module).__name__} the component declares; uniopt installs stages at that path"
+            )
+
+
 def engine_components(engine: Any, example_inputs: Any = None) -> list[Component]:
-    """The components of ``engine``: declared by the engine, or the module itself."""
+    """The components of ``engine`` (declared by it, or the module itself), their paths checked."""
     check_wrappable(engine)
-    declare = getattr(engine, "uniopt_components", None)
-    if callable(declare):
-        components = list(declare())
+    if declares_components(engine):
         if example_inputs is not None:
             raise UniOptError("this engine declares its own components and example inputs; pass none")
-        return components
-    if example_inputs is None:
+        components = list(engine.uniopt_components())
+    elif example_inputs is None:
         raise UniOptError("a plain nn.Module needs example inputs: UniversalOptimizer(module, example_inputs=(x,))")
-    return [Component("module", engine, example_inputs)]
-
-
-def _copy_node(node: Any) -> Any:
-    new = copy.copy(node)
-    if isinstance(node, torch.nn.Module):
-        new._modules = dict(node._modules)  # type: ignore[assignment]
-    return new
-
-
-def with_replaced(engine: Any, replacements: dict[str, torch.nn.Module]) -> Any:
-    """A shallow copy of ``engine`` with modules at attribute paths replaced.
-
-    Only the objects on each path are copied, so the original engine is left as it was and
-    shares everything else (weights, tokenizers) with the copy.
-    """
-    root = _copy_node(engine)
-    copies: dict[str, Any] = {"": root}
-    for path, module in replacements.items():
-        parts = path.split(".")
-        parent = root
-        for depth, attr in enumerate(parts[:-1]):
-            key = ".".join(parts[: depth + 1])
-            if key not in copies:
-                copies[key] = _copy_node(getattr(parent, attr))
-                setattr(parent, attr, copies[key])
-            parent = copies[key]
-        setattr(parent, parts[-1], module)
-    return root
+    else:
+        components = [Component("module", engine, example_inputs)]
+    check_paths(engine, components)
+    return components

@@ -43,6 +43,8 @@ class ComponentReport:
     candidates: list[CandidateResult] = field(default_factory=list)
     decision_from_cache: bool = False
     stage: Any = field(default=None, repr=False, compare=False)
+    #: For a component found by ``sample=``: the engine method whose call reached it.
+    found_by: str = ""
 
     def candidate(self, name: str) -> CandidateResult:
         """The result for candidate ``name``."""
@@ -56,6 +58,7 @@ class ComponentReport:
             "component": self.component,
             "chosen": self.chosen,
             "decision_from_cache": self.decision_from_cache,
+            "found_by": self.found_by,
             "candidates": [asdict(c) for c in self.candidates],
         }
 

@@ -1,20 +1,23 @@
-"""``UniversalOptimizer``: wrap an engine or module, get the same object, faster."""
+"""``UniversalOptimizer``: wrap an engine or module; its own methods then run the chosen stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from ..errors import UniOptError
 from ..plugins import BuildContext, plugin_manager
 from ..settings import Settings, resolve_settings
 from ..threads import thread_budget
 from ..tiers import HostProfile, TierChoice, host_profile
-from .adapters import StageModule, check_wrappable, engine_components, with_replaced
+from .adapters import check_paths, check_wrappable, engine_components
+from .capture import Captured, capture_components
 from .component import Component
-from .report import ComponentReport, OptimizationReport
+from .install import Installation, installation_of, twin
+from .report import CandidateResult, ComponentReport, OptimizationReport
 
 __all__ = ["UniversalOptimizer"]
 
@@ -22,12 +25,24 @@ log = logging.getLogger("uniopt")
 
 
 class UniversalOptimizer:
-    """Wrap ``engine`` (an engine that declares components, or an ``nn.Module``).
+    """Wrap ``engine`` (an engine that declares components, or an ``nn.Module``) and optimize it in place.
 
     ``mode="off"`` runs the engine as it is; ``"tier"`` applies the tier's default chain per
     component, validated; ``"auto"`` measures the candidates per component and keeps the fastest
     that passes the accuracy guard. Keyword settings override the environment and ``.env``
-    (see :class:`uniopt.settings.Settings`). The wrapper answers every attribute of the engine.
+    (see :class:`uniopt.settings.Settings`).
+
+    Components are the engine's own (``uniopt_components()``), the module itself (an ``nn.Module``
+    with ``example_inputs``), or found by ``sample=``: a function of the engine, or a list of them,
+    that calls the engine as its users do (``lambda e: e.embed_utterance(wav)``); the outermost
+    modules those calls reach become the components (see :mod:`uniopt.optimizer.capture`), and
+    ``overrides`` sets fields of a found component by its path (``{"model": {"kind": "encoder"}}``).
+
+    Each chosen stage is installed in the engine you pass, as the ``forward`` of the component's own
+    module (the module object, its attributes, methods and buffers stay; accelerate's hooks work
+    this way), so every method of the engine runs it: ``fast.engine is engine``. The component
+    modules are put in eval mode. :meth:`restore` puts the original forwards back. The wrapper reads
+    and writes the engine's attributes (``fast.threshold = 0.9`` sets the engine's).
     """
 
     def __init__(
@@ -36,6 +51,8 @@ class UniversalOptimizer:
         example_inputs: Any = None,
         mode: str | None = None,
         *,
+        sample: Any = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
         profile: HostProfile | None = None,
         **settings: Any,
     ) -> None:
@@ -43,17 +60,35 @@ class UniversalOptimizer:
             settings["mode"] = mode
         self._profile = profile or host_profile()
         self._settings, self._tier = resolve_settings(settings, self._profile)
-        self._original = engine
+        self._engine = engine
         self._timings: list[dict[str, Any]] = []
+        self._installations: dict[str, Installation] = {}
         self._context: BuildContext | None = None
         self._plugins: Any = None
+        found_by: dict[str, str] = {}
+        if sample is not None and example_inputs is not None:
+            raise UniOptError("pass sample= or example_inputs, not both")
+        if overrides and sample is None:
+            raise UniOptError("overrides= applies to components found by sample=; pass sample= too")
+        components: list[Component] = []
+        kept: list[ComponentReport] = []
         if self._settings.mode == "off":
-            check_wrappable(engine)
-            self._components: list[Component] = []
+            if sample is None:
+                check_wrappable(engine)
+        elif sample is not None:
+            captured = capture_components(engine, sample, overrides)
+            components = [c.component for c in captured if not c.eager_reason]
+            found_by = {c.component.name: _described(c) for c in captured}
+            check_paths(engine, [c.component for c in captured])
+            kept = [_kept_eager(c, found_by) for c in captured if c.eager_reason]
         else:
-            self._components = engine_components(engine, example_inputs)
+            components = engine_components(engine, example_inputs)
         started = time.perf_counter()
-        reports = [self._optimize(c) for c in self._components]
+        detached = [self._detached(c) for c in components]
+        reports = [self._optimize(c) for c in detached]
+        for report in reports:
+            report.found_by = found_by.get(report.component, "")
+        reports.extend(kept)
         self._report = OptimizationReport(
             fingerprint=self._profile.fingerprint,
             tier=self._tier.tier.name,
@@ -62,9 +97,19 @@ class UniversalOptimizer:
             components=reports,
             setup_seconds=time.perf_counter() - started,
         )
-        self._engine = self._assemble(engine, reports)
+        for component, work, report in zip(components, detached, reports[: len(components)], strict=True):
+            self._install(component.module, work, report)
 
     # -- building -------------------------------------------------------------------------------
+    def _detached(self, component: Component) -> Component:
+        """``component`` over a twin of its module: the stage never calls the installed forward."""
+        module = component.module
+        previous = installation_of(module)
+        if previous is not None:  # wrapped before: this wrapper takes over from the original forward
+            previous.remove()
+        module.eval()
+        return dataclasses.replace(component, module=twin(module))
+
     def _optimize(self, component: Component) -> ComponentReport:
         from .selection import optimize_component
 
@@ -76,33 +121,24 @@ class UniversalOptimizer:
             self._plugins = plugin_manager(self._settings.plugins)
         return optimize_component(component, self._context, self._plugins)
 
-    def _assemble(self, engine: Any, reports: list[ComponentReport]) -> Any:
+    def _install(self, module: Any, component: Component, report: ComponentReport) -> None:
+        """Route ``module``'s forward through the chosen stage (eager: only to time it, when logging)."""
         logging_on = self._settings.enable_performance_logging
-        chosen = {r.component: r for r in reports if r.stage is not None and (logging_on or r.chosen != "eager")}
-        if not chosen:
-            return engine
-        if isinstance(engine, torch.nn.Module) and not callable(getattr(engine, "uniopt_components", None)):
-            return self._timed(_installable(chosen["module"].stage, engine), "module")
-        modules = {name: self._timed(_installable(r.stage, _resolve(engine, name)), name) for name, r in chosen.items()}
-        return with_replaced(engine, modules)
+        if report.chosen == "eager" and not logging_on:
+            return
+        self._installations[component.name] = Installation(
+            component.name,
+            module,
+            report.stage,
+            source=component.module,
+            input_count=len(component.example_inputs),
+            timer=self._record if logging_on else None,
+        )
 
-    def _timed(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
-        """With ENABLE_PERFORMANCE_LOGGING, time every call of a component (uniopt's own module only)."""
-        if not self._settings.enable_performance_logging:
-            return module
-        starts: list[float] = []
-
-        def before(_module: Any, _args: Any) -> None:
-            starts.append(time.perf_counter())
-
-        def after(_module: Any, _args: Any, _output: Any) -> None:
-            elapsed = time.perf_counter() - starts.pop()
-            self._timings.append({"component": name, "seconds": elapsed})
-            log.info("%s: %.2f ms", name, elapsed * 1e3)
-
-        module.register_forward_pre_hook(before)
-        module.register_forward_hook(after)
-        return module
+    def _record(self, name: str, seconds: float) -> None:
+        """With ENABLE_PERFORMANCE_LOGGING, every call of a component is timed and logged."""
+        self._timings.append({"component": name, "seconds": seconds})
+        log.info("%s: %.2f ms", name, seconds * 1e3)
 
     # -- the wrapped engine -----------------------------------------------------------------------
     @property
@@ -117,19 +153,28 @@ class UniversalOptimizer:
 
     @property
     def engine(self) -> Any:
-        """The optimized engine (the original one in ``mode="off"``)."""
+        """The engine, with the chosen stages installed in its component modules."""
         return self._engine
 
     def report(self) -> OptimizationReport:
         """What was chosen per component, every candidate's figures, and cold-start costs."""
         return self._report
 
+    def restore(self) -> None:
+        """Put every component module's original forward back; the engine then runs as it shipped."""
+        for installation in self._installations.values():
+            installation.remove()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._engine(*args, **kwargs)
 
     def get_performance_info(self) -> dict[str, Any]:
-        """Per-component call timings (with ``ENABLE_PERFORMANCE_LOGGING``), the engine's own figures, the report."""
-        info: dict[str, Any] = {"calls": list(self._timings), "report": self._report.to_dict()}
+        """Per-component stage use, call timings (ENABLE_PERFORMANCE_LOGGING), the engine's own figures, the report."""
+        info: dict[str, Any] = {
+            "components": {name: i.stats() for name, i in self._installations.items()},
+            "calls": list(self._timings),
+            "report": self._report.to_dict(),
+        }
         engine_info = getattr(self._engine, "get_performance_info", None)
         if callable(engine_info):
             info["engine"] = engine_info()
@@ -140,23 +185,38 @@ class UniversalOptimizer:
             raise AttributeError(name)
         return getattr(self._engine, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif hasattr(type(self), name):
+            raise AttributeError(f"{name!r} is UniversalOptimizer's own; set the engine's through .engine.{name}")
+        else:
+            setattr(self._engine, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name.startswith("_") or hasattr(type(self), name):
+            object.__delattr__(self, name)
+        else:
+            delattr(self._engine, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self._engine)))
+
     def __repr__(self) -> str:
-        name, mode, tier = type(self._original).__name__, self._settings.mode, self._tier.tier.name
+        name, mode, tier = type(self._engine).__name__, self._settings.mode, self._tier.tier.name
         return f"UniversalOptimizer({name}, mode={mode!r}, tier={tier!r})"
 
 
-def _installable(stage: Any, original: torch.nn.Module) -> torch.nn.Module:
-    """The stage's own module when it is one of the original's kind (all methods work), else a shim."""
-    if isinstance(stage.run, type(original)) and stage.run is not original:
-        return stage.run
-    return StageModule(stage, original)
+def _kept_eager(captured: Captured, found_by: dict[str, str]) -> ComponentReport:
+    """The report of a found component that is not optimized, with the reason."""
+    name = captured.component.name
+    result = CandidateResult("eager", accepted=True, reason=captured.eager_reason)
+    return ComponentReport(name, "eager", [result], found_by=found_by[name])
 
 
-def _resolve(engine: Any, path: str) -> Any:
-    obj = engine
-    for attr in path.split("."):
-        obj = getattr(obj, attr)
-    return obj
+def _described(captured: Captured) -> str:
+    calls = f"{captured.calls} call{'s' if captured.calls != 1 else ''}"
+    return f"{captured.method}() ({calls} in the samples)" if captured.method else f"the sample calls ({calls})"
 
 
 def _cache(settings: Settings) -> Any:

@@ -184,17 +184,24 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _build_bf16(component: Any, context: BuildContext) -> Stage:
-    with memory_step("torch-copy", component, context):
-        module = lean_copy(component.module, _in_dtype(component.module, torch.bfloat16)).to(torch.bfloat16).eval()
+class _Bf16(torch.nn.Module):
+    """A bf16 copy of a module: floating inputs (positional or keyword) in bf16, bf16 outputs back in float32."""
 
-    def run(*args: Any) -> Any:
-        out = module(*_cast(args, torch.bfloat16))
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16))
         return torch.utils._pytree.tree_map(
             lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, out
         )
 
-    return Stage("torch-bf16", run)
+
+def _build_bf16(component: Any, context: BuildContext) -> Stage:
+    with memory_step("torch-copy", component, context):
+        module = lean_copy(component.module, _in_dtype(component.module, torch.bfloat16)).to(torch.bfloat16)
+    return Stage("torch-bf16", _Bf16(module).eval())
 
 
 def _build_compile(component: Any, context: BuildContext) -> Stage:
