@@ -68,7 +68,7 @@ STEP_COSTS: dict[str, StepCost] = {
     "openvino-compile-f32": StepCost(2.3, 160 * MiB, "compile_model of the IR file in f32"),
     "openvino-compile-bf16": StepCost(2.3, 160 * MiB, "compile_model of the IR file in bf16"),
     "openvino-compile-f16": StepCost(2.3, 160 * MiB, "compile_model of the IR file in f16"),
-    "first-calls": StepCost(1.5, 32 * MiB, "validating a stage: its first calls, on the reference calls' peak"),
+    "first-calls": StepCost(1.0, 32 * MiB, "validating a stage: its first calls, on the reference calls' peak"),
     "torch-copy": StepCost(0.6, 32 * MiB, "a copy of the module in bf16"),
     "torch-int8": StepCost(0.4, 48 * MiB, "dynamic int8 Linear: non-Linear weights copied, Linear packed"),
     "torch-compile": StepCost(2.0, 512 * MiB, "torch.compile and its first call (inductor)"),
@@ -77,7 +77,7 @@ STEP_COSTS: dict[str, StepCost] = {
 #: Estimates are scaled by this before comparing with the memory left (they are measured, not bounds).
 SAFETY_FACTOR = 1.15
 #: Kept free for the engine's own work (activations of a call, Python objects).
-RESERVE_BYTES = 96 * MiB
+RESERVE_BYTES = 64 * MiB
 
 
 def weight_bytes(component: Any) -> int:
