@@ -11,11 +11,16 @@ from torch import nn
 from transformers import Wav2Vec2Config
 
 from uniopt import Component, Settings, UniversalOptimizer
+from uniopt.cache import ArtifactCache
 from uniopt.engines.phoneme import PhonemeExtractor
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.errors import InputError
+from uniopt.plugins import BuildContext, BuildFailure, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.torch_native import _build_bf16
+from uniopt.settings import resolve_settings
+from uniopt.threads import thread_budget
+from uniopt.tiers import host_profile
 
 TINY_WAV2VEC2 = {
     "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
@@ -50,15 +55,24 @@ def test_strict_auto_mode_on_the_phoneme_engine_records_what_does_not_apply(tmp_
     assert "not applicable: no LSTM/GRU" in _not_applicable(opt, "model", "torch-int8-rnn")
 
 
-def test_strict_auto_mode_on_the_tts_engine_records_what_does_not_apply(tmp_path: Path) -> None:
+def test_what_does_not_apply_to_the_tts_components_is_recorded_even_without_fallback(tmp_path: Path) -> None:
     engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=0)
-    allow = ("eager", "torch-int8-rnn", "onnxruntime-fp32")
-    opt = UniversalOptimizer(engine, cache_dir=str(tmp_path), allow=allow, **STRICT)
-    assert "not applicable: component 'decoder' declares that it does not export" in _not_applicable(
-        opt, "decoder", "onnxruntime-fp32"
-    )
-    assert "not applicable" in _not_applicable(opt, "codec", "torch-int8-rnn")
-    assert opt.report().component("codec").candidate("onnxruntime-fp32").accepted
+    profile = host_profile()
+    settings, choice = resolve_settings({"cache_dir": str(tmp_path), "fallback_on_optimization_error": False}, profile)
+    context = BuildContext(settings, profile, choice.tier, thread_budget(1), cache=ArtifactCache(tmp_path))
+    pm = plugin_manager(settings.plugins)
+    components = {c.name: c for c in engine.uniopt_components()}
+    expected = [
+        ("decoder", "onnxruntime-fp32", "not applicable: component 'decoder' declares that it does not export"),
+        ("decoder", "openvino-f32", "not applicable: component 'decoder'"),
+        ("decoder", "torch-int8-rnn", "not applicable: no LSTM/GRU"),
+        ("codec", "torch-int8-rnn", "not applicable: no Linear/LSTM/GRU layer"),
+    ]
+    for component, candidate, reason in expected:
+        built = pm.hook.uniopt_build_stage(
+            candidate=candidates(pm)[candidate], component=components[component], context=context
+        )
+        assert isinstance(built, BuildFailure) and built.reason.startswith(reason), (component, candidate, built)
 
 
 @pytest.mark.parametrize("form", ["list", "tensor", "tuple"])

@@ -108,8 +108,10 @@ TIE_MARGIN_NATS = 0.05
 #: The decisive agreements fall back to every frame when fewer than this share of frames is decisive.
 MIN_DECISIVE_SHARE = 0.1
 #: Label metrics on scores also bound how far the candidate's distribution moved: the mean KL
-#: divergence (nats) over decisive frames (:func:`distribution_error`). See the README for the data.
-MAX_MEAN_KL_NATS = 0.1
+#: divergence (nats) over decisive frames (:func:`distribution_error`). Measured at benchmark size,
+#: accepted candidates stay under 0.005 (segmentation onnxruntime-int8 0.0045, TTS decoder torch-int8
+#: 0.002, phoneme openvino-int8-matmul 0.00013) and logits divided by 10 reach 0.115 to 1.1.
+MAX_MEAN_KL_NATS = 0.02
 
 
 def _decisive_agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
