@@ -46,6 +46,7 @@ def _fresh_model_cache() -> Any:
 def _not_applicable(opt: UniversalOptimizer, component: str, candidate: str) -> str:
     result = opt.report().component(component).candidate(candidate)
     assert not result.accepted
+    assert result.reason.startswith("not applicable: "), result.reason  # not reported as a failed build
     return result.reason
 
 

@@ -28,6 +28,7 @@ import torch
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from ..plugins.fallback import NOT_APPLICABLE
 from ..plugins.memory_costs import memory_step
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
@@ -174,9 +175,13 @@ class _Selector:
         )
         build_seconds = time.perf_counter() - started
         if isinstance(built, BuildFailure):
-            refused = isinstance(built.error, MemoryBudgetError)
-            label = "refused for memory" if refused else "build failed"
-            self.reject(cand.name, f"{label}: {built.reason}", build_seconds=build_seconds)
+            if isinstance(built.error, MemoryBudgetError):
+                reason = f"refused for memory: {built.reason}"
+            elif built.reason.startswith(NOT_APPLICABLE):
+                reason = built.reason
+            else:
+                reason = f"build failed: {built.reason}"
+            self.reject(cand.name, reason, build_seconds=build_seconds)
             return None
         try:
             with memory_step("first-calls", self.component, self.context, self.call_bytes):
