@@ -105,7 +105,7 @@ def test_module_without_example_inputs() -> None:
 
 def test_every_error_is_a_uniopt_error() -> None:
     classes = [getattr(uniopt.errors, name) for name in uniopt.errors.__all__]
-    assert len(classes) == 9
+    assert len(classes) == 11
     for cls in classes:
         assert issubclass(cls, UniOptError), cls
         assert cls.__name__ in uniopt.errors.__doc__, f"{cls.__name__} missing from the tree"
@@ -115,6 +115,7 @@ def test_every_error_is_a_uniopt_error() -> None:
     assert issubclass(uniopt.errors.InputError, ValueError)
     assert issubclass(uniopt.errors.BackendUnavailable, ImportError)
     assert issubclass(uniopt.errors.CacheError, OSError)
+    assert issubclass(uniopt.errors.MemoryBudgetError, MemoryError)
     module_errors = {
         name
         for name, obj in inspect.getmembers(uniopt.errors, inspect.isclass)

@@ -282,3 +282,39 @@ def test_a_copy_of_an_optimized_module_is_a_plain_module(tmp_path: Any) -> None:
             torch.testing.assert_close(copied(x, scale=2.0), 2 * engine.enc(x), atol=1e-4, rtol=1e-4)
         assert copied.eager_runs == runs + 1  # the copy ran its own forward; the stage stayed with engine.enc
     assert _stats(fast, "enc")["calls"] == 2
+
+
+class WeightNormed(nn.Module):
+    """wav2vec2's positional convolution carries a weight-norm parametrization, which refuses pickling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1), name="weight", dim=2)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv(x).transpose(1, 2))
+
+
+class WeightNormedEngine:
+    def __init__(self) -> None:
+        self.net = WeightNormed().eval()
+
+    def uniopt_components(self) -> list[Component]:
+        x = torch.randn(2, 16, 12)
+        return [Component("net", self.net, (x,), kind="decoder", metric=Metric("cosine", 0.99))]
+
+
+@MODULE_STAGES
+def test_a_module_stage_installs_in_a_module_with_parametrizations(tmp_path: Any, stage: str) -> None:
+    engine, x = WeightNormedEngine(), torch.randn(2, 16, 12)
+    with torch.no_grad():
+        expected = engine.net(x)
+    fast = UniversalOptimizer(engine, cache_dir=str(tmp_path), **_module_stage(stage))
+    assert fast.report().component("net").chosen == stage
+    assert installation_of(engine.net) is not None
+    with torch.no_grad():
+        got = engine.net(x)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.99

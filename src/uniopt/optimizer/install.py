@@ -92,13 +92,20 @@ def twin(module: torch.nn.Module) -> torch.nn.Module:
 
     It has no hooks of its own (the user's hooks run once, around the installed forward).
     """
-    clone = copy.copy(module)
+    clone = shallow_copy(module)
     if isinstance(clone.__dict__.get("forward"), (_Forward, _ClassForward)):
         del clone.__dict__["forward"]
     for name in _HOOK_DICTS:
         if name in module.__dict__:
             clone.__dict__[name] = type(module.__dict__[name])()
     return clone
+
+
+def shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.copy`` of a module, also of one with parametrizations (weight norm), which refuse pickling."""
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__.update(module.__dict__)
+    return new
 
 
 def own_state(module: torch.nn.Module) -> torch.nn.Module:
@@ -113,7 +120,7 @@ def own_state(module: torch.nn.Module) -> torch.nn.Module:
     def clone(node: torch.nn.Module) -> torch.nn.Module:
         if id(node) in memo:
             return memo[id(node)]
-        new = copy.copy(node)
+        new = shallow_copy(node)
         memo[id(node)] = new
         for key, value in node.__dict__.items():
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
