@@ -2,10 +2,12 @@
 
 * :class:`PyanNet` - pyannote segmentation-3.0 (powerset speaker activity, 7 classes);
 * :class:`SpeakerEncoder` - resemblyzer's GE2E speaker embedding network, with its preprocessing;
-* :class:`Diarizer` - the pipeline built on both: who spoke when, as :class:`Segment` lists.
+* :class:`Diarizer` - the pipeline built on both: who spoke when, as :class:`Segment` lists;
+* :func:`diarization_error` - DER and its parts by pyannote.metrics.
 """
 
-from uniopt.engines.diarization.clustering import cluster_embeddings
+from uniopt.engines.diarization.clustering import cluster_embeddings, cluster_units
+from uniopt.engines.diarization.metrics import DiarizationScore, diarization_error
 from uniopt.engines.diarization.pipeline import Diarizer, Segment, bench_engine, postprocess_segments
 from uniopt.engines.diarization.segmentation import PyanNet, load_segmentation_model, powerset_to_speakers
 from uniopt.engines.diarization.speaker_encoder import (
@@ -17,12 +19,15 @@ from uniopt.engines.diarization.speaker_encoder import (
 from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
 
 __all__ = [
+    "DiarizationScore",
     "Diarizer",
     "PyanNet",
     "Segment",
     "SpeakerEncoder",
     "bench_engine",
     "cluster_embeddings",
+    "cluster_units",
+    "diarization_error",
     "embed_utterance",
     "find_segmentation_onnx",
     "find_speaker_encoder_weights",

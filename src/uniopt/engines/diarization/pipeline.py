@@ -1,11 +1,14 @@
 """Speaker diarization: who spoke when, from pyannote segmentation and resemblyzer embeddings.
 
 :class:`Diarizer` slides 10 s windows (the last one zero-padded) through pyannote segmentation-3.0
-and hard-decodes the powerset scores (argmax) into up to three window-local speakers; embeds each
-local speaker's solo speech (all its speech when that is too little) with the GE2E encoder, from
-1.6 s mel partials as resemblyzer's ``embed_utterance`` cuts them; clusters the embeddings on
-cosine distance (:mod:`.clustering`); and maps every window's local speakers to the clusters,
-averaging their activity over overlapping windows (Hamming-weighted) on one frame grid. Runs
+and hard-decodes the powerset scores (argmax) into up to three window-local speakers. Each local
+speaker's activity is cut into runs at pauses (stretches of ``min_pause_s`` 30 dB below the
+window's loud frames), and each run becomes a unit: its solo speech (all of it when that is too
+little) is embedded with the GE2E encoder, from 1.6 s mel partials as resemblyzer's
+``embed_utterance`` cuts them. The units are clustered on cosine distance with the constraint that
+two local speakers of one window are different people, the number of speakers counted from the
+linkage gaps or cut at a fixed threshold (:func:`.clustering.cluster_units`); every window's units
+then vote for their cluster over overlapping windows (Hamming-weighted) on one frame grid. Runs
 above ``onset`` become segments; same-speaker gaps under ``min_gap_s`` are filled, then segments
 under ``min_duration_s`` dropped. Speakers are named ``SPEAKER_00``, ... by first appearance.
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from uniopt.engines.audio import prepare_audio, speech_like_audio
-from uniopt.engines.diarization.clustering import cluster_embeddings
+from uniopt.engines.diarization.clustering import cannot_link_matrix, cluster_units
 from uniopt.engines.diarization.segmentation import load_segmentation_model, powerset_to_speakers
 from uniopt.engines.diarization.speaker_encoder import (
     PARTIAL_FRAMES,
@@ -82,6 +85,61 @@ def postprocess_segments(segments: list[Segment], min_duration_s: float = 0.0, m
     return sorted(kept, key=lambda s: (s.start_s, s.speaker))
 
 
+@dataclass
+class Unit:
+    """One run of a local speaker in a window: its frames, seconds embedded, and the audio to embed."""
+
+    window: int
+    local: int
+    frames: np.ndarray
+    seconds: float
+    audio: np.ndarray | None
+
+
+def check_speaker_counts(num_speakers: int | None, min_speakers: int, max_speakers: int | None) -> None:
+    """Raise :class:`InputError` unless the counts are positive integers (or None) with min <= max."""
+    for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
+        if value is None and name != "min_speakers":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+    if max_speakers is not None and max_speakers < min_speakers:
+        raise InputError(f"max_speakers ({max_speakers}) is below min_speakers ({min_speakers})")
+
+
+def attach_short_runs(units: list[Unit], labels: np.ndarray, short: list[Unit]) -> tuple[list[Unit], np.ndarray]:
+    """Units plus the short runs, each labelled as the nearest unit of its window and local speaker."""
+    kept, out = list(units), labels.tolist()
+    for run in short:
+        start = int(np.argmax(run.frames))
+        near = [
+            (abs(int(np.argmax(u.frames)) - start), i)
+            for i, u in enumerate(units)
+            if u.window == run.window and u.local == run.local
+        ]
+        if near:
+            kept.append(run)
+            out.append(out[min(near)[1]])
+    return kept, np.asarray(out, dtype=np.int64)
+
+
+def pause_frames(chunk: np.ndarray, sample_frame: np.ndarray, frames: int, min_frames: int) -> np.ndarray:
+    """Frames (frames,) bool in stretches of at least ``min_frames`` 30 dB below the window's loud frames.
+
+    ``sample_frame`` maps each sample of ``chunk`` to its frame; ``min_frames`` 0 finds none.
+    """
+    if min_frames <= 0:
+        return np.zeros(frames, dtype=bool)
+    energy = np.bincount(sample_frame, weights=np.square(chunk, dtype=np.float64), minlength=frames).astype(np.float64)
+    energy = energy / np.maximum(np.bincount(sample_frame, minlength=frames), 1)
+    quiet = energy < 1e-3 * np.percentile(energy, 95)
+    out = np.zeros(frames, dtype=bool)
+    for a, b in _runs(quiet):
+        if b - a >= min_frames:
+            out[a:b] = True
+    return out
+
+
 def _runs(active: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) index pairs of the runs of True in a 1-D boolean array."""
     edges = np.diff(np.concatenate([[0], active.astype(np.int8), [0]]))
@@ -92,11 +150,12 @@ class Diarizer:
     """Who spoke when (see the module docstring); :meth:`diarize` returns :class:`Segment` lists.
 
     ``segmentation`` and ``embedding`` default to the pretrained pyannote segmentation-3.0 and
-    resemblyzer networks. ``threshold`` is the cosine distance up to which speaker embeddings are
-    merged into one speaker; ``onset`` the share of (Hamming-weighted) window votes a frame needs to
-    count as speech of a speaker. A local speaker is embedded when it speaks at least
-    ``min_speech_s`` in a window; only those with ``min_embedding_s`` of speech shape the clusters,
-    the others join the nearest one.
+    resemblyzer networks. ``clustering="gap"`` counts the speakers from the data (one speaker when
+    every merge is closer than ``threshold``); ``"threshold"`` merges speakers up to the cosine
+    distance ``threshold``. ``onset`` is the share of (Hamming-weighted) window votes a frame needs
+    to count as speech of a speaker. A run is embedded when it lasts ``min_speech_s`` (shorter ones
+    follow the nearest run of their local speaker); only runs with ``min_embedding_s`` of speech
+    shape the clusters, the others join the nearest allowed one.
     """
 
     def __init__(
@@ -107,18 +166,20 @@ class Diarizer:
         window_s: float = 10.0,
         step_s: float = 5.0,
         threshold: float = 0.3,
+        clustering: str = "gap",
         onset: float = 0.5,
         min_duration_s: float = 0.25,
         min_gap_s: float = 0.5,
         min_speech_s: float = 0.2,
         min_embedding_s: float = 1.0,
+        min_pause_s: float = 0.2,
         batch_size: int = 8,
         embedding_batch_size: int = 32,
     ) -> None:
         if not 0 < step_s <= window_s:
             raise InputError(f"step_s must be in (0, window_s={window_s}], got {step_s}")
-        if not 0.0 <= onset < 1.0 or min(min_speech_s, min_embedding_s) < 0:
-            raise InputError("onset must be in [0, 1) and min_speech_s, min_embedding_s >= 0")
+        if not 0.0 <= onset < 1.0 or min(min_speech_s, min_embedding_s, min_pause_s) < 0:
+            raise InputError("onset must be in [0, 1) and min_speech_s, min_embedding_s, min_pause_s >= 0")
         if min(batch_size, embedding_batch_size) < 1:
             raise InputError("batch sizes must be at least 1")
         postprocess_segments([], min_duration_s, min_gap_s)  # validates both
@@ -131,9 +192,11 @@ class Diarizer:
         self.embedding: nn.Module = (embedding or load_speaker_encoder()).eval()
         self.window_samples = round(window_s * SAMPLE_RATE)
         self.step_samples = round(step_s * SAMPLE_RATE)
-        self.threshold, self.onset = threshold, onset
+        if clustering not in ("gap", "threshold"):
+            raise InputError(f"clustering must be 'gap' or 'threshold', got {clustering!r}")
+        self.threshold, self.onset, self.clustering = threshold, onset, clustering
         self.min_duration_s, self.min_gap_s = min_duration_s, min_gap_s
-        self.min_speech_s, self.min_embedding_s = min_speech_s, min_embedding_s
+        self.min_speech_s, self.min_embedding_s, self.min_pause_s = min_speech_s, min_embedding_s, min_pause_s
         self.batch_size, self.embedding_batch_size = batch_size, embedding_batch_size
         self._stats = CallStats()
 
@@ -180,59 +243,84 @@ class Diarizer:
         """Seconds per segmentation frame, from the model's output size."""
         return self.window_samples / SAMPLE_RATE / activity.shape[1]
 
-    def _speaker_pieces(self, chunks: np.ndarray, activity: np.ndarray, lengths: list[int]) -> tuple[Any, ...]:
-        """(window, local speaker) keys, the audio to embed for each, and its seconds of speech.
+    def _units(self, chunks: np.ndarray, activity: np.ndarray, lengths: list[int]) -> tuple[list[Unit], list[Unit]]:
+        """Speech units to embed, and short runs that follow their nearest unit, of every window.
 
-        ``lengths`` are the numbers of real (not padded) samples in each window.
+        A unit is one run of one local speaker's activity in one window, cut at pauses (see
+        :func:`pause_frames`): the segmentation model may give two voices that take turns one
+        local speaker, so each run is embedded on its own. ``lengths`` are the numbers of real
+        (not padded) samples in each window.
         """
         frames, frame_s = activity.shape[1], self._frame_s(activity)
         sample_frame = np.minimum(np.arange(self.window_samples) * frames // self.window_samples, frames - 1)
-        keys, pieces, seconds = [], [], []
+        units: list[Unit] = []
+        short: list[Unit] = []
         for w, (chunk, act) in enumerate(zip(chunks, activity, strict=True)):
             valid = np.arange(self.window_samples) < lengths[w]
             real = np.arange(frames) * self.window_samples // frames < lengths[w]  # frames not in the padding
             alone = act.sum(axis=1) == 1
+            speaking = real & ~pause_frames(chunk, sample_frame, frames, round(self.min_pause_s / frame_s))
             for s in range(act.shape[1]):
-                speech = (act[:, s] > 0) & real
-                if speech.sum() * frame_s < max(self.min_speech_s, 1e-9):
-                    continue
-                clean = speech & alone
-                mask = clean if clean.sum() * frame_s >= self.min_embedding_s else speech
-                keys.append((w, s))
-                pieces.append(chunk[mask[sample_frame] & valid])
-                seconds.append(mask.sum() * frame_s)
-        return keys, pieces, np.asarray(seconds)
+                for a, b in _runs((act[:, s] > 0) & speaking):
+                    run = np.zeros(frames, dtype=bool)
+                    run[a:b] = True
+                    if (b - a) * frame_s < max(self.min_speech_s, 1e-9):
+                        short.append(Unit(w, s, run, 0.0, None))
+                        continue
+                    clean = run & alone
+                    mask = clean if clean.sum() * frame_s >= self.min_embedding_s else run
+                    units.append(Unit(w, s, run, float(mask.sum() * frame_s), chunk[mask[sample_frame] & valid]))
+        return units, short
 
     # -- public ---------------------------------------------------------------------------------
-    def diarize(self, audio: Any, sample_rate: int, num_speakers: int | None = None) -> list[Segment]:
+    def diarize(
+        self,
+        audio: Any,
+        sample_rate: int,
+        num_speakers: int | None = None,
+        *,
+        min_speakers: int = 1,
+        max_speakers: int | None = None,
+    ) -> list[Segment]:
         """Speaker segments of ``audio`` (numpy or torch; mono or stereo; any rate), sorted by start.
 
-        ``num_speakers`` fixes the number of speakers when known (at most the number found in
-        the windows); silence gives an empty list.
+        ``num_speakers`` fixes the number of speakers when known; otherwise it is counted from
+        the data within ``[min_speakers, max_speakers]`` (see :func:`.clustering.cluster_units`).
+        Silence gives an empty list.
         """
-        if num_speakers is not None and (
-            isinstance(num_speakers, bool) or not isinstance(num_speakers, (int, np.integer)) or num_speakers < 1
-        ):
-            raise InputError(f"num_speakers must be a positive integer or None, got {num_speakers!r}")
+        check_speaker_counts(num_speakers, min_speakers, max_speakers)
         started = time.perf_counter()
         wav = prepare_audio(audio, sample_rate, SAMPLE_RATE)
         chunks, starts = self._windows(wav)
         activity = self._segment(chunks)
-        keys, pieces, seconds = self._speaker_pieces(chunks, activity, [wav.size - s for s in starts])
+        units, short = self._units(chunks, activity, [wav.size - s for s in starts])
         segments: list[Segment] = []
-        if keys:
-            labels = cluster_embeddings(
-                self._embed(pieces), threshold=self.threshold, num_speakers=num_speakers,
-                clusterable=seconds >= self.min_embedding_s,
-            )  # fmt: skip
-            segments = self._aggregate(activity, keys, labels, starts, wav.size)
+        if units:
+            embeddings = self._embed([u.audio for u in units if u.audio is not None])
+            labels = self._cluster(units, embeddings, num_speakers, min_speakers, max_speakers)
+            kept, kept_labels = attach_short_runs(units, labels, short)
+            segments = self._aggregate(activity, kept, kept_labels, starts, wav.size)
         self._stats.record(wav.size / SAMPLE_RATE, time.perf_counter() - started)
         return segments
 
     __call__ = diarize
 
+    def _cluster(
+        self, units: list[Unit], embeddings: np.ndarray, num_speakers: int | None, min_speakers: int,
+        max_speakers: int | None,
+    ) -> np.ndarray:  # fmt: skip
+        """Speaker labels of the units: cannot-link within a window, counted or cut at the threshold."""
+        windows = np.array([u.window for u in units])
+        local = np.array([u.local for u in units])
+        return cluster_units(
+            embeddings, cannot_link_matrix(windows, local), num_speakers=num_speakers,
+            min_speakers=min_speakers, max_speakers=max_speakers,
+            threshold=self.threshold if self.clustering == "threshold" else None,
+            single_distance=self.threshold, clusterable=np.array([u.seconds for u in units]) >= self.min_embedding_s,
+        )  # fmt: skip
+
     def _aggregate(
-        self, activity: np.ndarray, keys: list[tuple[int, int]], labels: np.ndarray, starts: list[int], n_samples: int
+        self, activity: np.ndarray, units: list[Unit], labels: np.ndarray, starts: list[int], n_samples: int
     ) -> list[Segment]:
         """Hamming-weighted vote of the windows on a global frame grid, binarised into segments."""
         frames, frame_s, duration = activity.shape[1], self._frame_s(activity), n_samples / SAMPLE_RATE
@@ -244,8 +332,10 @@ class Diarizer:
         for offset in offsets:
             norm[offset : offset + frames] += weights
         local = np.zeros((len(starts), votes.shape[0], frames))
-        for (w, s), k in zip(keys, labels.tolist(), strict=True):
-            local[w, k] = np.maximum(local[w, k], activity[w, :, s])
+        for unit, k in zip(units, labels.tolist(), strict=True):
+            local[unit.window, k] = np.maximum(
+                local[unit.window, k], activity[unit.window, :, unit.local] * unit.frames
+            )
         for w, offset in enumerate(offsets):
             votes[:, offset : offset + frames] += local[w] * weights
         active = (votes / np.maximum(norm, 1e-12))[:, :total] > self.onset
