@@ -84,6 +84,22 @@ def test_fixture_count_and_der_tier_mode(tier_diarizer, name: str) -> None:
     assert result.der <= MAX_DER, result
 
 
+def test_stream_of_the_tier_optimized_diarizer(tier_diarizer) -> None:
+    from uniopt.engines.diarization.metrics import diarization_error
+
+    from .test_diarization_streaming import stream
+
+    streamer = tier_diarizer.stream()
+    assert streamer.diarizer.segmentation is tier_diarizer.engine.segmentation  # the optimized stages
+    assert streamer.diarizer.embedding is tier_diarizer.engine.embedding
+    assert type(streamer.diarizer.segmentation).__name__ != "PyanNet"
+    audio, reference, duration = load("four_speakers")
+    streamed = diarization_error(reference, stream(tier_diarizer, audio)[0], duration)
+    batch = score(tier_diarizer, "four_speakers")
+    assert streamed.speakers == batch.speakers == 4
+    assert abs(streamed.der - batch.der) <= 0.05 and streamed.der <= MAX_DER, (streamed, batch)
+
+
 @pytest.mark.slow
 def test_fixture_count_and_der_auto_mode(tmp_path: Path) -> None:
     import uniopt

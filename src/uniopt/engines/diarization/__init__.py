@@ -3,6 +3,7 @@
 * :class:`PyanNet` - pyannote segmentation-3.0 (powerset speaker activity, 7 classes);
 * :class:`SpeakerEncoder` - resemblyzer's GE2E speaker embedding network, with its preprocessing;
 * :class:`Diarizer` - the pipeline built on both: who spoke when, as :class:`Segment` lists;
+* :class:`StreamingDiarizer` (``Diarizer.stream()``) - the same stages on audio fed in chunks;
 * :func:`diarization_error` - DER and its parts by pyannote.metrics.
 """
 
@@ -16,6 +17,7 @@ from uniopt.engines.diarization.speaker_encoder import (
     load_speaker_encoder,
     wav_to_mel_spectrogram,
 )
+from uniopt.engines.diarization.streaming import SpeakerDatabase, StreamingDiarizer
 from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
 
 __all__ = [
@@ -23,7 +25,9 @@ __all__ = [
     "Diarizer",
     "PyanNet",
     "Segment",
+    "SpeakerDatabase",
     "SpeakerEncoder",
+    "StreamingDiarizer",
     "bench_engine",
     "cluster_embeddings",
     "cluster_units",

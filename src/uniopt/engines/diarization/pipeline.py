@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from uniopt.engines.diarization.weights import find_segmentation_onnx, find_spea
 from uniopt.engines.stats import CallStats
 from uniopt.errors import InputError
 from uniopt.optimizer.component import Component, Metric
+
+if TYPE_CHECKING:
+    from uniopt.engines.diarization.streaming import StreamingDiarizer
 
 __all__ = ["SAMPLE_RATE", "Diarizer", "Segment", "bench_engine", "postprocess_segments"]
 
@@ -94,6 +97,19 @@ class Unit:
     frames: np.ndarray
     seconds: float
     audio: np.ndarray | None
+    samples: np.ndarray | None = None  # window sample index of each sample of ``audio``
+
+
+def _best_change(rows: np.ndarray) -> tuple[int, float] | None:
+    """(j, cosine distance) of the split of partial embeddings into rows[:j] and rows[j:] (both >= 2)
+    whose mean embeddings differ most."""
+    best: tuple[int, float] | None = None
+    for j in range(2, rows.shape[0] - 1):
+        left, right = rows[:j].sum(axis=0), rows[j:].sum(axis=0)
+        distance = 1.0 - float(left @ right / max(np.linalg.norm(left) * np.linalg.norm(right), 1e-12))
+        if best is None or distance > best[1]:
+            best = (j, distance)
+    return best
 
 
 def check_speaker_counts(num_speakers: int | None, min_speakers: int, max_speakers: int | None) -> None:
@@ -173,6 +189,7 @@ class Diarizer:
         min_speech_s: float = 0.2,
         min_embedding_s: float = 1.0,
         min_pause_s: float = 0.2,
+        change_distance: float = 0.2,
         batch_size: int = 8,
         embedding_batch_size: int = 32,
     ) -> None:
@@ -197,6 +214,7 @@ class Diarizer:
         self.threshold, self.onset, self.clustering = threshold, onset, clustering
         self.min_duration_s, self.min_gap_s = min_duration_s, min_gap_s
         self.min_speech_s, self.min_embedding_s, self.min_pause_s = min_speech_s, min_embedding_s, min_pause_s
+        self.change_distance = change_distance
         self.batch_size, self.embedding_batch_size = batch_size, embedding_batch_size
         self._stats = CallStats()
 
@@ -221,6 +239,13 @@ class Diarizer:
 
     def _embed(self, pieces: list[np.ndarray]) -> np.ndarray:
         """Unit-norm embeddings (len(pieces), dim) of waveforms, partials batched through ``self.embedding``."""
+        partials, owners = self._embed_partials(pieces)
+        sums = np.zeros((len(pieces), partials.shape[1]))
+        np.add.at(sums, owners, partials)
+        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+    def _embed_partials(self, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of every 1.6 s partial of the pieces (rows in time order) and each one's piece index."""
         mels, owners = [], []
         for index, wav in enumerate(pieces):
             wav = normalize_volume(wav).astype(np.float32)
@@ -235,9 +260,43 @@ class Diarizer:
             for first in range(0, len(stacked), self.embedding_batch_size):
                 batch = torch.from_numpy(stacked[first : first + self.embedding_batch_size])
                 partial.append(torch.as_tensor(self.embedding(batch)).float().cpu().numpy())
-        sums = np.zeros((len(pieces), partial[0].shape[1]))
-        np.add.at(sums, np.asarray(owners), np.concatenate(partial))
-        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return np.concatenate(partial).astype(np.float64), np.asarray(owners, dtype=np.int64)
+
+    def _embed_units(self, units: list[Unit], frames: int) -> tuple[list[Unit], np.ndarray]:
+        """Embeddings of the units, after splitting those whose partials show a change of speaker.
+
+        A unit of at least four partials is cut where the mean partial embeddings before and
+        after differ most, when their cosine distance exceeds ``change_distance``; the halves
+        are tried again.
+        """
+        partials, owners = self._embed_partials([u.audio for u in units if u.audio is not None])
+        hop = round(SAMPLE_RATE / 1.3) / SAMPLE_RATE  # seconds between partials (compute_partial_slices)
+        out: list[Unit] = []
+        vectors: list[np.ndarray] = []
+
+        def split(unit: Unit, rows: np.ndarray, first_s: float, samples: np.ndarray) -> None:
+            cut = _best_change(rows) if rows.shape[0] >= 4 and self.change_distance < 2 else None
+            if cut is None or cut[1] <= self.change_distance:
+                out.append(unit)
+                vectors.append(rows.sum(axis=0))
+                return
+            j = cut[0]
+            at_s = first_s + (j - 0.5) * hop + PARTIAL_FRAMES / 200  # middle of the partials' overlap
+            at = min(int(at_s * SAMPLE_RATE), samples.size - 1)
+            frame = int(samples[at]) * frames // self.window_samples
+            before = unit.frames & (np.arange(frames) < frame)
+            after = unit.frames & ~before
+            left_s = at / SAMPLE_RATE - first_s
+            right = Unit(unit.window, unit.local, after, unit.seconds - left_s, None)
+            split(Unit(unit.window, unit.local, before, left_s, None), rows[:j], first_s, samples)
+            split(right, rows[j:], first_s + j * hop, samples)
+
+        embedded = [u for u in units if u.audio is not None]
+        for index, unit in enumerate(embedded):
+            assert unit.samples is not None  # set with the audio by _units
+            split(unit, partials[owners == index], 0.0, unit.samples)
+        unit_vectors = np.stack(vectors)
+        return out, unit_vectors / np.maximum(np.linalg.norm(unit_vectors, axis=1, keepdims=True), 1e-12)
 
     def _frame_s(self, activity: np.ndarray) -> float:
         """Seconds per segmentation frame, from the model's output size."""
@@ -265,11 +324,12 @@ class Diarizer:
                     run = np.zeros(frames, dtype=bool)
                     run[a:b] = True
                     if (b - a) * frame_s < max(self.min_speech_s, 1e-9):
-                        short.append(Unit(w, s, run, 0.0, None))
+                        short.append(Unit(w, s, run, 0.0, None, None))
                         continue
                     clean = run & alone
                     mask = clean if clean.sum() * frame_s >= self.min_embedding_s else run
-                    units.append(Unit(w, s, run, float(mask.sum() * frame_s), chunk[mask[sample_frame] & valid]))
+                    samples = np.flatnonzero(mask[sample_frame] & valid)
+                    units.append(Unit(w, s, run, float(mask.sum() * frame_s), chunk[samples], samples))
         return units, short
 
     # -- public ---------------------------------------------------------------------------------
@@ -296,7 +356,7 @@ class Diarizer:
         units, short = self._units(chunks, activity, [wav.size - s for s in starts])
         segments: list[Segment] = []
         if units:
-            embeddings = self._embed([u.audio for u in units if u.audio is not None])
+            units, embeddings = self._embed_units(units, activity.shape[1])
             labels = self._cluster(units, embeddings, num_speakers, min_speakers, max_speakers)
             kept, kept_labels = attach_short_runs(units, labels, short)
             segments = self._aggregate(activity, kept, kept_labels, starts, wav.size)
@@ -351,6 +411,13 @@ class Diarizer:
         return sorted(
             (Segment(s.start_s, s.end_s, names[s.speaker]) for s in kept), key=lambda s: (s.start_s, s.speaker)
         )
+
+    def stream(self, *, threshold: float = 0.25, enrolled: dict[str, Any] | None = None,
+               sample_rate: int = SAMPLE_RATE) -> StreamingDiarizer:  # fmt: skip
+        """A :class:`~.streaming.StreamingDiarizer` on this diarizer's (possibly optimized) stages."""
+        from uniopt.engines.diarization.streaming import StreamingDiarizer
+
+        return StreamingDiarizer(self, threshold=threshold, enrolled=enrolled, sample_rate=sample_rate)
 
     def uniopt_components(self) -> list[Component]:
         """The segmentation and speaker-embedding networks, with speech-like example inputs."""
