@@ -57,6 +57,12 @@ def tier_diarizer(tmp_path_factory: pytest.TempPathFactory):
     return uniopt.UniversalOptimizer(Diarizer(), mode="tier", cache_dir=str(cache), model_warmup_runs=0)
 
 
+@pytest.fixture(scope="module")
+def batch_scores(diarizer: Diarizer) -> dict:
+    """Eager batch DER of every fixture, computed once for the tests that compare against it."""
+    return {name: score(diarizer, name) for name in FIXTURES}
+
+
 def score(engine, name: str, **kwargs):
     from uniopt.engines.diarization.metrics import diarization_error
 
@@ -66,8 +72,8 @@ def score(engine, name: str, **kwargs):
 
 # -- DER on the fixtures ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", FIXTURES)
-def test_fixture_count_and_der_eager(diarizer: Diarizer, name: str) -> None:
-    result = score(diarizer, name)
+def test_fixture_count_and_der_eager(batch_scores: dict, name: str) -> None:
+    result = batch_scores[name]
     assert result.speakers == result.reference_speakers
     assert result.der <= MAX_DER, result
     assert abs(result.der - (result.missed + result.false_alarm + result.confusion)) < 1e-9
@@ -82,6 +88,22 @@ def test_fixture_count_and_der_tier_mode(tier_diarizer, name: str) -> None:
     result = score(tier_diarizer, name)
     assert result.speakers == result.reference_speakers
     assert result.der <= MAX_DER, result
+    if name == "two_speakers":
+        assert score(tier_diarizer, name, num_speakers=2).der < 0.01
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_one_second_chunks_match_batch(diarizer: Diarizer, batch_scores: dict, name: str) -> None:
+    from uniopt.engines.diarization.metrics import diarization_error
+
+    from .test_diarization_streaming import stream
+
+    audio, reference, duration = load(name)
+    segments, delays = stream(diarizer, audio)
+    streamed, batch = diarization_error(reference, segments, duration), batch_scores[name]
+    assert streamed.speakers == batch.speakers == streamed.reference_speakers
+    assert abs(streamed.der - batch.der) <= 0.05, (streamed, batch)
+    assert delays and max(delays) < 10.5  # a segment is final at most a window after it ends
 
 
 def test_stream_of_the_tier_optimized_diarizer(tier_diarizer) -> None:
