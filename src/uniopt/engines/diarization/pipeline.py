@@ -38,6 +38,14 @@ from uniopt.engines.diarization.speaker_encoder import (
     normalize_volume,
     wav_to_mel_spectrogram,
 )
+from uniopt.engines.diarization.units import (
+    Unit,
+    attach_short_runs,
+    best_change,
+    check_speaker_counts,
+    pause_frames,
+    runs,
+)
 from uniopt.engines.diarization.weights import find_segmentation_onnx, find_speaker_encoder_weights
 from uniopt.engines.stats import CallStats
 from uniopt.errors import InputError
@@ -86,80 +94,6 @@ def postprocess_segments(segments: list[Segment], min_duration_s: float = 0.0, m
         if end - start >= min_duration_s
     ]
     return sorted(kept, key=lambda s: (s.start_s, s.speaker))
-
-
-@dataclass
-class Unit:
-    """One run of a local speaker in a window: its frames, seconds embedded, and the audio to embed."""
-
-    window: int
-    local: int
-    frames: np.ndarray
-    seconds: float
-    audio: np.ndarray | None
-    samples: np.ndarray | None = None  # window sample index of each sample of ``audio``
-
-
-def _best_change(rows: np.ndarray) -> tuple[int, float] | None:
-    """(j, cosine distance) of the split of partial embeddings into rows[:j] and rows[j:] (both >= 2)
-    whose mean embeddings differ most."""
-    best: tuple[int, float] | None = None
-    for j in range(2, rows.shape[0] - 1):
-        left, right = rows[:j].sum(axis=0), rows[j:].sum(axis=0)
-        distance = 1.0 - float(left @ right / max(np.linalg.norm(left) * np.linalg.norm(right), 1e-12))
-        if best is None or distance > best[1]:
-            best = (j, distance)
-    return best
-
-
-def check_speaker_counts(num_speakers: int | None, min_speakers: int, max_speakers: int | None) -> None:
-    """Raise :class:`InputError` unless the counts are positive integers (or None) with min <= max."""
-    for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
-        if value is None and name != "min_speakers":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"{name} must be a positive integer or None, got {value!r}")
-    if max_speakers is not None and max_speakers < min_speakers:
-        raise InputError(f"max_speakers ({max_speakers}) is below min_speakers ({min_speakers})")
-
-
-def attach_short_runs(units: list[Unit], labels: np.ndarray, short: list[Unit]) -> tuple[list[Unit], np.ndarray]:
-    """Units plus the short runs, each labelled as the nearest unit of its window and local speaker."""
-    kept, out = list(units), labels.tolist()
-    for run in short:
-        start = int(np.argmax(run.frames))
-        near = [
-            (abs(int(np.argmax(u.frames)) - start), i)
-            for i, u in enumerate(units)
-            if u.window == run.window and u.local == run.local
-        ]
-        if near:
-            kept.append(run)
-            out.append(out[min(near)[1]])
-    return kept, np.asarray(out, dtype=np.int64)
-
-
-def pause_frames(chunk: np.ndarray, sample_frame: np.ndarray, frames: int, min_frames: int) -> np.ndarray:
-    """Frames (frames,) bool in stretches of at least ``min_frames`` 30 dB below the window's loud frames.
-
-    ``sample_frame`` maps each sample of ``chunk`` to its frame; ``min_frames`` 0 finds none.
-    """
-    if min_frames <= 0:
-        return np.zeros(frames, dtype=bool)
-    energy = np.bincount(sample_frame, weights=np.square(chunk, dtype=np.float64), minlength=frames).astype(np.float64)
-    energy = energy / np.maximum(np.bincount(sample_frame, minlength=frames), 1)
-    quiet = energy < 1e-3 * np.percentile(energy, 95)
-    out = np.zeros(frames, dtype=bool)
-    for a, b in _runs(quiet):
-        if b - a >= min_frames:
-            out[a:b] = True
-    return out
-
-
-def _runs(active: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) index pairs of the runs of True in a 1-D boolean array."""
-    edges = np.diff(np.concatenate([[0], active.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
 class Diarizer:
@@ -275,7 +209,7 @@ class Diarizer:
         vectors: list[np.ndarray] = []
 
         def split(unit: Unit, rows: np.ndarray, first_s: float, samples: np.ndarray) -> None:
-            cut = _best_change(rows) if rows.shape[0] >= 4 and self.change_distance < 2 else None
+            cut = best_change(rows) if rows.shape[0] >= 4 and self.change_distance < 2 else None
             if cut is None or cut[1] <= self.change_distance:
                 out.append(unit)
                 vectors.append(rows.sum(axis=0))
@@ -306,7 +240,7 @@ class Diarizer:
         """Speech units to embed, and short runs that follow their nearest unit, of every window.
 
         A unit is one run of one local speaker's activity in one window, cut at pauses (see
-        :func:`pause_frames`): the segmentation model may give two voices that take turns one
+        :func:`.units.pause_frames`): the segmentation model may give two voices that take turns one
         local speaker, so each run is embedded on its own. ``lengths`` are the numbers of real
         (not padded) samples in each window.
         """
@@ -320,7 +254,7 @@ class Diarizer:
             alone = act.sum(axis=1) == 1
             speaking = real & ~pause_frames(chunk, sample_frame, frames, round(self.min_pause_s / frame_s))
             for s in range(act.shape[1]):
-                for a, b in _runs((act[:, s] > 0) & speaking):
+                for a, b in runs((act[:, s] > 0) & speaking):
                     run = np.zeros(frames, dtype=bool)
                     run[a:b] = True
                     if (b - a) * frame_s < max(self.min_speech_s, 1e-9):
@@ -402,7 +336,7 @@ class Diarizer:
         raw = [
             Segment(round(a * frame_s, 3), round(min(b * frame_s, duration), 3), str(k))
             for k in range(active.shape[0])
-            for a, b in _runs(active[k])
+            for a, b in runs(active[k])
         ]
         kept = postprocess_segments(raw, self.min_duration_s, self.min_gap_s)
         names: dict[str, str] = {}

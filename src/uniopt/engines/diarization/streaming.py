@@ -22,10 +22,12 @@ import numpy as np
 
 from uniopt.engines.audio import prepare_audio
 from uniopt.engines.diarization.clustering import l2_normalize
+from uniopt.engines.diarization.units import attach_short_runs, runs
 from uniopt.errors import InputError
 
 if TYPE_CHECKING:
-    from uniopt.engines.diarization.pipeline import Diarizer, Segment, Unit
+    from uniopt.engines.diarization.pipeline import Diarizer, Segment
+    from uniopt.engines.diarization.units import Unit
 
 __all__ = ["SpeakerDatabase", "StreamingDiarizer"]
 
@@ -162,8 +164,6 @@ class StreamingDiarizer:
         self._norm[offset : offset + frames] += weights
         if not units:
             return
-        from uniopt.engines.diarization.pipeline import attach_short_runs
-
         units, embeddings = d._embed_units(units, frames)
         labels = self._match(units, embeddings)
         kept, kept_labels = attach_short_runs(units, labels, short)
@@ -202,7 +202,7 @@ class StreamingDiarizer:
 
     def _final(self, final_s: float) -> list[Segment]:
         """Segments of the final frames (before ``final_s``) that later audio can no longer change."""
-        from uniopt.engines.diarization.pipeline import Segment, _runs, postprocess_segments
+        from uniopt.engines.diarization.pipeline import Segment, postprocess_segments
 
         if not self._votes or self._frame_s == 0:
             return []
@@ -214,7 +214,7 @@ class StreamingDiarizer:
             active = (votes[:total] / np.maximum(self._norm[:total], 1e-12)) > d.onset
             raw += [
                 Segment(round(a * self._frame_s, 3), round(min(b * self._frame_s, duration), 3), self.database.names[k])
-                for a, b in _runs(active)
+                for a, b in runs(active)
             ]
         horizon = total * self._frame_s - d.min_gap_s  # a segment ending later may still grow
         stable = [
