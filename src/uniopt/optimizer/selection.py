@@ -184,8 +184,11 @@ class _Selector:
             self.reject(cand.name, reason, build_seconds=build_seconds)
             return None
         try:
-            with memory_step("first-calls", self.component, self.context, self.call_bytes):
+            if built.run is self.component.module:  # eager: the engine's own calls, never refused
                 verdict = self.validate(cand, built)
+            else:
+                with memory_step("first-calls", self.component, self.context, self.call_bytes):
+                    verdict = self.validate(cand, built)
         except MemoryBudgetError as exc:
             self.reject(cand.name, f"refused for memory: {exc}", build_seconds=build_seconds)
             return None

@@ -16,6 +16,7 @@ as refused and the next one is tried, instead of the process being killed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MemoryBudgetError
-from ..memory import measure_memory, memory_headroom, module_bytes
+from ..memory import format_bytes, measure_memory, memory_headroom, module_bytes
 
 __all__ = [
     "RESERVE_BYTES",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 MiB = 2**20
+log = logging.getLogger("uniopt")
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,12 @@ def memory_step(step: str, component: Any, context: Any, base_bytes: int | None 
     headroom = memory_headroom()
     if needed * SAFETY_FACTOR + RESERVE_BYTES > headroom.available_bytes:
         raise MemoryBudgetError(step, needed, headroom.describe())
+    log.debug("%s for %s: needs ~%s, %s", step, component.name, format_bytes(needed), headroom.describe())
     with measure_memory() as use:
         yield
-    log = getattr(context, "memory_steps", None)
-    if log is not None:
-        log.append({"step": step, "base_bytes": base, "estimated_bytes": needed, "peak_bytes": use.peak_increase_bytes})
+    log.debug("%s for %s: peak %s", step, component.name, format_bytes(use.peak_increase_bytes))
+    steps = getattr(context, "memory_steps", None)
+    if steps is not None:
+        steps.append(
+            {"step": step, "base_bytes": base, "estimated_bytes": needed, "peak_bytes": use.peak_increase_bytes}
+        )
