@@ -22,6 +22,7 @@ FIELDS: dict[str, tuple[str, str, Any, str | None]] = {
     "allow": ("UNIOPT_ALLOW", "openvino, onnxruntime-fp32", ("openvino", "onnxruntime-fp32"), None),
     "deny": ("UNIOPT_DENY", "torch-compile,", ("torch-compile",), None),
     "cache_dir": ("UNIOPT_CACHE_DIR", "/var/cache/uniopt", "/var/cache/uniopt", None),
+    "cache_bundle": ("UNIOPT_CACHE_BUNDLE", "/opt/uniopt-bundle", "/opt/uniopt-bundle", None),
     "cache_size_limit": ("UNIOPT_CACHE_SIZE_LIMIT", "2GiB", 2 * GiB, "lots"),
     "threads": ("UNIOPT_THREADS", "3", 3, "0"),
     "atol": ("UNIOPT_ATOL", "1e-5", 1e-5, "-1e-5"),
