@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from small_vm_script import small_vm
 from uniopt.tiers import BackendInfo, host_profile, read_host_profile, select_tier
 from uniopt.tiers.cgroup import CgroupLimits, read_cgroup_limits
 from uniopt.tiers.cpu import FLAG_NAMES, flags_from, parse_proc_cpuinfo, usable_cpus
@@ -378,121 +377,22 @@ def test_missing_optional_backend_is_reported_not_raised() -> None:
 
 # -- a real cgroup -------------------------------------------------------------------------------
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_NAME = f"uniopt-test-{os.getpid()}"
-
-
-def _own_cgroups() -> tuple[dict[str, str], str | None]:
-    v1: dict[str, str] = {}
-    v2 = None
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and not controllers:
-            v2 = path
-        for controller in controllers.split(","):
-            v1[controller] = path
-    return v1, v2
-
-
-def _mkdir_or_skip(path: Path) -> Path:
-    try:
-        path.mkdir()
-    except OSError as exc:
-        pytest.skip(f"cannot create cgroup {path}: {exc}")
-    return path
-
-
-def _write_or_skip(path: Path, value: str) -> None:
-    try:
-        path.write_text(value)
-    except OSError as exc:
-        pytest.skip(f"cannot write {value!r} to {path}: {exc}")
-
-
-def _rmdir(path: Path) -> None:
-    for _ in range(50):  # the child's exit may take a moment to leave the cgroup
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    path.rmdir()
-
-
-def _v1_cgroup_dirs(created: list[Path]) -> list[Path]:
-    """Child cgroups in the v1 cpu and memory hierarchies, under this process's own cgroups."""
-    v1, _ = _own_cgroups()
-    dirs = []
-    for controller, mounts in (("cpu", ("cpu", "cpu,cpuacct", "cpuacct,cpu")), ("memory", ("memory",))):
-        mount = next((CGROUP_ROOT / m for m in mounts if (CGROUP_ROOT / m / "cgroup.procs").exists()), None)
-        if mount is None or controller not in v1:
-            pytest.skip(f"no cgroup v1 {controller} hierarchy mounted under {CGROUP_ROOT}")
-        created.append(_mkdir_or_skip(mount / v1[controller].lstrip("/") / CGROUP_NAME))
-        dirs.append(created[-1])
-    cpu, memory = dirs
-    _write_or_skip(cpu / "cpu.cfs_period_us", "100000")
-    _write_or_skip(cpu / "cpu.cfs_quota_us", "130000")
-    _write_or_skip(memory / "memory.limit_in_bytes", str(LIMIT_1_5_GIB))
-    return dirs
-
-
-def _v2_cgroup_dirs(created: list[Path], restore: list[tuple[Path, str]]) -> list[Path]:
-    """A child of this process's own v2 cgroup with cpu.max and memory.max."""
-    _, own = _own_cgroups()
-    if own is None:
-        pytest.skip("cgroup v2 is mounted but /proc/self/cgroup has no 0:: line")
-    parent = CGROUP_ROOT / own.lstrip("/")
-    control = parent / "cgroup.subtree_control"
-    enabled = set(control.read_text().split())
-    missing = {"cpu", "memory"} - enabled
-    if missing:
-        try:
-            control.write_text(" ".join(f"+{c}" for c in sorted(missing)))
-        except OSError as exc:
-            pytest.skip(
-                f"cannot enable {', '.join(sorted(missing))} for children of {parent} ({exc}); "
-                "a cgroup v2 that holds processes cannot delegate controllers"
-            )
-        restore.append((control, " ".join(f"-{c}" for c in sorted(missing))))
-    child = _mkdir_or_skip(parent / CGROUP_NAME)
-    created.append(child)
-    _write_or_skip(child / "cpu.max", "130000 100000")
-    _write_or_skip(child / "memory.max", str(LIMIT_1_5_GIB))
-    return [child]
-
 
 @pytest.mark.cgroup
 def test_doctor_in_a_real_cgroup() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("creating cgroups needs root")
-    created: list[Path] = []
-    restore: list[tuple[Path, str]] = []
     try:
-        if (CGROUP_ROOT / "cgroup.controllers").exists():
-            dirs = _v2_cgroup_dirs(created, restore)
-        elif (CGROUP_ROOT / "cpu").is_dir() or (CGROUP_ROOT / "cpu,cpuacct").is_dir():
-            dirs = _v1_cgroup_dirs(created)
-        else:
-            pytest.skip(f"no cgroup filesystem under {CGROUP_ROOT}")
-        join = " && ".join(f"echo $$ > {d / 'cgroup.procs'}" for d in dirs)
-        proc = subprocess.run(
-            ["sh", "-c", f'{join} && exec "$0" doctor --json', str(OPTIMIZE)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        data = json.loads(proc.stdout)
-        assert data["cpu"]["cgroup_cpu_quota"] == 1.3
-        assert data["cpu"]["usable_cpus"] == 1.3
-        assert data["memory"]["limit_bytes"] == LIMIT_1_5_GIB
-        assert data["tier"]["name"] == "low-resource"
-        assert "usable_cpus = 1.3" in data["tier"]["reason"]
-        assert data["threads"]["intra_op"] == 1
-    finally:
-        for path in reversed(created):
-            _rmdir(path)
-        for control, value in restore:
-            control.write_text(value)
+        with small_vm.small_vm(1.3, LIMIT_1_5_GIB) as vm:
+            proc = subprocess.run(
+                vm.command([str(OPTIMIZE), "doctor", "--json"]), capture_output=True, text=True, timeout=60
+            )
+    except small_vm.Unavailable as exc:
+        pytest.skip(str(exc))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["cpu"]["cgroup_cpu_quota"] == 1.3
+    assert data["cpu"]["usable_cpus"] == 1.3
+    assert data["memory"]["limit_bytes"] == LIMIT_1_5_GIB
+    assert data["memory"]["headroom"]["available_bytes"] < LIMIT_1_5_GIB
+    assert data["tier"]["name"] == "low-resource"
+    assert "usable_cpus = 1.3" in data["tier"]["reason"]
+    assert data["threads"]["intra_op"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from small_vm_script import small_vm
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):  # noqa: ANN202 - a script loaded by path
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-small_vm = _load(ROOT / "scripts" / "small_vm.py", "small_vm")
 
 
 @pytest.mark.cgroup
