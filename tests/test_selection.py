@@ -318,3 +318,19 @@ def test_teacher_forcing_still_rejects_a_flipped_decisive_choice(fake_plugins: A
     assert not result.accepted and result.metric == "token_agreement" and "teacher-forced" in result.reason
     assert result.metric_value == pytest.approx(0.5)  # rows 1 and 3 decide; row 1 now disagrees
     assert report.chosen == "eager"
+
+
+def test_eager_alone_runs_no_reference_pass(fake_plugins: Any, tmp_path: Any) -> None:
+    """Tier mode that ends with eager calls the module not once: eager is its own reference."""
+
+    class Counting(SlowNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append(1)  # a list the module's copies share, so every call counts
+            return super().forward(x)
+
+    fake_plugins()
+    net = Counting()
+    net.calls = []
+    opt = _optimize(net, tmp_path, mode="tier", model_warmup_runs=0)
+    assert opt.report().component("module").chosen == "eager"
+    assert net.calls == []
