@@ -714,6 +714,10 @@ def test_missing_openvino_is_a_recorded_fallback(without_openvino: dict[str, Any
         "openvino-int8-matmul",
         "openvino-int8-static",
         "openvino-int8-weights",
+        "openvino-stateful-bf16",
+        "openvino-stateful-f32",
+        "openvino-stateful-int4",
+        "openvino-stateful-int8",
     ]
     for name in openvino:
         r = results[name]

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .steps import DecodeSteps
+
 __all__ = ["Component", "Metric"]
 
 #: Accuracy metrics a component can declare; the guard knows how to compute each.
@@ -63,6 +65,8 @@ class Component:
     outputs part ways for good at the first different choice: it returns inputs under which the
     module replays the reference's own outputs and returns the scores (logits) behind each choice.
     The guard then judges a stage by those scores, step by step, against the reference's.
+    ``decode_steps`` (:class:`~uniopt.optimizer.steps.DecodeSteps`) lets step-level backends run
+    such a module's loop one step at a time, with the caches kept by the backend.
     """
 
     name: str
@@ -78,6 +82,7 @@ class Component:
     validation_inputs: Sequence[tuple[Any, ...]] = ()
     audio_seconds: float | None = None
     teacher_forcing: Callable[[tuple[Any, ...], Any], tuple[Any, ...]] | None = None
+    decode_steps: DecodeSteps | None = None
 
     def key(self) -> str:
         """sha256 of the weights, the module's class and code, the inputs and the export spec.
@@ -97,6 +102,7 @@ class Component:
                     "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
                     "exporter": self.exporter,
                     "teacher_forcing": self.teacher_forcing is not None,
+                    "decode_steps": [g.name for g in self.decode_steps.graphs] if self.decode_steps else None,
                 }
             )
             self.__dict__["_key"] = cached

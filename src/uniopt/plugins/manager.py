@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("torch_native", "uniopt.plugins.torch_native"),
     ("onnx_runtime", "uniopt.plugins.onnx_runtime"),
     ("openvino", "uniopt.plugins.openvino_backend"),
+    ("openvino_decode", "uniopt.plugins.openvino_decode"),
 )
 
 

@@ -67,7 +67,8 @@ class TierChoice:
 
 # Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
-_DECODER_CPU = ("torch-int8", "torch-bf16", "eager")
+# A decoder with declared decode steps runs them as stateful OpenVINO models; others skip those.
+_DECODER_CPU = ("openvino-stateful-int8", "torch-int8", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 # A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
 # candidates, which build without one (a bf16 copy, int8 Linear layers), come before ONNX Runtime.
@@ -114,7 +115,7 @@ TIERS: tuple[Tier, ...] = (
         when_any=(Condition("avx2", "==", True),),
         chains={
             "encoder": ("openvino-f32", "onnxruntime-fp32", "eager"),
-            "decoder": ("torch-int8", "eager"),
+            "decoder": ("openvino-stateful-int8", "torch-int8", "eager"),
             "generic": ("onnxruntime-fp32", "eager"),
         },
     ),

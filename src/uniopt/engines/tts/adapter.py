@@ -12,16 +12,21 @@ through its ``codec`` attribute, while the worker thread keeps generating with i
 
 from __future__ import annotations
 
+import math
+import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...optimizer.component import Component
+from ...optimizer.steps import DecodeSteps
 from .codec import codec_component
 from .generation import check_forced, decoder_component
+from .steps import DualARParts, dual_ar_decode_steps
 
-__all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator"]
+__all__ = ["FishSpeechAdapter", "RealCodecDecoder", "RealTokenGenerator", "fish_decode_steps"]
 
 
 class RealCodecDecoder(nn.Module):
@@ -116,6 +121,48 @@ class RealTokenGenerator(nn.Module):
         return torch.stack(frames, dim=-1).unsqueeze(0)
 
 
+def fish_decode_steps(generator: RealTokenGenerator) -> DecodeSteps:
+    """The slow and fast decode steps of a ``fish_speech`` ``DualARTransformer``, as its
+    ``forward_generate`` / ``forward_generate_fast`` compute them (without audio parts)."""
+    model, config = generator.model, generator.model.config
+    if getattr(config, "is_reward_model", False):
+        raise ValueError("a reward model's forward_generate scores instead of decoding")
+    tokenizer = model.tokenizer
+
+    def embed(tokens: Tensor) -> Tensor:
+        codes = [
+            model.codebook_embeddings(tokens[:, i + 1] + i * config.codebook_size) for i in range(config.num_codebooks)
+        ]
+        semantic = ((tokens[:, 0] >= tokenizer.semantic_begin_id) & (tokens[:, 0] <= tokenizer.semantic_end_id))[
+            ..., None
+        ]
+        x = model.embeddings(tokens[:, 0]) + torch.stack(codes, dim=1).sum(dim=1) * semantic.to(torch.float32)
+        if getattr(config, "scale_codebook_embeddings", False):
+            x = torch.where(semantic, x / math.sqrt(config.num_codebooks + 1), x)
+        return x
+
+    def logits(normed: Tensor) -> Tensor:
+        if getattr(config, "tie_word_embeddings", True):
+            return F.linear(normed, model.embeddings.weight)
+        return model.output(normed)  # type: ignore[no-any-return]
+
+    def rope(freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+        return freqs_cis[..., 0].float(), freqs_cis[..., 1].float()
+
+    parts = DualARParts(
+        model=model,
+        embed=embed,
+        logits=logits,
+        rope=rope(model.freqs_cis),
+        fast_rope=rope(model.fast_freqs_cis),
+        num_codebooks=int(config.num_codebooks),
+        max_positions=int(model.freqs_cis.shape[0]),
+    )
+    return dual_ar_decode_steps(
+        generator, parts, lambda logits, hidden: types.SimpleNamespace(logits=logits, hidden_states=hidden)
+    )
+
+
 class FishSpeechAdapter:
     """uniopt components for a ``fish_speech`` ``TTSInferenceEngine`` (anything with ``decoder_model``).
 
@@ -172,7 +219,11 @@ class FishSpeechAdapter:
             begin = int(self.decoder.model.tokenizer.semantic_begin_id)
             prompt = torch.zeros(1, self.num_codebooks + 1, self.prompt_length, dtype=torch.long)
             prompt[0, 0] = torch.randint(0, min(begin, 256), (self.prompt_length,), generator=generator)
+            steps = fish_decode_steps(self.decoder)
             components.insert(
-                0, decoder_component(self.decoder, (prompt,), ("prompt",), RealTokenGenerator.teacher_forcing)
+                0,
+                decoder_component(
+                    self.decoder, (prompt,), ("prompt",), RealTokenGenerator.teacher_forcing, decode_steps=steps
+                ),
             )
         return components

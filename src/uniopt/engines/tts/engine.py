@@ -20,7 +20,7 @@ import torch
 from ...errors import InputError
 from ...optimizer.component import Component
 from .codec import CodecConfig, CodecDecoder, codec_component
-from .generation import TokenGenerator, decoder_component
+from .generation import TokenGenerator, decode_steps, decoder_component
 from .model import DualARConfig, DualARTransformer
 from .tokenizer import ByteTokenizer, check_reference_audio, encode_reference
 
@@ -257,6 +257,7 @@ class FishSpeechEngine:
                 ("prompt", "temperature", "top_p", "repetition_penalty", "seed"),
                 TokenGenerator.teacher_forcing,
                 calibration_inputs=(sampled,),
+                decode_steps=decode_steps(self.decoder),
             ),
             codec_component(self.codec, codes, (codes[..., :1], longer)),
         ]

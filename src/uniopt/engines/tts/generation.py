@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from ...errors import InputError
 from ...optimizer.component import Component, Metric
+from ...optimizer.steps import DecodeSteps
 from .model import DualARTransformer
 
-__all__ = ["TokenGenerator", "check_forced", "decoder_component", "sample_token", "uniform_noise"]
+__all__ = ["TokenGenerator", "check_forced", "decode_steps", "decoder_component", "sample_token", "uniform_noise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -256,12 +257,13 @@ def decoder_component(
     input_names: tuple[str, ...],
     teacher_forcing: Callable[[tuple[Tensor, ...], Tensor], tuple[Tensor, ...]],
     calibration_inputs: tuple[tuple[Tensor, ...], ...] = (),
+    decode_steps: DecodeSteps | None = None,
 ) -> Component:
     """A decode loop as a uniopt component: a prompt in, frames ``[1, C+1, steps]`` out.
 
     Judged step by step under teacher forcing, on the steps the reference is sure of. Exporting
-    the loop unrolls every step and codebook (minutes even for a tiny model), so graph backends
-    are ruled out and the decoder stays in PyTorch.
+    the loop unrolls every step and codebook (minutes even for a tiny model), so whole-graph
+    backends are ruled out; ``decode_steps`` lets step-level backends serve the loop's steps.
     """
     return Component(
         name="decoder",
@@ -275,4 +277,22 @@ def decoder_component(
         kind="decoder",
         exporter="none",
         calibration_inputs=calibration_inputs,
+        decode_steps=decode_steps,
     )
+
+
+def decode_steps(generator: TokenGenerator) -> DecodeSteps:
+    """The slow and fast decode steps of ``generator``'s model, for step-level backends."""
+    from .steps import DualARParts, dual_ar_decode_steps
+
+    model = generator.model
+    parts = DualARParts(
+        model=model,
+        embed=model.embed,
+        logits=model.output,
+        rope=(model.rope_cos, model.rope_sin),
+        fast_rope=(model.fast_rope_cos, model.fast_rope_sin),
+        num_codebooks=model.config.num_codebooks,
+        max_positions=model.cache_length(),
+    )
+    return dual_ar_decode_steps(generator, parts)

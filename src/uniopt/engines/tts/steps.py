@@ -1,0 +1,227 @@
+"""Decode steps of a dual autoregressive transformer, with explicit key/value caches.
+
+The model's own ``forward_generate`` / ``forward_generate_fast`` write their caches in place at
+``input_pos``, which no graph backend keeps between calls. :class:`SlowStep` and :class:`FastStep`
+compute the same steps from the same weights with the caches as inputs (``past``, positions
+``0..P-1``) and outputs (``present``: ``past`` with the step's keys and values appended), which a
+stateful backend turns into state it keeps between calls. :class:`StepModel` stands in for the
+model inside the engine's own decode loop and serves those two methods from step runners, so the
+loop, its sampling and its teacher forcing stay the engine's code.
+
+:class:`DualARParts` names what the steps need of a model, so the built-in ``DualARTransformer``
+and ``fish_speech``'s share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...optimizer.install import shallow_copy
+from ...optimizer.steps import DecodeSteps, StepGraph, StepRunner, past_names, present_names
+from .layers import apply_rope
+
+__all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step", "dual_ar_decode_steps"]
+
+
+def attention_step(
+    attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past_key: Tensor, past_value: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped-query attention of ``x [1, L, dim]`` at ``positions`` over the past keys and its own.
+
+    ``attention`` is a Fish-Speech ``Attention`` (fused ``wqkv``, optional ``q_norm``/``k_norm``,
+    RoPE on interleaved pairs, ``wo``). Returns the output and the caches with the step appended.
+    Query head ``h`` reads kv head ``h // groups``, as ``repeat_interleave`` gives; each query sees
+    the keys at positions up to its own.
+    """
+    b, length, _ = x.shape
+    heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
+    q, k, v = attention.wqkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(b, length, heads, head_dim), k.view(b, length, kv_heads, head_dim)
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if q_norm is not None and k_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q = apply_rope(q, cos, sin).transpose(1, 2)
+    k = torch.cat([past_key, apply_rope(k, cos, sin).transpose(1, 2)], dim=2)
+    v = torch.cat([past_value, v.view(b, length, kv_heads, head_dim).transpose(1, 2)], dim=2)
+    keys, groups = k.shape[2], heads // kv_heads
+    expanded_k = k[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
+    expanded_v = v[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
+    visible = torch.arange(keys, device=x.device)[None, :] <= positions[:, None]
+    y = F.scaled_dot_product_attention(q, expanded_k, expanded_v, attn_mask=visible[None, None])
+    return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
+
+
+def _blocks(
+    blocks: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past: tuple[Tensor, ...]
+) -> tuple[Tensor, list[Tensor]]:
+    """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x``; the new caches, key then value per layer."""
+    present: list[Tensor] = []
+    for index, block in enumerate(blocks):
+        out, k, v = attention_step(
+            block.attention, block.attention_norm(x), cos, sin, positions, past[2 * index], past[2 * index + 1]
+        )
+        h = x + out
+        x = h + block.feed_forward(block.ffn_norm(h))
+        present += [k, v]
+    return x, present
+
+
+@dataclass(frozen=True)
+class DualARParts:
+    """What the step graphs need of a dual autoregressive transformer.
+
+    ``embed(tokens [1, C+1, L]) -> [1, L, dim]``; ``logits(normed [1, 1, dim]) -> [1, 1, vocab]``;
+    ``rope`` / ``fast_rope`` are ``(cos, sin)`` tables ``[positions, head_dim / 2]``.
+    """
+
+    model: nn.Module
+    embed: Callable[[Tensor], Tensor]
+    logits: Callable[[Tensor], Tensor]
+    rope: tuple[Tensor, Tensor]
+    fast_rope: tuple[Tensor, Tensor]
+    num_codebooks: int
+    max_positions: int
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers  # type: ignore[return-value]
+
+    @property
+    def fast_layers(self) -> nn.ModuleList:
+        return self.model.fast_layers  # type: ignore[return-value]
+
+
+class SlowStep(nn.Module):
+    """``(tokens [1, C+1, L], input_pos [L], *past) -> (logits [1, 1, vocab], hidden [1, 1, fast_dim], *present)``.
+
+    The logits and fast-decoder input of the last position, as ``forward_generate`` gives them.
+    """
+
+    def __init__(self, parts: DualARParts) -> None:
+        super().__init__()
+        self.model = parts.model
+        self.parts = parts
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        parts, model = self.parts, self.model
+        cos, sin = parts.rope[0][input_pos], parts.rope[1][input_pos]
+        x, present = _blocks(parts.layers, parts.embed(tokens), cos, sin, input_pos, past)
+        x = x[:, -1:]
+        return (parts.logits(model.norm(x)), model.fast_project_in(x), *present)
+
+
+class FastStep(nn.Module):
+    """``(x [1, 1, fast_dim], input_pos [1], *past) -> (logits [1, 1, codebook_size], *present)``."""
+
+    def __init__(self, parts: DualARParts) -> None:
+        super().__init__()
+        self.model = parts.model
+        self.parts = parts
+
+    def forward(self, x: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        parts, model = self.parts, self.model
+        cos, sin = parts.fast_rope[0][input_pos], parts.fast_rope[1][input_pos]
+        x, present = _blocks(parts.fast_layers, x, cos, sin, input_pos, past)
+        return (model.fast_output(model.fast_norm(x)), *present)
+
+
+class StepModel(nn.Module):
+    """The model as the engine's decode loop sees it, with its cached steps served by step runners.
+
+    ``forward_generate`` / ``forward_generate_fast`` run the ``slow`` and ``fast`` runners (which
+    keep the caches); every other attribute is the model's own. ``wrap_slow(logits, hidden)``
+    shapes the slow step's result as the model returns it (a tuple, or ``fish_speech``'s result object).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        slow: StepRunner,
+        fast: StepRunner,
+        wrap_slow: Callable[[Tensor, Tensor], Any] = lambda logits, hidden: (logits, hidden),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self._slow, self._fast, self._wrap_slow = slow, fast, wrap_slow
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(self._modules["model"], name)
+
+    def forward_generate(self, tokens: Tensor, input_pos: Tensor, *args: Any, **kwargs: Any) -> Any:
+        logits, hidden = self._slow(tokens, input_pos)
+        return self._wrap_slow(logits, hidden)
+
+    def forward_generate_fast(self, x: Tensor, input_pos: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self._fast(x.reshape(x.shape[0], 1, -1).float(), input_pos)[0]
+
+    def reset_caches(self) -> None:
+        """Nothing to do: a step at position 0 starts a new sequence in its runner."""
+
+
+def _graphs(parts: DualARParts, prompt_rows: int) -> tuple[StepGraph, StepGraph]:
+    slow_attention, fast_attention = parts.layers[0].attention, parts.fast_layers[0].attention
+    n_slow, n_fast = len(parts.layers), len(parts.fast_layers)
+    tokens = torch.zeros(1, prompt_rows, 3, dtype=torch.long)
+    fast_dim = parts.fast_layers[0].attention_norm.weight.shape[0]
+    slow = StepGraph(
+        name="slow",
+        module=SlowStep(parts),
+        example_inputs=(tokens, torch.arange(2, 5)),
+        input_names=("tokens", "input_pos", *past_names(n_slow)),
+        output_names=("logits", "hidden", *present_names(n_slow)),
+        input_shapes=((1, prompt_rows, -1), (-1,)),
+        position_input="input_pos",
+        layers=n_slow,
+        kv_heads=slow_attention.n_local_heads,
+        head_dim=slow_attention.head_dim,
+        max_positions=parts.max_positions,
+    )
+    fast = StepGraph(
+        name="fast",
+        module=FastStep(parts),
+        example_inputs=(torch.zeros(1, 1, fast_dim), torch.tensor([2])),
+        input_names=("x", "input_pos", *past_names(n_fast)),
+        output_names=("logits", *present_names(n_fast)),
+        input_shapes=((1, 1, fast_dim), (1,)),
+        position_input="input_pos",
+        layers=n_fast,
+        kv_heads=fast_attention.n_local_heads,
+        head_dim=fast_attention.head_dim,
+        max_positions=parts.num_codebooks,
+    )
+    return slow, fast
+
+
+def dual_ar_decode_steps(
+    generator: nn.Module,
+    parts: DualARParts,
+    wrap_slow: Callable[[Tensor, Tensor], Any] | None = None,
+) -> DecodeSteps:
+    """:class:`DecodeSteps` for a decode loop module that calls ``generator.model``'s cached steps.
+
+    The installed loop is a copy of ``generator`` (sharing its weights and buffers) whose ``model``
+    is a :class:`StepModel` over the runners.
+    """
+    slow, fast = _graphs(parts, parts.num_codebooks + 1)
+
+    def install(runners: Mapping[str, StepRunner]) -> nn.Module:
+        extra = {} if wrap_slow is None else {"wrap_slow": wrap_slow}
+        loop = shallow_copy(generator)
+        loop.__dict__["_modules"] = {
+            **generator._modules,
+            "model": StepModel(parts.model, runners["slow"], runners["fast"], **extra),
+        }
+        return loop
+
+    return DecodeSteps((slow, fast), install)

@@ -1,0 +1,101 @@
+"""Decode steps: how step-level backends run an autoregressive decoder component.
+
+A decoder component's module is a Python loop (prefill, then one step per token) over a model
+whose key/value caches are updated in place. Exporting the loop unrolls it, so step-level backends
+(a stateful OpenVINO model, say) work one step at a time instead. A component that offers this
+declares :class:`DecodeSteps`: one :class:`StepGraph` per kind of step (the slow decoder over
+time, the fast decoder over codebooks), each a module with explicit caches, and ``install``, which
+gives a callable that runs the component's own loop with each step served by a
+:class:`StepRunner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["DecodeSteps", "StepGraph", "StepRunner", "past_names", "present_names"]
+
+
+def past_names(layers: int) -> tuple[str, ...]:
+    """``past_key_values.N.key`` / ``.value`` for every layer, as optimum-intel names cache inputs."""
+    return tuple(f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+
+
+def present_names(layers: int) -> tuple[str, ...]:
+    """``present.N.key`` / ``.value`` for every layer: the caches with the new positions appended."""
+    return tuple(f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+
+
+@dataclass(frozen=True)
+class StepGraph:
+    """One kind of decode step as a module with explicit key/value caches.
+
+    ``module(*inputs, *past) -> (*outputs, *present)``. ``past`` holds a key and a value tensor
+    ``[1, kv_heads, P, head_dim]`` per layer (``P`` positions already decoded) and ``present`` the
+    same with the step's positions appended, so feeding ``present`` back as the next ``past`` (or
+    keeping it as a backend's state) continues the sequence. ``position_input`` names the input
+    holding the absolute positions of the step's tokens: a step at position 0 starts a new
+    sequence. ``example_inputs`` (without the caches) are traced with ``example_past`` positions in
+    the caches; ``input_shapes`` give each input's shape with -1 on the axes that vary.
+    """
+
+    name: str
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    position_input: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int
+    example_past: int = 2
+
+    @property
+    def cache_names(self) -> dict[str, str]:
+        """Each past input's name to the present output that continues it."""
+        return dict(zip(past_names(self.layers), present_names(self.layers), strict=True))
+
+    def example_caches(self) -> tuple[torch.Tensor, ...]:
+        """Past caches holding ``example_past`` positions, for tracing."""
+        shape = (1, self.kv_heads, self.example_past, self.head_dim)
+        return tuple(torch.zeros(shape) for _ in range(2 * self.layers))
+
+    def empty_caches(self) -> tuple[torch.Tensor, ...]:
+        """Past caches holding no position: the start of a sequence."""
+        shape = (1, self.kv_heads, 0, self.head_dim)
+        return tuple(torch.zeros(shape) for _ in range(2 * self.layers))
+
+
+class StepRunner(Protocol):
+    """Runs one kind of step with the caches kept inside: ``runner(*inputs) -> outputs``.
+
+    A step whose first position is 0 starts a new sequence (the caches are emptied first); any
+    other step must continue the last one (its first position is the number already decoded).
+    """
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass(frozen=True)
+class DecodeSteps:
+    """The step graphs of a decoder component and how to run its loop on step runners.
+
+    ``install(runners)`` (runners by graph name) returns a callable taking the component's inputs
+    and returning what its module returns, teacher forcing included.
+    """
+
+    graphs: tuple[StepGraph, ...]
+    install: Callable[[Mapping[str, StepRunner]], Callable[..., Any]] = field(compare=False)
+
+    def graph(self, name: str) -> StepGraph:
+        """The step graph called ``name``."""
+        for graph in self.graphs:
+            if graph.name == name:
+                return graph
+        raise KeyError(name)

@@ -1,0 +1,297 @@
+"""OpenVINO stateful decode: each decode step is one ``infer()``, the key/value caches OpenVINO states.
+
+For a decoder component that declares :class:`~uniopt.optimizer.steps.DecodeSteps`, each step
+graph (the slow decoder's step, the fast decoder's codebook step) is converted from PyTorch with
+explicit ``past_key_values.N.key/value`` inputs and ``present.N.key/value`` outputs, and then
+made stateful (OpenVINO's ``MakeStateful``, as optimum-intel does): the caches stay inside the
+infer request between calls, so a step copies no cache in or out. The component's own loop runs
+unchanged, sampling included, with its steps served by the infer requests.
+
+Precision is explicit: f32, bf16 where the CPU computes it, and nncf weight compression (int8 per
+output channel, or int4 in groups) with float activations. The converted IRs are cache entries:
+a warm start compiles them (from OpenVINO's blob cache) without converting anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NotApplicable, OptimizationError, UniOptError
+from ..optimizer.steps import DecodeSteps, StepGraph, StepRunner
+from ..tiers.cpu import BF16_FLAGS
+from .candidate import BuildContext, Candidate, Requirements, Stage
+from .export import ExportError, quiet_loggers, rebuild_on_failure, tracer_warnings
+from .fallback import RuntimeFallbacks
+from .hookspecs import hookimpl
+from .memory_costs import file_bytes, memory_step
+from .openvino_backend import compile_config
+
+__all__ = ["StatefulDecode", "StatefulStep", "StepOrderError"]
+
+_EXTRA = "openvino"
+#: Weight compression per variant: nncf mode name and group size (-1: one scale per output channel).
+_COMPRESSION = {"int8": ("INT8_ASYM", -1), "int4": ("INT4_SYM", 128)}
+
+
+class StepOrderError(UniOptError):
+    """A step that neither starts a sequence (position 0) nor continues the one in the state."""
+
+
+class StatefulStep:
+    """One step graph's infer request, its caches held as OpenVINO states (a :class:`StepRunner`)."""
+
+    def __init__(self, compiled: Any, graph: StepGraph) -> None:
+        self._compiled = compiled
+        self._graph = graph
+        self._request = compiled.create_infer_request()
+        self._position = graph.input_names.index(graph.position_input)
+        outputs = len(graph.output_names) - 2 * graph.layers
+        self._outputs = [compiled.output(name) for name in graph.output_names[:outputs]]
+        self._length = 0
+
+    def fresh(self) -> StatefulStep:
+        """A runner over the same compiled model with its own request and state."""
+        return StatefulStep(self._compiled, self._graph)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        positions = inputs[self._position]
+        first = int(positions[0])
+        if first == 0:
+            self._request.reset_state()
+        elif first != self._length:
+            raise StepOrderError(
+                f"{self._graph.name} step at position {first} does not continue the {self._length} decoded"
+            )
+        if int(positions[-1]) >= self._graph.max_positions:
+            raise StepOrderError(f"{self._graph.name} step at position {int(positions[-1])} is past the caches' end")
+        self._request.infer([t.detach().contiguous().numpy() for t in inputs])
+        self._length = int(positions[-1]) + 1
+        return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
+
+
+class StatefulDecode:
+    """The component's decode loop over :class:`StatefulStep` runners, with the one run-time fallback policy.
+
+    A call that fails inside (a step out of order, a backend error) runs the eager module for the
+    whole call, counted in ``fallbacks``; inside :meth:`strict` (the guard) it raises. Each
+    installation gets its own infer requests (:meth:`with_own_state`): two engines never share caches.
+    """
+
+    fixed_shapes = False
+
+    def __init__(
+        self, component: Any, steps: DecodeSteps, compiled: Mapping[str, Any], candidate: str, allowed: bool
+    ) -> None:
+        self._component = component
+        self._steps = steps
+        self._compiled = dict(compiled)
+        self._candidate = candidate
+        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
+        runners: dict[str, StepRunner] = {g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs}
+        self._loop = steps.install(runners)
+        self._eager = component.module
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def with_own_state(self) -> StatefulDecode:
+        """The same compiled steps with new infer requests (their own caches)."""
+        return StatefulDecode(
+            self._component, self._steps, self._compiled, self._candidate, self.fallbacks.allowed
+        )
+
+    @contextlib.contextmanager
+    def strict(self) -> Iterator[None]:
+        """Raise :class:`~uniopt.errors.OptimizationError` instead of running eager (this thread only)."""
+        before = getattr(self._local, "strict", False)
+        self._local.strict = True
+        try:
+            yield
+        finally:
+            self._local.strict = before
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with self._lock:  # one set of states: calls of one installation run one at a time
+                return self._loop(*args, **kwargs)
+        except UniOptError as exc:
+            if isinstance(exc, StepOrderError):
+                return self._eager_instead(args, kwargs, str(exc), exc)
+            raise  # the engine's own input errors reach its caller as they would from eager
+        except Exception as exc:  # OpenVINO's errors are many; none reaches the engine's caller
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return self._eager_instead(args, kwargs, f"backend error: {first}", exc)
+
+    def _eager_instead(self, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str, error: Exception) -> Any:
+        if getattr(self._local, "strict", False):
+            raise OptimizationError(self._component.name, self._candidate, reason) from error
+        self.fallbacks.record(reason, error)
+        return self._eager(*args, **kwargs)
+
+
+def _convert(graph: StepGraph) -> Any:
+    """The step graph as a stateful OpenVINO model: named ports, cache shapes, caches as states."""
+    import openvino as ov
+    from openvino import passes
+
+    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ov.convert_model(graph.module, example_input=(*graph.example_inputs, *graph.example_caches()))
+    fixed = tracer_warnings(caught)
+    if fixed:  # a value turned into a constant is wrong at every other position or length
+        raise ExportError(f"{graph.name} step: the tracer fixed a value that changes between steps: {fixed[0]}")
+    names = graph.input_names
+    if len(model.inputs) != len(names) or len(model.outputs) != len(graph.output_names):
+        raise RuntimeError(
+            f"{graph.name} step converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
+            f"expected {len(names)} / {len(graph.output_names)}"
+        )
+    for port, name in zip(model.inputs, names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, graph.output_names, strict=True):
+        port.get_tensor().set_names({name})
+    cache_shape = ov.PartialShape([1, graph.kv_heads, -1, graph.head_dim])
+    shapes = {port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, graph.input_shapes)}
+    shapes.update({port: cache_shape for port in model.inputs[len(graph.input_shapes) :]})
+    model.reshape(shapes)
+    manager = passes.Manager()
+    manager.register_pass(passes.MakeStateful(graph.cache_names))
+    manager.run_passes(model)
+    if len(model.get_sinks()) != 2 * graph.layers:
+        raise RuntimeError(f"{graph.name} step: {len(model.get_sinks())} cache states, expected {2 * graph.layers}")
+    return model
+
+
+def _compress(model: Any, variant: str) -> Any:
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    mode, group = _COMPRESSION[variant]
+    with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("nncf"):
+        if group < 0:
+            return nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, mode))
+        # A layer whose width the group size does not divide gets the largest power of two that does.
+        fallback = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)
+        return nncf.compress_weights(
+            model,
+            mode=getattr(nncf.CompressWeightsMode, mode),
+            group_size=group,
+            ratio=1.0,
+            advanced_parameters=fallback,
+        )
+
+
+def _step_ir(
+    graph: StepGraph, component: Any, context: BuildContext, variant: str, loaded: list[str]
+) -> tuple[Path, bool]:
+    """The stateful IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now."""
+    import openvino as ov
+
+    from ..cache import cache_key, library_versions
+
+    def key_for(kind: str) -> str:
+        spec = {"artifact": kind, "component": component.key(), "graph": graph.name, "versions": library_versions()}
+        return cache_key(spec)
+
+    def build_plain(directory: Path) -> dict[str, Any]:
+        with memory_step("openvino-convert-step", component, context):
+            ov.save_model(_convert(graph), str(directory / "model.xml"), compress_to_fp16=False)
+        return {"graph": graph.name}
+
+    plain_key = key_for("openvino-stateful")
+    plain, plain_built = context.cache.get_or_build(
+        plain_key, build_plain, kind="openvino-stateful", description={"graph": graph.name}
+    )
+    if not plain_built:
+        loaded.append(plain_key)
+    if variant == "float":
+        return plain.path / "model.xml", not plain_built
+
+    def build_compressed(directory: Path) -> dict[str, Any]:
+        source = plain.path / "model.xml"
+        with memory_step("nncf-weights", component, context, file_bytes(source, source.with_suffix(".bin"))):
+            model = _compress(ov.Core().read_model(str(source)), variant)
+            ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+        return {"graph": graph.name, "variant": variant}
+
+    kind = f"openvino-stateful-{variant}"
+    key = key_for(kind)
+    entry, built = context.cache.get_or_build(key, build_compressed, kind=kind, description={"graph": graph.name})
+    if not built:
+        loaded.append(key)
+    return entry.path / "model.xml", not built and not plain_built
+
+
+def _builder(variant: str, precision: str, name: str) -> Callable[..., Stage]:
+    """A builder of ``name``: weights ``variant`` ("float", "int8", "int4"), computing in ``precision``."""
+
+    @rebuild_on_failure
+    def build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
+        import openvino as ov
+
+        steps = component.decode_steps
+        if steps is None:
+            raise NotApplicable(f"component {component.name!r} declares no decode steps")
+        core = ov.Core()
+        compiled, cached = {}, []
+        for graph in steps.graphs:
+            path, from_cache = _step_ir(graph, component, context, variant, loaded)
+            cached.append(from_cache)
+            hint = "f32" if precision == "fp32" else "bf16"
+            with memory_step(f"openvino-compile-{hint}", component, context, file_bytes(path, path.with_suffix(".bin"))):
+                compiled[graph.name] = core.compile_model(str(path), "CPU", compile_config(context, precision))
+        allowed = context.settings.fallback_on_optimization_error
+        info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}
+        return Stage(name, StatefulDecode(component, steps, compiled, name, allowed), info)
+
+    return build
+
+
+def _candidates() -> list[Candidate]:
+    needs = ("openvino",)
+    quantized = Requirements(
+        packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
+    )
+    return [
+        Candidate(
+            "openvino-stateful-f32",
+            "openvino",
+            "OpenVINO stateful decode steps (caches as states), f32",
+            _builder("float", "fp32", "openvino-stateful-f32"),
+            Requirements(packages=needs, extra=_EXTRA),
+        ),
+        Candidate(
+            "openvino-stateful-bf16",
+            "openvino",
+            "OpenVINO stateful decode steps, bf16 inference precision",
+            _builder("float", "bf16", "openvino-stateful-bf16"),
+            Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=BF16_FLAGS, precision="bf16"),
+        ),
+        Candidate(
+            "openvino-stateful-int8",
+            "openvino",
+            "OpenVINO stateful decode steps, nncf int8 weights (one scale per output channel), f32 activations",
+            _builder("int8", "fp32", "openvino-stateful-int8"),
+            quantized,
+        ),
+        Candidate(
+            "openvino-stateful-int4",
+            "openvino",
+            "OpenVINO stateful decode steps, nncf int4 weights (groups of 128), f32 activations",
+            _builder("int4", "fp32", "openvino-stateful-int4"),
+            quantized,
+        ),
+    ]
+
+
+@hookimpl
+def uniopt_register_candidates(register: Any) -> None:
+    for candidate in _candidates():
+        register(candidate)

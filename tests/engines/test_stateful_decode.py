@@ -1,0 +1,244 @@
+"""Decode steps with explicit caches, and the stateful OpenVINO candidates built on them.
+
+Everything runs on :meth:`FishSpeechConfig.tiny` and on a tiny ``fish_speech`` ``DualARTransformer``.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniopt import UniversalOptimizer
+from uniopt.cache import ArtifactCache
+from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
+from uniopt.engines.tts.generation import decode_steps
+from uniopt.errors import InputError, OptimizationError
+from uniopt.optimizer.component import Component
+from uniopt.optimizer.guard import metric_value
+from uniopt.optimizer.steps import StepGraph
+from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
+from uniopt.plugins.model_cache import model_cache
+from uniopt.plugins.openvino_decode import StatefulStep, StepOrderError
+from uniopt.settings import resolve_settings
+from uniopt.threads import thread_budget
+from uniopt.tiers import host_profile
+
+pytest.importorskip("openvino")
+
+
+class TorchSteps:
+    """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.past = graph.empty_caches()
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if int(inputs[1][0]) == 0:
+            self.past = self.graph.empty_caches()
+        assert int(inputs[1][0]) == self.past[0].shape[2], "a step must continue the sequence"
+        outputs = self.graph.module(*inputs, *self.past)
+        kept = len(outputs) - 2 * self.graph.layers
+        self.past = outputs[kept:]
+        return outputs[:kept]
+
+
+@pytest.fixture(scope="module")
+def long_engine() -> FishSpeechEngine:
+    """72 decode steps a call: the caches are checked over more than 64 steps."""
+    return FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=72), seed=3)
+
+
+def _context(tmp_path: Path, **settings: object) -> tuple[BuildContext, dict]:
+    profile = host_profile()
+    resolved, tier = resolve_settings({"cache_dir": str(tmp_path / "cache"), **settings}, profile)
+    threads = thread_budget(profile.usable_cpus, resolved.threads)
+    context = BuildContext(resolved, profile, tier.tier, threads, cache=ArtifactCache(resolved.cache_dir))
+    pm = plugin_manager(resolved.plugins)
+    return context, {"pm": pm, "candidates": candidates(pm)}
+
+
+def _build(name: str, component: Component, context: BuildContext, plugins: dict) -> Stage:
+    built = plugins["pm"].hook.uniopt_build_stage(
+        candidate=plugins["candidates"][name], component=component, context=context
+    )
+    assert not isinstance(built, BuildFailure), built.reason
+    return built
+
+
+def _decoder(engine: FishSpeechEngine) -> Component:
+    return engine.uniopt_components()[0]
+
+
+def test_step_graphs_compute_what_the_model_computes(long_engine: FishSpeechEngine) -> None:
+    steps = decode_steps(long_engine.decoder)
+    loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
+    component = _decoder(long_engine)
+    with torch.inference_mode():
+        reference = long_engine.decoder(*component.example_inputs)
+        assert torch.equal(loop(*component.example_inputs), reference)
+        sampled = component.calibration_inputs[0]  # temperature 0.7: the sampling path
+        assert torch.equal(loop(*sampled), long_engine.decoder(*sampled))
+        forced = component.teacher_forcing(component.example_inputs, reference)
+        for ours, theirs in zip(loop(*forced), long_engine.decoder(*forced), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
+    component = _decoder(long_engine)
+    context, plugins = _context(tmp_path)
+    stage = _build("openvino-stateful-f32", component, context, plugins)
+    with torch.inference_mode():
+        reference = long_engine.decoder(*component.example_inputs)
+        forced = component.teacher_forcing(component.example_inputs, reference)
+        expected, got = long_engine.decoder(*forced), stage(*forced)
+        for ours, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        assert torch.equal(stage(*component.example_inputs), reference)
+        # A second call starts a new sequence: the states are reset at position 0, not carried over.
+        assert torch.equal(stage(*component.example_inputs), reference)
+        sampled = component.calibration_inputs[0]
+        assert metric_value("token_agreement", long_engine.decoder(*sampled).float(), stage(*sampled).float()) > 0.95
+    assert stage.info["precision_hint"] == "fp32" and stage.info["weights"] == "float"
+
+
+def test_a_step_that_does_not_continue_the_sequence_is_refused(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
+    import openvino as ov
+
+    component = _decoder(long_engine)
+    context, plugins = _context(tmp_path)
+    _build("openvino-stateful-f32", component, context, plugins)
+    graph = component.decode_steps.graph("fast")
+    entry = next(e for e in context.cache.entries() if e.kind == "openvino-stateful" and e.description["graph"] == "fast")
+    runner = StatefulStep(ov.Core().compile_model(str(entry.path / "model.xml"), "CPU"), graph)
+    x = torch.randn(1, 1, graph.input_shapes[0][-1])
+    runner(x, torch.tensor([0]))
+    runner(x, torch.tensor([1]))
+    with pytest.raises(StepOrderError, match="position 3 does not continue the 2 decoded"):
+        runner(x, torch.tensor([3]))
+    for position in range(2, graph.max_positions):
+        runner(x, torch.tensor([position]))
+    with pytest.raises(StepOrderError, match="past the caches' end"):
+        runner(x, torch.tensor([graph.max_positions]))
+    (logits,) = runner(x, torch.tensor([0]))  # position 0 always starts over
+    assert logits.shape == (1, 1, long_engine.config.model.codebook_size)
+
+
+class _Failing:
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError("Exception from src/plugins/intel_cpu: injected")
+
+
+def test_a_failing_step_runs_the_call_eager_counted_or_raises(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
+    component = _decoder(long_engine)
+    context, plugins = _context(tmp_path)
+    stage = _build("openvino-stateful-f32", component, context, plugins)
+    decode = stage.run
+    decode._loop.model._fast = _Failing()
+    with torch.inference_mode():
+        reference = long_engine.decoder(*component.example_inputs)
+        assert torch.equal(stage(*component.example_inputs), reference)
+        assert decode.fallbacks.calls == 1 and "injected" in decode.fallbacks.last_reason
+        with decode.strict(), pytest.raises(OptimizationError, match="backend error"):
+            stage(*component.example_inputs)
+        # The engine's own input checks reach the caller as they do from eager.
+        with pytest.raises(InputError, match="prompt must be a long tensor"):
+            stage(component.example_inputs[0].float(), *component.example_inputs[1:])
+    strict_context, _ = _context(tmp_path, fallback_on_optimization_error=False)
+    model_cache.clear()
+    no_fallback = _build("openvino-stateful-f32", component, strict_context, plugins).run
+    no_fallback._loop.model._fast = _Failing()
+    with torch.inference_mode(), pytest.raises(OptimizationError, match="at run time"):
+        no_fallback(*component.example_inputs)
+
+
+def test_int8_and_int4_weights_pass_the_guard_and_warm_start_converts_nothing(tmp_path: Path) -> None:
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
+    allow = ["openvino-stateful-int8", "openvino-stateful-int4"]
+    cold = UniversalOptimizer(engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0)
+    report = cold.report().component("decoder")
+    for name in allow:
+        result = report.candidate(name)
+        assert result.accepted, result.reason
+        assert result.metric == "token_agreement" and result.metric_value >= 0.9
+    assert report.chosen in allow
+    steps = [s["step"] for s in report.candidate("openvino-stateful-int8").memory_steps]
+    assert steps.count("openvino-convert-step") == 2 and steps.count("nncf-weights") == 2
+    model_cache.clear()  # a new process: nothing built in memory
+    warm_engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
+    warm = UniversalOptimizer(warm_engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0)
+    warm_report = warm.report().component("decoder")
+    assert warm_report.decision_from_cache and warm_report.chosen == report.chosen
+    assert warm_report.stage.info["from_cache"]  # both step models compiled from their cached IRs
+    with torch.inference_mode():
+        audio, _, _ = warm.synthesize("hello", max_new_tokens=12)
+    assert audio.shape[0] == 12 * engine.config.codec.hop_length
+    assert warm.get_performance_info()["components"]["decoder"]["eager_calls"] == 0
+
+
+def test_two_engines_with_equal_weights_keep_their_own_states(tmp_path: Path) -> None:
+    engines = [FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=2) for _ in range(2)]
+    wrapped = [
+        UniversalOptimizer(e, allow=["openvino-stateful-f32"], cache_dir=str(tmp_path), min_speedup=0.01)
+        for e in engines
+    ]
+    assert [w.report().component("decoder").chosen for w in wrapped] == ["openvino-stateful-f32"] * 2
+    runs = [w._installations["decoder"]._run for w in wrapped]
+    assert runs[0] is not runs[1]
+    slow = [r._loop.model._slow for r in runs]
+    assert slow[0] is not slow[1] and slow[0]._request is not slow[1]._request
+    prompt = engines[0].example_prompt()
+    params = (torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(0))
+    with torch.inference_mode():
+        expected = engines[0].decoder.__class__.forward(engines[0].decoder, prompt, *params)
+        assert torch.equal(engines[0].decoder(prompt, *params), expected)
+        assert torch.equal(engines[1].decoder(prompt, *params), expected)
+
+
+# -- the fish_speech package ------------------------------------------------------------------------------------
+def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(tmp_path: Path) -> None:
+    llama = pytest.importorskip(
+        "fish_speech.models.text2semantic.llama",
+        reason="pip install --no-deps fish-speech==0.1.0 einops loguru loralib tiktoken",
+    )
+    semantic = {i: 200 + i for i in range(64)}
+    tokenizer = types.SimpleNamespace(semantic_id_to_token_id=semantic, semantic_begin_id=200, semantic_end_id=263)
+    args = llama.DualARModelArgs(
+        vocab_size=264,
+        n_layer=2,
+        n_head=4,
+        n_local_heads=2,
+        dim=64,
+        head_dim=16,
+        intermediate_size=128,
+        max_seq_len=96,
+        codebook_size=64,
+        num_codebooks=4,
+        n_fast_layer=2,
+        attention_qk_norm=True,
+        use_gradient_checkpointing=False,
+    )
+    torch.manual_seed(0)
+    model = llama.DualARTransformer(args, tokenizer=tokenizer).eval()
+    stand_in = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=lambda indices, feature_lengths: None))
+    adapter = FishSpeechAdapter(stand_in, model, decode_steps=66, prompt_length=5)
+    decoder = adapter.uniopt_components()[0]
+    assert decoder.decode_steps is not None
+    steps = decoder.decode_steps
+    prompt = decoder.example_inputs[0]
+    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])  # semantic tokens: their codebook embeddings count
+    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3))
+    with torch.inference_mode():
+        reference = adapter.decoder(prompt)
+        loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
+        assert torch.equal(loop(prompt), reference)
+    context, plugins = _context(tmp_path)
+    stage = _build("openvino-stateful-f32", decoder, context, plugins)
+    with torch.inference_mode():
+        forced = decoder.teacher_forcing((prompt,), reference)
+        for ours, theirs in zip(stage(*forced), adapter.decoder(*forced), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        assert torch.equal(stage(prompt), reference)
