@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from uniopt.advice import host_advice
 from uniopt.cli import app
+from uniopt.errors import MemoryBudgetError
 from uniopt.plugins import DEFAULT_PLUGINS
 from uniopt.settings import Settings
 from uniopt.threads import thread_budget
-from uniopt.tiers import BackendInfo, tier_by_name
+from uniopt.tiers import BackendInfo, bandwidth, tier_by_name
 
 OPTIMIZE = Path(sys.executable).with_name("optimize")
 GiB = 2**30
@@ -55,6 +56,9 @@ def check_doctor_json(data: dict) -> None:
     assert data["tier"]["name"] in {t for t in ("cuda-gpu", "low-resource", "cpu-avx512", "cpu-avx2", "cpu-basic")}
     assert data["tier"]["reason"]
     assert re.fullmatch(r"[0-9a-f]{64}", data["fingerprint"])
+    probe = memory["read_bandwidth"]
+    assert 0.5e9 < probe["read_bytes_per_s"] < 2e12 and type(probe["from_cache"]) is bool
+    assert probe["threads"] == data["threads"]["intra_op"] and probe["buffer_bytes"] > 0
 
 
 def test_doctor_json(runner: CliRunner) -> None:
@@ -91,6 +95,40 @@ def test_doctor_tables(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> No
     assert "Advice" in out
     assert "• Small host: UNIOPT_MODE=tier skips the timing search" in out
     assert not out.lstrip().startswith("{")
+
+
+def test_doctor_measures_the_bandwidth_once(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]["read_bandwidth"]
+    assert first["from_cache"] is False
+
+    def fail(threads: int, buffer_bytes: int | None = None) -> None:
+        raise AssertionError("measured instead of reading the cache")
+
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", fail)
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    threads = first["threads"]
+    expected = f"{first['read_bytes_per_s'] / 1e9:.1f} GB/s at {threads} thread{'s' * (threads != 1)} (cached)"
+    assert re.search(r"memory read bandwidth\s*│\s*" + re.escape(expected), result.output)
+    assert json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]["read_bandwidth"] == {
+        **first,
+        "from_cache": True,
+    }
+
+
+def test_doctor_without_room_for_the_bandwidth_probe(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(threads: int, buffer_bytes: int | None = None) -> None:
+        raise MemoryBudgetError("the memory bandwidth probe", 256 * 2**20, "40 MiB available on this host")
+
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", refuse)
+    memory = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]
+    assert memory["read_bandwidth"] is None
+    assert (
+        memory["read_bandwidth_problem"] == "the memory bandwidth probe needs ~256 MiB, 40 MiB available on this host"
+    )
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "memory read bandwidth │ not measured: the memory bandwidth probe needs ~256 MiB" in flat(result.output)
 
 
 def test_bad_setting_exits_with_code_2(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,12 @@ def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "[red]no[/]"
 
 
+def _bandwidth(probe: dict[str, Any] | None, problem: str | None) -> str:
+    from .tiers import BandwidthProbe
+
+    return BandwidthProbe(**probe).describe() if probe else f"not measured: {escape(problem or 'unknown')}"
+
+
 def _print_doctor(data: dict[str, Any]) -> None:
     cpu, mem = data["cpu"], data["memory"]
     host = Table(title="Host", show_header=False)
@@ -44,6 +50,8 @@ def _print_doctor(data: dict[str, Any]) -> None:
     if room:
         used = f"cgroup working set {_gib(room['used_bytes'])}, " if room["used_bytes"] is not None else ""
         host.add_row("memory left", f"{used}[bold]{_gib(room['available_bytes'])}[/] available to build in")
+    if "read_bandwidth" in mem:
+        host.add_row("memory read bandwidth", _bandwidth(mem["read_bandwidth"], mem.get("read_bandwidth_problem")))
     host.add_row("GPUs", ", ".join(g["name"] for g in data["gpus"]) or "none")
     host.add_row("fingerprint", data["fingerprint"][:16] + "…")
     console.print(host)

@@ -1,4 +1,4 @@
-"""The doctor report: host profile, tier, thread budget, candidates and advice, as data."""
+"""The doctor report: host profile, memory bandwidth, tier, thread budget, candidates and advice, as data."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .advice import host_advice
+from .errors import MemoryBudgetError
 from .plugins import availability, candidates, plugin_manager
 from .plugins.manager import plugin_origins
 from .settings import Settings, resolve_settings
 from .threads import ThreadBudget, thread_budget
-from .tiers import HostProfile, TierChoice, host_profile
+from .tiers import BandwidthProbe, HostProfile, TierChoice, host_profile, memory_bandwidth
 
 __all__ = ["DoctorReport", "doctor_report"]
 
@@ -26,6 +27,8 @@ class DoctorReport:
     plugins: list[tuple[str, str]]
     candidates: list[dict[str, Any]]
     advice: list[str]
+    bandwidth: BandwidthProbe | None = None
+    bandwidth_problem: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from .memory import memory_headroom
@@ -33,6 +36,8 @@ class DoctorReport:
         data = self.profile.to_dict()
         room = memory_headroom()
         data["memory"]["headroom"] = {"available_bytes": room.available_bytes, "used_bytes": room.used_bytes}
+        data["memory"]["read_bandwidth"] = self.bandwidth.to_dict() if self.bandwidth else None
+        data["memory"]["read_bandwidth_problem"] = self.bandwidth_problem
         data["tier"] = {
             "name": self.choice.tier.name,
             "reason": self.choice.reason,
@@ -77,4 +82,9 @@ def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
         )
     advice = host_advice(profile, choice.tier, settings, threads)
     pm.hook.uniopt_doctor_advice(profile=profile, tier=choice.tier, settings=settings, add=advice.append)
-    return DoctorReport(profile, choice, settings, threads, plugins, rows, advice)
+    bandwidth, problem = None, None
+    try:
+        bandwidth = memory_bandwidth(threads.intra_op, cache_dir=settings.cache_dir, profile=profile)
+    except MemoryBudgetError as exc:
+        problem = str(exc)
+    return DoctorReport(profile, choice, settings, threads, plugins, rows, advice, bandwidth, problem)
