@@ -93,7 +93,8 @@ def main() -> None:
     floor_ms = int8_frame_bytes(engine) / probe.read_bytes_per_s * 1e3
     base = timings["eager"].p50
     print(
-        f"{profile.cpu.brand}; {threads.intra_op} threads; memory read {probe.read_bytes_per_s / 1e9:.1f} GB/s; "
+        f"{profile.cpu.model} ({', '.join(f for f, on in profile.cpu.flags if on)}); {threads.intra_op} threads;"
+        f" memory read {probe.read_bytes_per_s / 1e9:.1f} GB/s; "
         f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB)"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
