@@ -25,7 +25,7 @@ import torch
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.optimizer.guard import metric_value
 from uniopt.optimizer.timing import measure_interleaved
-from uniopt.plugins.torch_native import TorchDynamicInt8, _cast
+from uniopt.plugins.torch_native import TorchDynamicInt8, _cast, quantize_int8_weights
 
 
 def main() -> None:
@@ -47,6 +47,7 @@ def main() -> None:
         "torch-int8 (projection untied)": int8,
         "torch-int8 (quantize_dynamic alone)": tied_int8,
         "torch-bf16": lambda *args: bf16(*_cast(args, torch.bfloat16)),
+        "torch-int8-weights": quantize_int8_weights(eager),
     }
     stages = {name: functools.partial(run, *inputs) for name, run in candidates.items()}
     with torch.inference_mode():
