@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = (
     "torch-int8",
+    "torch-int8-weights",
     "torch-bf16",
     "onnxruntime-fp32",
     "onnxruntime-int8",

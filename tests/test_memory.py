@@ -192,6 +192,7 @@ def test_each_kind_of_build_step_stays_within_its_estimate(tmp_path: Path) -> No
     model = torch.nn.Sequential(*layers).eval()
     names = (
         "torch-int8",
+        "torch-int8-weights",
         "torch-bf16",
         "onnxruntime-fp32",
         "onnxruntime-int8",
@@ -221,6 +222,6 @@ def test_each_kind_of_build_step_stays_within_its_estimate(tmp_path: Path) -> No
             ran.add(step["step"].rsplit("-", 1)[0] if step["step"].startswith("openvino-compile") else step["step"])
             assert step["peak_bytes"] <= step["estimated_bytes"], (name, step)
     expected = {"torch-int8", "onnxruntime-optimize", "onnxruntime-quantize", "onnxruntime-session"}
-    expected |= {"openvino-convert", "nncf-weights", "nncf-static", "openvino-compile"}
+    expected |= {"torch-int8-weights", "openvino-convert", "nncf-weights", "nncf-static", "openvino-compile"}
     assert expected <= ran, expected - ran
     assert any(s.startswith("onnx-export-") for s in ran)

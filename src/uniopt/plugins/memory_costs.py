@@ -56,8 +56,10 @@ class StepCost:
 #: ORT quantize 4.01; ORT session 0.32 of the file; OpenVINO convert 1.21-1.93; compile 2.10 of the
 #: file in f32 and 1.08 in bf16 here, but 1.92 in bf16 in a 1.5 GiB cgroup (the IR's pages count
 #: there); a bf16 torch copy 0.26 and int8 Linear 0.22 (freed heap reused), but int8 Linear 0.72 on
-#: the TTS decoder (795 MiB; its embeddings are copied and its tied projection untied). A stage's first calls
-#: are estimated from the peak of the eager reference calls (the base of "first-calls").
+#: the TTS decoder (795 MiB; its embeddings are copied and its tied projection untied). Weight-only
+#: int8 Linear 0.23, and 0.61 on the TTS decoder (the same copies; the untied projection is a float
+#: copy until it is quantized). A stage's first calls are estimated from the peak of the eager
+#: reference calls (the base of "first-calls").
 STEP_COSTS: dict[str, StepCost] = {
     "onnx-export-legacy": StepCost(3.5, 96 * MiB, "torch.onnx.export, TorchScript tracer, without autograd"),
     "onnx-export-dynamo": StepCost(3.3, 160 * MiB, "torch.onnx.export(dynamo=True) and program.save"),
@@ -75,6 +77,7 @@ STEP_COSTS: dict[str, StepCost] = {
     "first-calls": StepCost(1.0, 32 * MiB, "validating a stage: its first calls, on the reference calls' peak"),
     "torch-copy": StepCost(0.7, 32 * MiB, "a copy of the module in bf16"),
     "torch-int8": StepCost(0.8, 48 * MiB, "dynamic int8 Linear: non-Linear weights copied, Linear packed"),
+    "torch-int8-weights": StepCost(0.7, 48 * MiB, "weight-only int8 Linear: non-Linear weights copied"),
     "torch-compile": StepCost(2.0, 512 * MiB, "torch.compile and its first call (inductor)"),
 }
 

@@ -1,8 +1,9 @@
-"""Candidates that stay in PyTorch: dynamic int8, bf16 weights, and torch.compile."""
+"""Candidates that stay in PyTorch: dynamic int8, weight-only int8, bf16 weights, and torch.compile."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
@@ -18,7 +19,17 @@ from .candidate import BuildContext, Candidate, Requirements, Stage
 from .hookspecs import hookimpl
 from .memory_costs import memory_step
 
-__all__ = ["DynamicInt8Linear", "Int8Backend", "TorchDynamicInt8", "int8_backend"]
+__all__ = [
+    "INT8_WEIGHT_FLAGS",
+    "DynamicInt8Linear",
+    "Int8Backend",
+    "Int8WeightLinear",
+    "TorchDynamicInt8",
+    "int8_backend",
+    "int8_weight_kernel_missing",
+    "quantize_int8_weights",
+    "quantize_weight_int8",
+]
 
 log = logging.getLogger("uniopt")
 
@@ -169,6 +180,167 @@ def _build_int8(layer_types: set[type[torch.nn.Module]], name: str) -> Any:
     return build
 
 
+#: The ATen op behind :class:`Int8WeightLinear`, by name for the probe (a CPU kernel since torch 2.3).
+_INT8_WEIGHT_OP = "_weight_int8pack_mm"
+#: The instruction sets its CPU kernel is vectorised for (any one); elsewhere it is a scalar loop.
+INT8_WEIGHT_FLAGS: tuple[str, ...] = ("avx512f", "avx2", "neon")
+
+
+def quantize_weight_int8(weight: torch.Tensor, block_elements: int = 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of a ``[out, in]`` weight with one scale per output channel: ``(int8 weight, scales)``.
+
+    Each scale is the channel's largest magnitude over 127, rounded up to a bf16 value (the kernel
+    takes its scales in the activations' dtype), so ``int8 * scale`` is exactly the weight the
+    kernel multiplies by and no value is clipped. An all-zero channel gets scale 1. Rows are
+    converted about ``block_elements`` values at a time, so the float temporaries stay small next
+    to a large projection.
+    """
+    weight = weight.detach()
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=Int8WeightLinear.COMPUTE_DTYPE, device=weight.device)
+    rows = max(1, block_elements // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows].float()
+        ideal = torch.linalg.vector_norm(block, ord=float("inf"), dim=1) / 127
+        ideal = torch.where(ideal > 0, ideal, torch.ones_like(ideal))
+        scale = ideal.to(scales.dtype)
+        scale = torch.where(scale.float() < ideal, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        scales[start : start + rows] = scale
+        quantized[start : start + rows] = torch.div(block, scale.float()[:, None]).round_().clamp_(-127, 127)
+    return quantized, scales
+
+
+class Int8WeightLinear(torch.nn.Module):
+    """A Linear holding int8 weights (one scale per output channel) that computes with float activations.
+
+    ``torch.ops.aten._weight_int8pack_mm`` reads the int8 weight and scales each product as it
+    accumulates in float32. On x86 its CPU kernel is vectorised (AVX-512, AVX2) for bf16
+    activations only; for float32 it runs a scalar loop several times slower than the FP32 layer.
+    So activations go in as bf16 and the result (rounded to bf16 by the kernel) comes back in the
+    input's dtype, with the bias added there: only the layer's input and output are rounded, the
+    rest of the model (norms, attention, residual sums, caches) stays in float32.
+
+    The vectorised kernel reads the activations with aligned loads in blocks of 16 along the input
+    dimension, so ``in_features`` must be a multiple of :attr:`IN_FEATURES_MULTIPLE` (see
+    :meth:`takes`) and the activations are always copied into a fresh contiguous bf16 buffer.
+    """
+
+    #: The dtype the kernel computes in, and its scales' dtype.
+    COMPUTE_DTYPE = torch.bfloat16
+    #: The input dimension the vectorised kernel steps through (16 bf16 values per AVX-512 load).
+    IN_FEATURES_MULTIPLE = 16
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def takes(cls, layer: torch.nn.Module) -> bool:
+        """Whether ``layer`` is a plain ``nn.Linear`` this kernel can compute."""
+        return type(layer) is torch.nn.Linear and layer.in_features % cls.IN_FEATURES_MULTIPLE == 0
+
+    @classmethod
+    def from_linear(
+        cls, layer: torch.nn.Module, quantized: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> Int8WeightLinear:
+        """The int8 layer for ``layer``; ``quantized`` holds the weights done already (a shared one is done once)."""
+        assert isinstance(layer, torch.nn.Linear)
+        key = id(layer.weight)
+        if key not in quantized:
+            quantized[key] = quantize_weight_int8(layer.weight)
+        weight, scales = quantized[key]
+        return cls(weight, scales, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(
+            dtype=self.COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
+        )
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight this layer multiplies by."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=int8, activations={str(self.COMPUTE_DTYPE).removeprefix('torch.')}"
+        )
+
+
+@functools.cache
+def int8_weight_kernel_missing() -> str | None:
+    """None when this torch has a working CPU kernel for :class:`Int8WeightLinear`, else why not.
+
+    Probed once per process with a tiny product whose answer is known.
+    """
+    dtype = Int8WeightLinear.COMPUTE_DTYPE
+    x = torch.linspace(-2, 2, 64).reshape(2, 32).to(dtype)
+    weight = torch.arange(-64, 64).reshape(4, 32).to(torch.int8)
+    scales = torch.tensor([0.5, 0.25, 1.0, 2.0], dtype=dtype)
+    try:
+        got = getattr(torch.ops.aten, _INT8_WEIGHT_OP)(x, weight, scales)
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"torch {torch.__version__} has no CPU kernel aten.{_INT8_WEIGHT_OP} for {dtype} ({first})"
+    expected = x.float() @ (weight.float() * scales.float()[:, None]).t()
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2):
+        return f"aten.{_INT8_WEIGHT_OP} gives wrong results on torch {torch.__version__}"
+    return None
+
+
+def quantize_int8_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A lean copy of ``module`` in which each Linear the kernel takes is an :class:`Int8WeightLinear`.
+
+    So is each projection that offers ``to_linear()`` (an output projection tied to an embedding:
+    the copy's embedding stays float for its lookups). A shared weight is quantized once and
+    stays shared. The copy shares the weights about to be quantized with ``module``, which is
+    left as it was. Raises :class:`NotApplicable` when there is nothing to quantize.
+    """
+    unfit = f"no nn.Linear with in_features a multiple of {Int8WeightLinear.IN_FEATURES_MULTIPLE} to quantize"
+    layers = [m for m in module.modules() if Int8WeightLinear.takes(m)]
+    if not layers and not any(callable(getattr(m, "to_linear", None)) for m in module.modules()):
+        raise NotApplicable(unfit)
+    quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replace(layer: torch.nn.Module) -> torch.nn.Module | None:
+        to_linear = getattr(layer, "to_linear", None)
+        linear = to_linear() if callable(to_linear) else layer
+        # a Linear the kernel cannot take stays as it was (a tied projection stays tied)
+        return Int8WeightLinear.from_linear(linear, quantized) if Int8WeightLinear.takes(linear) else None
+
+    work = _replace_modules(lean_copy(module, {id(p): p for m in layers for p in m.parameters()}), replace)
+    if not quantized:
+        raise NotApplicable(unfit)
+    return work.eval()
+
+
+def _build_int8_weights(component: Any, context: BuildContext) -> Stage:
+    missing = int8_weight_kernel_missing()
+    if missing:
+        raise NotApplicable(missing)
+    with memory_step("torch-int8-weights", component, context):
+        work = quantize_int8_weights(component.module)
+    kept = [
+        f"{name or 'module'} ({type(m).__name__})"
+        for name, m in work.named_modules()
+        if type(m) is torch.nn.Linear or callable(getattr(m, "to_linear", None))
+    ]
+    layers = sum(isinstance(m, Int8WeightLinear) for m in work.modules())
+    info = {"int8_layers": layers, "kept_float": kept, "activations": str(Int8WeightLinear.COMPUTE_DTYPE)}
+    return Stage("torch-int8-weights", work, info)
+
+
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors of one or more dimensions to ``dtype``; 0-d tensors are controls and stay as they are.
 
@@ -239,6 +411,20 @@ def uniopt_register_candidates(register: Any) -> None:
             "dynamic int8 Linear, LSTM and GRU layers",
             _build_int8({torch.nn.Linear, *_RNN_TYPES}, "torch-int8-rnn"),
             Requirements(packages=("torch",), precision="int8", setting="use_model_quantization"),
+        )
+    )
+    register(
+        Candidate(
+            "torch-int8-weights",
+            "torch_native",
+            "int8 Linear weights, one scale per output channel, bf16 activations (aten._weight_int8pack_mm)",
+            _build_int8_weights,
+            Requirements(
+                packages=("torch",),
+                cpu_flags_any=INT8_WEIGHT_FLAGS,
+                precision="int8",
+                setting="use_model_quantization",
+            ),
         )
     )
     register(
