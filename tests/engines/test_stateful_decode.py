@@ -47,14 +47,25 @@ class TorchSteps:
 
 
 @pytest.fixture(scope="module")
+def engine() -> FishSpeechEngine:
+    return FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=6), seed=3)
+
+
+@pytest.fixture(scope="module")
 def long_engine() -> FishSpeechEngine:
     """72 decode steps a call: the caches are checked over more than 64 steps."""
     return FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=72), seed=3)
 
 
-def _context(tmp_path: Path, **settings: object) -> tuple[BuildContext, dict]:
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the tests that build stages directly: each step model is converted once."""
+    return tmp_path_factory.mktemp("stateful-cache")
+
+
+def _context(cache: Path, **settings: object) -> tuple[BuildContext, dict]:
     profile = host_profile()
-    resolved, tier = resolve_settings({"cache_dir": str(tmp_path / "cache"), **settings}, profile)
+    resolved, tier = resolve_settings({"cache_dir": str(cache), **settings}, profile)
     threads = thread_budget(profile.usable_cpus, resolved.threads)
     context = BuildContext(resolved, profile, tier.tier, threads, cache=ArtifactCache(resolved.cache_dir))
     pm = plugin_manager(resolved.plugins)
@@ -73,23 +84,23 @@ def _decoder(engine: FishSpeechEngine) -> Component:
     return engine.uniopt_components()[0]
 
 
-def test_step_graphs_compute_what_the_model_computes(long_engine: FishSpeechEngine) -> None:
-    steps = decode_steps(long_engine.decoder)
+def test_step_graphs_compute_what_the_model_computes(engine: FishSpeechEngine) -> None:
+    steps = decode_steps(engine.decoder)
     loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
-    component = _decoder(long_engine)
+    component = _decoder(engine)
     with torch.inference_mode():
-        reference = long_engine.decoder(*component.example_inputs)
+        reference = engine.decoder(*component.example_inputs)
         assert torch.equal(loop(*component.example_inputs), reference)
         sampled = component.calibration_inputs[0]  # temperature 0.7: the sampling path
-        assert torch.equal(loop(*sampled), long_engine.decoder(*sampled))
+        assert torch.equal(loop(*sampled), engine.decoder(*sampled))
         forced = component.teacher_forcing(component.example_inputs, reference)
-        for ours, theirs in zip(loop(*forced), long_engine.decoder(*forced), strict=True):
+        for ours, theirs in zip(loop(*forced), engine.decoder(*forced), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
+def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, built_cache: Path) -> None:
     component = _decoder(long_engine)
-    context, plugins = _context(tmp_path)
+    context, plugins = _context(built_cache)
     stage = _build("openvino-stateful-f32", component, context, plugins)
     with torch.inference_mode():
         reference = long_engine.decoder(*component.example_inputs)
@@ -105,11 +116,11 @@ def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpee
     assert stage.info["precision_hint"] == "fp32" and stage.info["weights"] == "float"
 
 
-def test_a_step_that_does_not_continue_the_sequence_is_refused(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
+def test_a_step_that_does_not_continue_the_sequence_is_refused(engine: FishSpeechEngine, built_cache: Path) -> None:
     import openvino as ov
 
-    component = _decoder(long_engine)
-    context, plugins = _context(tmp_path)
+    component = _decoder(engine)
+    context, plugins = _context(built_cache)
     _build("openvino-stateful-f32", component, context, plugins)
     graph = component.decode_steps.graph("fast")
     entry = next(e for e in context.cache.entries() if e.kind == "openvino-stateful" and e.description["graph"] == "fast")
@@ -124,7 +135,7 @@ def test_a_step_that_does_not_continue_the_sequence_is_refused(long_engine: Fish
     with pytest.raises(StepOrderError, match="past the caches' end"):
         runner(x, torch.tensor([graph.max_positions]))
     (logits,) = runner(x, torch.tensor([0]))  # position 0 always starts over
-    assert logits.shape == (1, 1, long_engine.config.model.codebook_size)
+    assert logits.shape == (1, 1, engine.config.model.codebook_size)
 
 
 class _Failing:
@@ -132,14 +143,14 @@ class _Failing:
         raise RuntimeError("Exception from src/plugins/intel_cpu: injected")
 
 
-def test_a_failing_step_runs_the_call_eager_counted_or_raises(long_engine: FishSpeechEngine, tmp_path: Path) -> None:
-    component = _decoder(long_engine)
-    context, plugins = _context(tmp_path)
+def test_a_failing_step_runs_the_call_eager_counted_or_raises(engine: FishSpeechEngine, built_cache: Path) -> None:
+    component = _decoder(engine)
+    context, plugins = _context(built_cache)
     stage = _build("openvino-stateful-f32", component, context, plugins)
     decode = stage.run
     decode._loop.model._fast = _Failing()
     with torch.inference_mode():
-        reference = long_engine.decoder(*component.example_inputs)
+        reference = engine.decoder(*component.example_inputs)
         assert torch.equal(stage(*component.example_inputs), reference)
         assert decode.fallbacks.calls == 1 and "injected" in decode.fallbacks.last_reason
         with decode.strict(), pytest.raises(OptimizationError, match="backend error"):
@@ -147,7 +158,7 @@ def test_a_failing_step_runs_the_call_eager_counted_or_raises(long_engine: FishS
         # The engine's own input checks reach the caller as they do from eager.
         with pytest.raises(InputError, match="prompt must be a long tensor"):
             stage(component.example_inputs[0].float(), *component.example_inputs[1:])
-    strict_context, _ = _context(tmp_path, fallback_on_optimization_error=False)
+    strict_context, _ = _context(built_cache, fallback_on_optimization_error=False)
     model_cache.clear()
     no_fallback = _build("openvino-stateful-f32", component, strict_context, plugins).run
     no_fallback._loop.model._fast = _Failing()
@@ -196,10 +207,15 @@ def test_two_engines_with_equal_weights_keep_their_own_states(tmp_path: Path) ->
         expected = engines[0].decoder.__class__.forward(engines[0].decoder, prompt, *params)
         assert torch.equal(engines[0].decoder(prompt, *params), expected)
         assert torch.equal(engines[1].decoder(prompt, *params), expected)
+    # Wrapping an engine again takes over from the first installation; the loop never calls itself.
+    again = UniversalOptimizer(engines[0], allow=["openvino-stateful-f32"], cache_dir=str(tmp_path), min_speedup=0.01)
+    with torch.inference_mode():
+        assert torch.equal(engines[0].decoder(prompt, *params), expected)
+    assert again.get_performance_info()["components"]["decoder"]["eager_calls"] == 0
 
 
 # -- the fish_speech package ------------------------------------------------------------------------------------
-def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(tmp_path: Path) -> None:
+def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(built_cache: Path) -> None:
     llama = pytest.importorskip(
         "fish_speech.models.text2semantic.llama",
         reason="pip install --no-deps fish-speech==0.1.0 einops loguru loralib tiktoken",
@@ -235,7 +251,7 @@ def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(tmp_path: Path) 
         reference = adapter.decoder(prompt)
         loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
         assert torch.equal(loop(prompt), reference)
-    context, plugins = _context(tmp_path)
+    context, plugins = _context(built_cache)
     stage = _build("openvino-stateful-f32", decoder, context, plugins)
     with torch.inference_mode():
         forced = decoder.teacher_forcing((prompt,), reference)

@@ -68,7 +68,7 @@ class TierChoice:
 # Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
 # A decoder with declared decode steps runs them as stateful OpenVINO models; others skip those.
-_DECODER_CPU = ("openvino-stateful-int8", "torch-int8", "torch-bf16", "eager")
+_DECODER_CPU = ("openvino-stateful-int8", "torch-int8", "torch-int8-weights", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 # A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
 # candidates, which build without one (a bf16 copy, int8 Linear layers), come before ONNX Runtime.

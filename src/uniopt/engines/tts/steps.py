@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...optimizer.install import shallow_copy
+from ...optimizer.install import twin
 from ...optimizer.steps import DecodeSteps, StepGraph, StepRunner, past_names, present_names
 from .layers import apply_rope
 
@@ -210,14 +210,14 @@ def dual_ar_decode_steps(
 ) -> DecodeSteps:
     """:class:`DecodeSteps` for a decode loop module that calls ``generator.model``'s cached steps.
 
-    The installed loop is a copy of ``generator`` (sharing its weights and buffers) whose ``model``
-    is a :class:`StepModel` over the runners.
+    The installed loop is a :func:`~uniopt.optimizer.install.twin` of ``generator`` (its weights and
+    buffers, its class's forward) whose ``model`` is a :class:`StepModel` over the runners.
     """
     slow, fast = _graphs(parts, parts.num_codebooks + 1)
 
     def install(runners: Mapping[str, StepRunner]) -> nn.Module:
         extra = {} if wrap_slow is None else {"wrap_slow": wrap_slow}
-        loop = shallow_copy(generator)
+        loop = twin(generator)  # never the forward an installation put on the engine's module
         loop.__dict__["_modules"] = {
             **generator._modules,
             "model": StepModel(parts.model, runners["slow"], runners["fast"], **extra),
