@@ -663,6 +663,20 @@ def test_openvino_static_int8_uses_half_the_range_where_int8_saturates(
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == widest
 
 
+def test_openvino_static_int8_is_keyed_by_its_calibration_data() -> None:
+    from uniopt.plugins.openvino_backend import _ir_key
+
+    torch.manual_seed(5)
+    model, x = ConvThenLinear().eval(), torch.randn(1, 4, 64)
+    one = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    other = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    assert one.key() == other.key(), "the same module and input signature: one export"
+    for variant in ("int8-static", "int8-matmul"):
+        assert _ir_key(one, "export", variant, False) != _ir_key(other, "export", variant, False)
+    for variant in ("plain", "int8-weights"):  # data-free: one IR for both
+        assert _ir_key(one, "export", variant, False) == _ir_key(other, "export", variant, False)
+
+
 # -- allow and missing backends --------------------------------------------------------------------
 def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
     model, x = mlp2d

@@ -84,11 +84,25 @@ def _nncf_int8(model: Any, component: Any, variant: str, half_range: bool) -> An
     return nncf.quantize(model, dataset, subset_size=len(samples), advanced_parameters=advanced)
 
 
+def _ir_key(component: Any, export_key: str, variant: str, half_range: bool) -> str:
+    """The cache key of an IR: its export, variant, versions, and for static int8 the calibration data."""
+    from ..cache import cache_key, library_versions
+
+    calibrated = variant in ("int8-static", "int8-matmul")
+    return cache_key(
+        {
+            "artifact": f"openvino-{variant}",
+            "export": export_key,
+            "versions": library_versions(),
+            "half_range": half_range,
+            "calibration": component.calibration_key() if calibrated else None,
+        }
+    )
+
+
 def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> tuple[Path, bool, Any]:
     """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached."""
     import openvino as ov
-
-    from ..cache import cache_key, library_versions
 
     export = exported_onnx(component, context, loaded)
     half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
@@ -106,14 +120,7 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
             ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"variant": variant, "half_range": half_range}
 
-    key = cache_key(
-        {
-            "artifact": f"openvino-{variant}",
-            "export": export.key,
-            "versions": library_versions(),
-            "half_range": half_range,
-        }
-    )
+    key = _ir_key(component, export.key, variant, half_range)
     entry, built = context.cache.get_or_build(
         key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
     )
