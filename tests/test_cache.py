@@ -545,6 +545,22 @@ def test_invalid_leftover_at_destination_is_replaced(tmp_path: Path) -> None:
     assert hit is not None and hit.files == entry.files and hit.created == entry.created
 
 
+def test_an_entry_in_use_is_not_evicted_or_cleared(tmp_path: Path) -> None:
+    cache, other = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
+    for key in ("a", "b"):
+        build_entry(cache, key)
+    with cache.pinned():
+        assert cache.get("a") is not None
+        with cache.pinned():  # nested: the outer block holds
+            cache.get("b")
+        assert other.evict(0) == [] and other.clear() == 0
+    assert sorted(other.evict(0)) == ["a", "b"]
+    with cache.pinned():
+        entry, built = build_entry(cache, "c")  # built inside the block: held as well
+        assert built and other.evict(0) == [] and entry.path.exists()
+    assert other.clear() == 1
+
+
 # -- several processes ----------------------------------------------------------------------------
 
 
@@ -590,3 +606,34 @@ def test_killed_builder_leaves_no_entry_and_rebuild_succeeds(tmp_path: Path) -> 
     assert built and entry.valid and cache.get("k1") is not None
     assert os.listdir(root / "tmp") == [leftover]  # too young to be stale: ignored
 
+
+def test_eviction_in_another_process_never_deletes_an_entry_being_read(tmp_path: Path) -> None:
+    root, release = tmp_path / "cache", tmp_path / "release"
+    cache = ArtifactCache(root)
+    for key in ("read", "idle"):
+        entry, _ = cache.get_or_build(key, writer(b"x" * 100, name="artifact.txt"), kind="test", description={})
+    reader = subprocess.Popen(
+        [sys.executable, str(WORKER), "hold", str(root), "read", str(release)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "holding", reader.stderr
+        evictor = subprocess.run(
+            [sys.executable, str(WORKER), "evict", str(root), "0"],
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert evictor.returncode == 0, evictor.stderr
+        assert evictor.stdout.strip() == "idle", "only the entry nobody reads is evicted"
+        assert cache.get("read") is not None
+    finally:
+        release.touch()
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert out.strip() == "x" * 100, "the reader read the whole entry"
+    assert ArtifactCache(root).evict(0) == ["read"], "once released, it can be evicted"

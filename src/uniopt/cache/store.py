@@ -1,10 +1,16 @@
 """On-disk artifact cache: atomic entries, per-key file locks, validation and LRU eviction.
 
 Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``),
-``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and
-``locks/<key>.lock``. A finished temporary directory is renamed into ``entries/``, so readers see a
-whole entry or none. An entry with a missing or corrupt manifest, or a missing or resized file, is
-a miss: it is deleted and rebuilt, with one warning per key and process.
+``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and ``locks/``
+(``<key>.lock`` for building, ``<key>.use`` for readers). A finished
+temporary directory is renamed into ``entries/``, so readers see a whole entry or none. An entry
+with a missing or corrupt manifest, or a missing or resized file, is a miss: it is deleted and
+rebuilt, with one warning per key and process.
+
+Entries in use: inside :meth:`ArtifactCache.pinned`, every entry a thread gets is held with a shared
+``flock`` on its ``<key>.use`` file until the block ends. Eviction and :meth:`ArtifactCache.clear`
+take that lock exclusively without waiting, and pass over an entry they cannot lock: an entry
+another thread or process is reading is never deleted under it (POSIX; elsewhere nothing is held).
 
 A cache may sit on a read-only *bundle*: a cache directory prepared on another machine
 (``optimize prepare``). Its valid entries are found first and are never written, touched or
@@ -23,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -33,6 +39,11 @@ from filelock import FileLock, Timeout
 from uniopt.cache.files import fsync_path, is_unwritable, pid_alive, remove_path, sha256_file, tree_stat, unique_path
 from uniopt.cache.keys import jsonable
 from uniopt.errors import CacheError
+
+try:
+    import fcntl
+except ImportError:  # Windows: entries in use are not protected from eviction
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ArtifactCache", "CacheEntry", "default_cache_dir"]
 
@@ -135,6 +146,7 @@ class ArtifactCache:
         if self.bundle is not None and not (self.bundle / "entries").is_dir():
             raise CacheError(f"{str(self.bundle)!r} is not a uniopt cache bundle (no entries/ folder)")
         self._passed_over: set[str] = set()
+        self._pins = threading.local()
         self.persistent = True
         try:
             self._open(self.root)
@@ -185,6 +197,7 @@ class ArtifactCache:
         if bundled is not None:
             return bundled
         path = self.path_for(key)
+        self._pin(key)
         entry = self._inspect(key, path)
         if entry is None:
             return None
@@ -276,23 +289,91 @@ class ArtifactCache:
         return entry
 
     def clear(self) -> int:
-        """Delete every entry and stale temporary; return the number of entries deleted."""
+        """Delete every entry not in use and stale temporaries; return the number of entries deleted."""
         removed = 0
         for name in os.listdir(self._entries):
-            removed += self._discard(name, self._entries / name, only_if_invalid=False)
+            if not _KEY_RE.fullmatch(name):
+                continue
+            with self._unused(name) as free:
+                removed += free and self._discard(name, self._entries / name, only_if_invalid=False)
         self._remove_stale_temporaries()
         return removed
 
     def evict(self, max_bytes: int | None = None) -> list[str]:
         """Delete entries, invalid then least recently used, until the total fits; return their keys.
 
-        ``max_bytes`` defaults to the cache's own limit; with neither, nothing is deleted.
+        ``max_bytes`` defaults to the cache's own limit; with neither, nothing is deleted. Entries
+        in use (see :meth:`pinned`) are passed over.
         """
         return self._evict(self.max_bytes if max_bytes is None else max_bytes, keep=None)
 
     def total_bytes(self) -> int:
         """Return the size of all entries in bytes (temporaries are not counted)."""
         return sum(e.size_bytes for e in self.entries())
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Hold every entry this thread gets (``get``, ``get_or_build``) until the block ends.
+
+        An entry held this way is never deleted by eviction or :meth:`clear`, in this process or
+        another; it may still be removed explicitly (:meth:`remove`, a corrupt entry). Blocks nest;
+        the outermost releases. Holding costs one open file per entry.
+        """
+        if getattr(self._pins, "held", None) is not None:
+            yield
+            return
+        held: dict[str, int] = {}
+        self._pins.held = held
+        try:
+            yield
+        finally:
+            self._pins.held = None
+            for fd in held.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # closing the file releases its lock
+
+    def _pin(self, key: str) -> None:
+        """Inside :meth:`pinned`: take a shared lock on ``key``'s ``.use`` file (best effort)."""
+        held = getattr(self._pins, "held", None)
+        if held is None or key in held or fcntl is None:
+            return
+        try:
+            fd = os.open(self._locks / f"{key}.use", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # eviction holds it exclusively only while it deletes the entry
+        except OSError:
+            os.close(fd)
+            return
+        held[key] = fd
+
+    @contextlib.contextmanager
+    def _unused(self, key: str) -> Iterator[bool]:
+        """Lock ``key``'s ``.use`` file exclusively for the block, without waiting; False if it is in use.
+
+        Without ``flock`` (Windows, a file system that refuses it) the entry counts as unused:
+        correctness does not depend on this lock, only the protection of readers does.
+        """
+        fd = None
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fd = os.open(self._locks / f"{key}.use", os.O_RDWR | os.O_CREAT, 0o666)
+        if fd is None:
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.debug("cache entry %s is in use; it is not deleted", key)
+                yield False
+                return
+            except OSError:
+                pass
+            yield True
+        finally:
+            os.close(fd)
 
     def _inspect(self, key: str, path: Path) -> CacheEntry | None:
         """Read an entry, checking its manifest and file sizes; None if nothing is there."""
@@ -420,7 +501,11 @@ class ArtifactCache:
         for e in sorted(entries, key=lambda e: (e.problem is None, e.last_used)):
             if total <= limit:
                 break
-            if e.key != keep:
+            if e.key == keep:
+                continue
+            with self._unused(e.key) as free:
+                if not free:
+                    continue
                 if self._discard(e.key, e.path, only_if_invalid=e.problem is not None):
                     removed.append(e.key)
                 total -= e.size_bytes

@@ -8,7 +8,8 @@ are alive at a time. The best is kept if it beats eager by ``min_speedup``; othe
 Every candidate's peak and resident memory are measured; a build step that would not fit the
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
 artifact cache, keyed by host fingerprint, component and settings, so the next process applies it
-without timing anything.
+without timing anything. Cache entries are held (``ArtifactCache.pinned``) while a stage is built
+from them, so eviction in another process cannot delete them under the build.
 """
 
 from __future__ import annotations
@@ -167,12 +168,27 @@ class _Selector:
             release_memory()
         return stage
 
+    def _build(self, cand: Candidate) -> Stage | BuildFailure:
+        """Build ``cand``, holding the cache entries it reads until it is built; then trim the cache.
+
+        Trimming after the build counts what the build's runtimes wrote into its entries (compiled
+        blobs); the entries still held are passed over.
+        """
+        cache, key = self.context.cache, stage_key(cand, self.component, self.context)
+
+        def build() -> Any:
+            return self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context)
+
+        if cache is None:
+            return model_cache.get_or_build(key, build)
+        with cache.pinned():
+            built = model_cache.get_or_build(key, build)
+            cache.evict()
+        return built
+
     def _build_and_check(self, cand: Candidate) -> Stage | None:
         started = time.perf_counter()
-        built = model_cache.get_or_build(
-            stage_key(cand, self.component, self.context),
-            lambda: self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context),
-        )
+        built = self._build(cand)
         build_seconds = time.perf_counter() - started
         if isinstance(built, BuildFailure):
             if isinstance(built.error, MemoryBudgetError):
@@ -360,14 +376,18 @@ def _progress(total: int, label: str) -> Iterator[Any]:
 def _load_decision(context: BuildContext, key: str) -> dict[str, Any] | None:
     if context.cache is None:
         return None
-    entry = context.cache.get(key)
-    if entry is None:
-        return None
-    try:
-        return json.loads((entry.path / "decision.json").read_text())
-    except (OSError, ValueError):
+    with context.cache.pinned():
+        entry = context.cache.get(key)
+        if entry is None:
+            return None
+        try:
+            decision = json.loads((entry.path / "decision.json").read_text())
+        except (OSError, ValueError):
+            decision = None
+    if not isinstance(decision, dict):
         context.cache.remove(key)
         return None
+    return decision
 
 
 def _store_decision(context: BuildContext, key: str, component: Component, report: ComponentReport) -> None:
