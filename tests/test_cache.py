@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 import uniopt
 import uniopt.cache
@@ -559,6 +559,17 @@ def test_an_entry_in_use_is_not_evicted_or_cleared(tmp_path: Path) -> None:
         entry, built = build_entry(cache, "c")  # built inside the block: held as well
         assert built and other.evict(0) == [] and entry.path.exists()
     assert other.clear() == 1
+
+
+def test_lock_names_a_key_and_a_purpose(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    with cache.lock("k1.decide", timeout=1):
+        assert (tmp_path / "locks" / "k1.decide.lock").exists()
+        with pytest.raises(Timeout):
+            ArtifactCache(tmp_path).lock("k1.decide", timeout=0.05).acquire()
+    for bad in ("k1", "k1.Bad", "../k1.decide"):
+        with pytest.raises(ValueError):
+            cache.lock(bad, timeout=1)
 
 
 # -- several processes ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``),
 ``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and ``locks/``
-(``<key>.lock`` for building, ``<key>.use`` for readers). A finished
+(``<key>.lock`` for building, ``<key>.use`` for readers, ``<key>.<purpose>.lock`` for
+:meth:`ArtifactCache.lock`). A finished
 temporary directory is renamed into ``entries/``, so readers see a whole entry or none. An entry
 with a missing or corrupt manifest, or a missing or resized file, is a miss: it is deleted and
 rebuilt, with one warning per key and process.
@@ -331,6 +332,17 @@ class ArtifactCache:
             for fd in held.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)  # closing the file releases its lock
+
+    def lock(self, name: str, timeout: float) -> FileLock:
+        """An inter-process lock on ``name`` (``<key>.<purpose>``), for work outside a build.
+
+        Used as ``with cache.lock(...)``; raises :class:`filelock.Timeout` after ``timeout`` seconds.
+        """
+        key, _, purpose = name.partition(".")
+        self.path_for(key)  # checks the key
+        if not re.fullmatch(r"[a-z]{1,32}", purpose):
+            raise ValueError(f"invalid lock purpose {purpose!r} in {name!r}: use lower-case letters")
+        return FileLock(self._locks / f"{key}.{purpose}.lock", timeout=timeout)
 
     def _pin(self, key: str) -> None:
         """Inside :meth:`pinned`: take a shared lock on ``key``'s ``.use`` file (best effort)."""
