@@ -545,6 +545,45 @@ def test_invalid_leftover_at_destination_is_replaced(tmp_path: Path) -> None:
     assert hit is not None and hit.files == entry.files and hit.created == entry.created
 
 
+def test_runtime_files_count_towards_the_entry_and_go_with_it(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    entry, _ = build_entry(cache, "k1")
+    folder = cache.runtime_dir(entry.path)
+    assert folder == entry.path / "runtime" and folder.is_dir()
+    (folder / "compiled.blob").write_bytes(b"b" * 5000)
+    (found,) = cache.entries()
+    assert found.size_bytes == entry.size_bytes + 5000 and found.valid
+    assert cache.verify_entry("k1") is None, "runtime files are not part of the manifest's check"
+    cache.remove("k1")
+    rebuilt, built = build_entry(cache, "k1")
+    assert built and rebuilt.path == entry.path and not (rebuilt.path / "runtime").exists()
+    (cache.runtime_dir(rebuilt.path) / "compiled.blob").write_bytes(b"b" * 5000)
+    assert cache.evict(rebuilt.size_bytes + 100) == ["k1"], "the runtime files push it over the limit"
+    assert cache.runtime_dir(tmp_path / "elsewhere" / "k1") is None
+
+    def reserved(tmpdir: Path) -> None:
+        (tmpdir / "runtime").mkdir()
+        (tmpdir / "runtime" / "x").write_bytes(b"x")
+
+    with pytest.raises(ValueError, match="reserved"):
+        cache.get_or_build("k2", reserved, kind="onnx", description={})
+
+
+def test_runtime_files_of_a_bundle_entry_go_to_a_companion_entry(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    build_entry(ArtifactCache(bundle), "k1")
+    before = sorted(str(p) for p in bundle.rglob("*"))
+    cache = ArtifactCache(tmp_path / "cache", bundle=bundle)
+    entry = cache.get("k1")
+    assert entry is not None and entry.path.parent == bundle / "entries"
+    folder = cache.runtime_dir(entry.path)
+    assert folder is not None and (tmp_path / "cache" / "entries") in folder.parents
+    assert cache.runtime_dir(entry.path) == folder
+    (folder / "compiled.blob").write_bytes(b"b" * 10)
+    assert [e.kind for e in cache.entries()] == ["runtime"]
+    assert sorted(str(p) for p in bundle.rglob("*")) == before, "the bundle was written"
+
+
 def test_an_entry_in_use_is_not_evicted_or_cleared(tmp_path: Path) -> None:
     cache, other = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
     for key in ("a", "b"):
@@ -570,6 +609,14 @@ def test_lock_names_a_key_and_a_purpose(tmp_path: Path) -> None:
     for bad in ("k1", "k1.Bad", "../k1.decide"):
         with pytest.raises(ValueError):
             cache.lock(bad, timeout=1)
+
+
+def test_clear_removes_the_old_openvino_folder(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    (tmp_path / "openvino").mkdir()
+    (tmp_path / "openvino" / "123.blob").write_bytes(b"old")
+    cache.clear()
+    assert not (tmp_path / "openvino").exists()
 
 
 # -- several processes ----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """On-disk artifact cache: atomic entries, per-key file locks, validation and LRU eviction.
 
-Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``),
-``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and ``locks/``
-(``<key>.lock`` for building, ``<key>.use`` for readers, ``<key>.<purpose>.lock`` for
-:meth:`ArtifactCache.lock`). A finished
+Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``, and a
+``runtime/`` folder for files a runtime adds later), ``tmp/<key>.<pid>.<thread>.<random>``
+(builds in progress, entries being deleted) and ``locks/`` (``<key>.lock`` for building,
+``<key>.use`` for readers, ``<key>.<purpose>.lock`` for :meth:`ArtifactCache.lock`). A finished
 temporary directory is renamed into ``entries/``, so readers see a whole entry or none. An entry
 with a missing or corrupt manifest, or a missing or resized file, is a miss: it is deleted and
 rebuilt, with one warning per key and process.
@@ -12,6 +12,11 @@ Entries in use: inside :meth:`ArtifactCache.pinned`, every entry a thread gets i
 ``flock`` on its ``<key>.use`` file until the block ends. Eviction and :meth:`ArtifactCache.clear`
 take that lock exclusively without waiting, and pass over an entry they cannot lock: an entry
 another thread or process is reading is never deleted under it (POSIX; elsewhere nothing is held).
+
+``runtime/`` holds what a runtime writes after the entry is published (OpenVINO's compiled blobs
+for the entry's IR, :meth:`ArtifactCache.runtime_dir`). It is not in the manifest and not checked
+by ``verify``, but it counts towards the entry's size, and goes with the entry when the entry is
+evicted, removed, cleared or rebuilt.
 
 A cache may sit on a read-only *bundle*: a cache directory prepared on another machine
 (``optimize prepare``). Its valid entries are found first and are never written, touched or
@@ -38,7 +43,7 @@ from typing import Any, ClassVar
 from filelock import FileLock, Timeout
 
 from uniopt.cache.files import fsync_path, is_unwritable, pid_alive, remove_path, sha256_file, tree_stat, unique_path
-from uniopt.cache.keys import jsonable
+from uniopt.cache.keys import cache_key, jsonable
 from uniopt.errors import CacheError
 
 try:
@@ -52,6 +57,9 @@ logger = logging.getLogger("uniopt.cache")
 
 MANIFEST = "manifest.json"
 LAST_USED = ".last_used"
+RUNTIME = "runtime"
+#: Folders that earlier versions kept outside the entries; ``clear`` deletes them.
+_LEGACY_DIRS = ("openvino",)
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -95,7 +103,7 @@ def _scan(tmp: Path) -> dict[str, dict[str, Any]]:
         for name in sorted(names):
             full = Path(dirpath) / name
             rel = full.relative_to(tmp).as_posix()
-            if rel in (MANIFEST, LAST_USED) or full.is_symlink():
+            if rel in (MANIFEST, LAST_USED) or rel.split("/")[0] == RUNTIME or full.is_symlink():
                 raise ValueError(f"a cache build wrote a reserved name or a symlink: {rel!r}")
             files[rel] = {"size": full.stat().st_size, "sha256": sha256_file(full)}
             fsync_path(full)
@@ -111,7 +119,8 @@ def _check_manifest(m: Any, key: str, schema: int) -> str | None:
         return "manifest.json lacks description, extra or files"
     for rel, info in m["files"].items():
         parts = PurePosixPath(rel).parts
-        bad_name = not parts or rel.startswith("/") or ".." in parts or rel in (MANIFEST, LAST_USED)
+        reserved = rel in (MANIFEST, LAST_USED) or (bool(parts) and parts[0] == RUNTIME)
+        bad_name = not parts or rel.startswith("/") or ".." in parts or reserved
         if bad_name or not isinstance(info, dict) or not isinstance(info.get("size"), int):
             return f"manifest.json has a bad record for {rel!r}"
     return None
@@ -297,6 +306,8 @@ class ArtifactCache:
                 continue
             with self._unused(name) as free:
                 removed += free and self._discard(name, self._entries / name, only_if_invalid=False)
+        for name in _LEGACY_DIRS:
+            remove_path(self.root / name)
         self._remove_stale_temporaries()
         return removed
 
@@ -344,6 +355,31 @@ class ArtifactCache:
             raise ValueError(f"invalid lock purpose {purpose!r} in {name!r}: use lower-case letters")
         return FileLock(self._locks / f"{key}.{purpose}.lock", timeout=timeout)
 
+    def runtime_dir(self, entry: Path) -> Path | None:
+        """A folder for files a runtime writes about the entry at ``entry`` (compiled blobs), or None.
+
+        For an entry of this cache, its own ``runtime/`` folder. For a bundle's entry, which is
+        never written, the ``runtime/`` folder of a companion entry of this cache keyed by the
+        bundle entry's key. None when no such folder can be made.
+        """
+        key = entry.name
+        if not _KEY_RE.fullmatch(key):
+            return None
+        try:
+            if entry.parent == self._entries:
+                folder = entry / RUNTIME
+            elif self.bundle is not None and entry.parent == self.bundle / "entries":
+                companion, _ = self.get_or_build(
+                    cache_key({"runtime-for": key}), lambda _: None, kind="runtime", description={"for": key}
+                )
+                folder = companion.path / RUNTIME
+            else:
+                return None
+            folder.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        return folder
+
     def _pin(self, key: str) -> None:
         """Inside :meth:`pinned`: take a shared lock on ``key``'s ``.use`` file (best effort)."""
         held = getattr(self._pins, "held", None)
@@ -387,6 +423,13 @@ class ArtifactCache:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _runtime_bytes(path: Path) -> int:
+        try:
+            return tree_stat(path / RUNTIME)[0]
+        except OSError:
+            return 0
+
     def _inspect(self, key: str, path: Path) -> CacheEntry | None:
         """Read an entry, checking its manifest and file sizes; None if nothing is there."""
         try:
@@ -417,7 +460,7 @@ class ArtifactCache:
         except (OSError, ValueError):
             last_used = float(m["created"])
         files, created = m["files"], float(m["created"])
-        size = sum(info["size"] for info in files.values()) + len(raw)
+        size = sum(info["size"] for info in files.values()) + len(raw) + self._runtime_bytes(path)
         return CacheEntry(key, path, m["kind"], m["description"], files, created, last_used, size, m["extra"], problem)
 
     def _touch(self, path: Path, now: float | None = None) -> float:
