@@ -349,10 +349,9 @@ def test_killed_during_export_leaves_a_usable_cache(tmp_path: Path) -> None:
 
 
 # -- two processes at once -------------------------------------------------------------------------
-def test_two_processes_export_once(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    go = tmp_path / "go"
-    procs = [start(cache, spec(ORT_ONLY, start_file=go)) for _ in range(2)]
+def run_together(cache: Path, go: Path, worker_spec: str) -> list[Run]:
+    """Two workers on one cache, started at the same moment."""
+    procs = [start(cache, worker_spec) for _ in range(2)]
     try:
         for proc in procs:
             assert proc.stdout is not None
@@ -360,10 +359,34 @@ def test_two_processes_export_once(tmp_path: Path) -> None:
             assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
         started = time.monotonic()
         go.touch()
-        runs = [finish(proc, started).ok() for proc in procs]
+        return [finish(proc, started).ok() for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
+
+
+def test_two_cold_processes_measure_once(tmp_path: Path) -> None:
+    """One process searches; the other waits for its decision and applies it, building nothing."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    runs = run_together(cache, go, spec(ORT_ONLY, start_file=go))
+    measured = [run for run in runs if not run.component["decision_from_cache"]]
+    applied = [run for run in runs if run.component["decision_from_cache"]]
+    assert len(measured) == len(applied) == 1, [run.component["decision_from_cache"] for run in runs]
+    (searcher,), (waiter,) = measured, applied
+    assert waiter.component["chosen"] == searcher.component["chosen"]
+    assert not any(b["built"] for b in waiter.check["builds"]), waiter.check["builds"]
+    assert searcher.built("decision") == [True] and waiter.built("decision") == []
+    for run in runs:
+        assert run.check["max_diff"] <= 1e-4
+    assert sum(e.kind == "decision" for e in ArtifactCache(cache).entries()) == 1
+    intact(cache)
+
+
+def test_two_processes_export_once(tmp_path: Path) -> None:
+    """Both search (decisions not reused): the per-key artifact locks still build each artifact once."""
+    cache = tmp_path / "cache"
+    go = tmp_path / "go"
+    runs = run_together(cache, go, spec(ORT_ONLY, start_file=go, reuse_decisions=False))
 
     for run in runs:
         assert run.candidate("onnxruntime-fp32")["accepted"], run.candidate("onnxruntime-fp32")["reason"]

@@ -663,6 +663,66 @@ def test_openvino_static_int8_uses_half_the_range_where_int8_saturates(
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == widest
 
 
+def _ir_entry(cache: Path, kind: str = "openvino-plain") -> Any:
+    (entry,) = [e for e in ArtifactCache(cache).entries() if e.kind == kind]
+    return entry
+
+
+def test_openvino_compiled_blobs_live_in_their_ir_entry(mlp2d: Any, tmp_path: Path) -> None:
+    """Counted in the entry's size, evicted and cleared with it; no folder outside the entries."""
+    model, x = mlp2d
+    build_stage(Component("module", model, (x,)), "openvino-f32", tmp_path)
+    entry = _ir_entry(tmp_path)
+    blobs = list((entry.path / "runtime").glob("*.blob"))
+    assert blobs, f"no compiled blob in {entry.path / 'runtime'}"
+    assert not (tmp_path / "openvino").exists(), "a compiled-blob folder outside the managed entries"
+    blob_bytes = sum(b.stat().st_size for b in blobs)
+    assert entry.size_bytes >= blob_bytes + sum(info["size"] for info in entry.files.values())
+    cache = ArtifactCache(tmp_path)
+    assert [problem for _, problem in cache.verify()] == [None, None]
+    limit = cache.total_bytes() - blob_bytes  # the IR alone would fit; with its blobs it does not
+    assert entry.key in cache.evict(limit)
+    assert not entry.path.exists() and not list(tmp_path.rglob("*.blob"))
+
+    model_cache.clear()
+    build_stage(Component("module", model, (x,)), "openvino-f32", tmp_path)
+    assert list(tmp_path.rglob("*.blob"))
+    assert ArtifactCache(tmp_path).clear() == 2
+    assert not list(tmp_path.rglob("*.blob")), "optimize cache clear left compiled blobs"
+
+
+def test_an_ir_rebuilt_under_the_same_path_is_compiled_afresh(mlp2d: Any, tmp_path: Path) -> None:
+    model, x = mlp2d
+    component = Component("module", model, (x,))
+    build_stage(component, "openvino-f32", tmp_path)
+    entry = _ir_entry(tmp_path)
+    (old,) = (entry.path / "runtime").glob("*.blob")
+    old_stat = old.stat()
+    ArtifactCache(tmp_path).remove(entry.key)  # what a corrupt IR gets, before it is rebuilt
+    model_cache.clear()
+    stage = build_stage(component, "openvino-f32", tmp_path)
+    rebuilt = _ir_entry(tmp_path)
+    assert rebuilt.path == entry.path and rebuilt.created > entry.created
+    (new,) = (rebuilt.path / "runtime").glob("*.blob")
+    assert new.stat().st_mtime_ns > old_stat.st_mtime_ns, "a blob compiled from the old IR was kept"
+    with torch.inference_mode():
+        assert float((stage(x) - model(x)).abs().max()) <= 1e-5
+
+
+def test_openvino_static_int8_is_keyed_by_its_calibration_data() -> None:
+    from uniopt.plugins.openvino_backend import _ir_key
+
+    torch.manual_seed(5)
+    model, x = ConvThenLinear().eval(), torch.randn(1, 4, 64)
+    one = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    other = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    assert one.key() == other.key(), "the same module and input signature: one export"
+    for variant in ("int8-static", "int8-matmul"):
+        assert _ir_key(one, "export", variant, False) != _ir_key(other, "export", variant, False)
+    for variant in ("plain", "int8-weights"):  # data-free: one IR for both
+        assert _ir_key(one, "export", variant, False) == _ir_key(other, "export", variant, False)
+
+
 # -- allow and missing backends --------------------------------------------------------------------
 def test_allow_keeps_eager(mlp2d: Any, shared_cache: Path) -> None:
     model, x = mlp2d

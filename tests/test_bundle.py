@@ -63,9 +63,17 @@ def test_a_bundle_is_used_and_never_written(bundle: Path, tmp_path: Path) -> Non
     for name in GRAPH:
         result = report.candidate(name)
         assert result.accepted and result.from_cache, (name, result.reason)
-    kinds = {e.kind for e in ArtifactCache(tmp_path).entries()}
-    assert kinds == {"decision"}, f"built again instead of loading the bundle: {kinds}"
+    own = ArtifactCache(tmp_path).entries()
+    kinds = {e.kind for e in own}
+    assert kinds == {"decision", "runtime"}, f"built again instead of loading the bundle: {kinds}"
     assert _snapshot(bundle) == before, "the bundle was changed"
+    # OpenVINO's compiled blobs for the bundle's IRs: in entries of the writable cache, never in the bundle.
+    runtime = [e for e in own if e.kind == "runtime"]
+    compiled = ("openvino-plain", "openvino-int8-static")  # the IRs of openvino-f32 and openvino-int8-static
+    assert sorted(e.description["for"] for e in runtime) == sorted(
+        e.key for e in ArtifactCache(bundle).entries() if e.kind in compiled
+    )
+    assert all(list((e.path / "runtime").glob("*.blob")) for e in runtime)
     with torch.inference_mode():
         got, want = opt(*inputs), model(*inputs)
     assert got.shape == want.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+import uniopt
 import uniopt.cache
 from uniopt.cache import (
     ArtifactCache,
@@ -150,6 +152,96 @@ def test_hash_module_same_seed_same_hash_and_weight_change_detected() -> None:
     assert hash_module(scalar) == hash_module(scalar)
 
 
+class Scaled(torch.nn.Module):
+    """Equal parameters; outputs differ by a non-persistent buffer and by plain attributes."""
+
+    def __init__(self, offset: float = 0.0, scale: float = 1.0, power: int = 1, clamp: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 3)
+        self.register_buffer("offset", torch.full((3,), offset), persistent=False)
+        self.scale, self.power, self.clamp, self.activation = scale, power, clamp, "identity"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (self.proj(x) * self.scale + self.offset) ** self.power
+        y = torch.tanh(y) if self.activation == "tanh" else y
+        return y.clamp(-1, 1) if self.clamp else y
+
+
+def test_hash_module_covers_non_persistent_buffers_and_plain_attributes() -> None:
+    x = torch.randn(2, 4)
+    base = Scaled()
+    variants = [Scaled(offset=1.0), Scaled(scale=2.0), Scaled(power=2), Scaled(clamp=True), Scaled()]
+    variants[-1].activation = "tanh"
+    for other in variants:
+        assert dict(other.named_parameters()).keys() == dict(base.named_parameters()).keys()
+        assert all(torch.equal(a, b) for a, b in zip(other.parameters(), base.parameters(), strict=True))
+        assert not torch.equal(other(x), base(x))  # a different function...
+        assert hash_module(other) != hash_module(base)  # ...so a different key
+    assert hash_module(Scaled()) == hash_module(base)
+    base.train()  # the optimizer puts modules in eval(); the flag itself is not part of the key
+    assert hash_module(base) == hash_module(Scaled().eval())
+
+
+class Cache(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(2, 3), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(2, 3))  # persistent, as in Fish-Speech's own KVCache
+        self.register_buffer("history", torch.zeros(4), persistent=False)
+        self.uniopt_state_buffers = ("history",)
+        self.register_buffer("window", torch.ones(3), persistent=False)
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 3)
+        self.cache = Cache()
+        self.register_buffer("steps", torch.zeros(1), persistent=False)
+
+
+def test_state_buffers_count_by_dtype_and_shape_only() -> None:
+    torch.manual_seed(0)
+    net = Decoder()
+    first = hash_module(net)
+    for name in ("cache.k_cache", "cache.v_cache", "cache.history"):  # by name, and declared by the module
+        net.get_buffer(name).add_(1.0)
+    assert hash_module(net) == first
+    net.get_buffer("steps").add_(1.0)  # not declared: a constant, so it counts...
+    assert hash_module(net) != first
+    assert hash_module(net, state_buffers=["steps"]) == hash_module(net, state_buffers=["steps"])
+    declared = hash_module(net, state_buffers=["steps"])
+    net.get_buffer("steps").add_(1.0)  # ...unless the component declares it
+    assert hash_module(net, state_buffers=["steps"]) == declared
+    net.get_buffer("cache.window").mul_(2.0)
+    assert hash_module(net, state_buffers=["steps"]) != declared
+    resized = Decoder()
+    resized.cache.register_buffer("k_cache", torch.zeros(2, 5), persistent=False)  # a state's shape counts
+    assert hash_module(resized) != hash_module(Decoder())
+    wider = Decoder()
+    wider.cache.register_buffer("k_cache", torch.zeros(2, 3, dtype=torch.bfloat16), persistent=False)
+    assert hash_module(wider) != hash_module(Decoder())
+
+
+def test_component_keys_cover_calibration_inputs_and_state_buffers() -> None:
+    torch.manual_seed(0)
+    x, calib = torch.randn(2, 4), [(torch.randn(2, 4),)]
+    component = uniopt.Component("net", make_net(), (x,), calibration_inputs=calib)
+    same = uniopt.Component("net", make_net(), (x.clone(),), calibration_inputs=[(calib[0][0].clone(),)])
+    other_calibration = uniopt.Component("net", make_net(), (x,), calibration_inputs=[(calib[0][0] + 1,)])
+    other_example = uniopt.Component("net", make_net(), (x + 1,), calibration_inputs=calib)
+    assert component.calibration_key() == same.calibration_key()
+    assert other_calibration.calibration_key() != component.calibration_key()
+    assert other_example.calibration_key() != component.calibration_key()  # the example is calibrated on too
+    net = Decoder()
+    declared = uniopt.Component("dec", net, (torch.zeros(1, 3),), state_buffers=["steps"])
+    key = declared.key()
+    net.get_buffer("steps").add_(1.0)
+    assert uniopt.Component("dec", net, (torch.zeros(1, 3),), state_buffers=["steps"]).key() == key
+    assert uniopt.Component("dec", net, (torch.zeros(1, 3),)).key() != key
+
+
 def test_library_versions_does_not_import_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
     libraries = {"torch", "onnx", "onnxruntime", "openvino", "nncf", "transformers"}
     real_import = builtins.__import__
@@ -162,8 +254,25 @@ def test_library_versions_does_not_import_libraries(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(builtins, "__import__", guarded_import)
     versions = library_versions()
     monkeypatch.undo()
-    assert set(versions) == libraries
+    assert set(versions) == libraries | {"uniopt"}
     assert versions["torch"] is not None and versions["torch"].startswith(torch.__version__[:4])
+    assert versions["uniopt"] == uniopt.__version__
+
+
+def test_uniopt_version_is_part_of_every_artifact_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Artifact and decision keys include library_versions(): another uniopt release makes other keys."""
+    from uniopt.plugins.export import export_key
+
+    component = uniopt.Component("net", make_net(), (torch.zeros(2, 4),))
+    before = cache_key(export_key(component))
+    real_version = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        return "99.0" if dist == "uniopt" else real_version(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert library_versions()["uniopt"] == "99.0"
+    assert cache_key(export_key(component)) != before
 
 
 def test_input_signature_describes_nested_inputs() -> None:
@@ -436,6 +545,80 @@ def test_invalid_leftover_at_destination_is_replaced(tmp_path: Path) -> None:
     assert hit is not None and hit.files == entry.files and hit.created == entry.created
 
 
+def test_runtime_files_count_towards_the_entry_and_go_with_it(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    entry, _ = build_entry(cache, "k1")
+    folder = cache.runtime_dir(entry.path)
+    assert folder == entry.path / "runtime" and folder.is_dir()
+    (folder / "compiled.blob").write_bytes(b"b" * 5000)
+    (found,) = cache.entries()
+    assert found.size_bytes == entry.size_bytes + 5000 and found.valid
+    assert cache.verify_entry("k1") is None, "runtime files are not part of the manifest's check"
+    cache.remove("k1")
+    rebuilt, built = build_entry(cache, "k1")
+    assert built and rebuilt.path == entry.path and not (rebuilt.path / "runtime").exists()
+    (cache.runtime_dir(rebuilt.path) / "compiled.blob").write_bytes(b"b" * 5000)
+    assert cache.evict(rebuilt.size_bytes + 100) == ["k1"], "the runtime files push it over the limit"
+    assert cache.runtime_dir(tmp_path / "elsewhere" / "k1") is None
+
+    def reserved(tmpdir: Path) -> None:
+        (tmpdir / "runtime").mkdir()
+        (tmpdir / "runtime" / "x").write_bytes(b"x")
+
+    with pytest.raises(ValueError, match="reserved"):
+        cache.get_or_build("k2", reserved, kind="onnx", description={})
+
+
+def test_runtime_files_of_a_bundle_entry_go_to_a_companion_entry(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    build_entry(ArtifactCache(bundle), "k1")
+    before = sorted(str(p) for p in bundle.rglob("*"))
+    cache = ArtifactCache(tmp_path / "cache", bundle=bundle)
+    entry = cache.get("k1")
+    assert entry is not None and entry.path.parent == bundle / "entries"
+    folder = cache.runtime_dir(entry.path)
+    assert folder is not None and (tmp_path / "cache" / "entries") in folder.parents
+    assert cache.runtime_dir(entry.path) == folder
+    (folder / "compiled.blob").write_bytes(b"b" * 10)
+    assert [e.kind for e in cache.entries()] == ["runtime"]
+    assert sorted(str(p) for p in bundle.rglob("*")) == before, "the bundle was written"
+
+
+def test_an_entry_in_use_is_not_evicted_or_cleared(tmp_path: Path) -> None:
+    cache, other = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
+    for key in ("a", "b"):
+        build_entry(cache, key)
+    with cache.pinned():
+        assert cache.get("a") is not None
+        with cache.pinned():  # nested: the outer block holds
+            cache.get("b")
+        assert other.evict(0) == [] and other.clear() == 0
+    assert sorted(other.evict(0)) == ["a", "b"]
+    with cache.pinned():
+        entry, built = build_entry(cache, "c")  # built inside the block: held as well
+        assert built and other.evict(0) == [] and entry.path.exists()
+    assert other.clear() == 1
+
+
+def test_lock_names_a_key_and_a_purpose(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    with cache.lock("k1.decide", timeout=1):
+        assert (tmp_path / "locks" / "k1.decide.lock").exists()
+        with pytest.raises(Timeout):
+            ArtifactCache(tmp_path).lock("k1.decide", timeout=0.05).acquire()
+    for bad in ("k1", "k1.Bad", "../k1.decide"):
+        with pytest.raises(ValueError):
+            cache.lock(bad, timeout=1)
+
+
+def test_clear_removes_the_old_openvino_folder(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    (tmp_path / "openvino").mkdir()
+    (tmp_path / "openvino" / "123.blob").write_bytes(b"old")
+    cache.clear()
+    assert not (tmp_path / "openvino").exists()
+
+
 # -- several processes ----------------------------------------------------------------------------
 
 
@@ -480,3 +663,35 @@ def test_killed_builder_leaves_no_entry_and_rebuild_succeeds(tmp_path: Path) -> 
     entry, built = build_entry(cache, "k1")
     assert built and entry.valid and cache.get("k1") is not None
     assert os.listdir(root / "tmp") == [leftover]  # too young to be stale: ignored
+
+
+def test_eviction_in_another_process_never_deletes_an_entry_being_read(tmp_path: Path) -> None:
+    root, release = tmp_path / "cache", tmp_path / "release"
+    cache = ArtifactCache(root)
+    for key in ("read", "idle"):
+        entry, _ = cache.get_or_build(key, writer(b"x" * 100, name="artifact.txt"), kind="test", description={})
+    reader = subprocess.Popen(
+        [sys.executable, str(WORKER), "hold", str(root), "read", str(release)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "holding", reader.stderr
+        evictor = subprocess.run(
+            [sys.executable, str(WORKER), "evict", str(root), "0"],
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert evictor.returncode == 0, evictor.stderr
+        assert evictor.stdout.strip() == "idle", "only the entry nobody reads is evicted"
+        assert cache.get("read") is not None
+    finally:
+        release.touch()
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert out.strip() == "x" * 100, "the reader read the whole entry"
+    assert ArtifactCache(root).evict(0) == ["read"], "once released, it can be evicted"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import logging
+import subprocess
+import sys
 import time
 import types
 from typing import Any
@@ -154,7 +158,7 @@ def test_guard_failure_raises_when_fallback_is_off(fake_plugins: Any, tmp_path: 
 def test_decision_is_cached_and_applied_without_timing(fake_plugins: Any, tmp_path: Any) -> None:
     calls: dict[str, int] = {}
     fake_plugins(_fake("fast", 0.002, counter=calls))
-    first = _optimize(SlowNet(), tmp_path).report().component("module")
+    first = _optimize(SlowNet(), tmp_path, model_warmup_runs=0).report().component("module")
     assert first.chosen == "fast" and not first.decision_from_cache
     model_cache.clear()
     calls.clear()
@@ -172,6 +176,112 @@ def test_decision_is_invalidated_by_weights_and_settings(fake_plugins: Any, tmp_
     assert not _optimize(SlowNet(seed=0), tmp_path, min_speedup=1.2).report().component("module").decision_from_cache
     model_cache.clear()
     assert _optimize(SlowNet(seed=0), tmp_path).report().component("module").decision_from_cache
+
+
+def test_decision_key_covers_compile_and_warm_up_settings(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("fast", 0.002))
+    assert not _optimize(SlowNet(), tmp_path).report().component("module").decision_from_cache
+    for changed in ({"compile_mode": "max-autotune"}, {"compile_budget_s": 30.0}, {"model_warmup_runs": 3}):
+        model_cache.clear()
+        report = _optimize(SlowNet(), tmp_path, **changed).report().component("module")
+        assert not report.decision_from_cache, f"{changed} reused a decision made without it"
+    model_cache.clear()
+    assert _optimize(SlowNet(), tmp_path).report().component("module").decision_from_cache
+
+
+def _slow_first(fake_plugins: Any) -> None:
+    """Two candidates; building the first takes 0.3 s, so a 0.2 s budget skips the second."""
+    slow_build = _fake("first", 0.001)
+
+    def build(component: Any, context: Any) -> Stage:
+        time.sleep(0.3)
+        return slow_build.build(component, context)
+
+    fake_plugins(Candidate("first", "fake", "slow to build", build), _fake("second", 0.001))
+
+
+def _decision_file(cache: Any) -> dict[str, Any]:
+    from uniopt.cache import ArtifactCache
+
+    (entry,) = [e for e in ArtifactCache(cache).entries() if e.kind == "decision"]
+    return json.loads((entry.path / "decision.json").read_text())
+
+
+def test_a_decision_cut_short_by_its_budget_is_searched_again_with_a_larger_one(
+    fake_plugins: Any, tmp_path: Any
+) -> None:
+    _slow_first(fake_plugins)
+    gc.collect()
+    short = _optimize(SlowNet(), tmp_path, search_budget_s=0.2).report().component("module")
+    assert short.search_cut_short and short.candidate("second").reason == "search budget spent"
+    stored = _decision_file(tmp_path / "cache")
+    assert stored["search_cut_short"] is True and stored["search_budget_s"] == 0.2
+    model_cache.clear()
+    again = _optimize(SlowNet(), tmp_path, search_budget_s=0.2).report().component("module")
+    assert again.decision_from_cache and again.search_cut_short, "the same budget would not get further"
+    model_cache.clear()
+    larger = _optimize(SlowNet(), tmp_path, search_budget_s=60).report().component("module")
+    assert not larger.decision_from_cache, "a larger budget searches again"
+    assert not larger.search_cut_short and larger.candidate("second").accepted
+    assert _decision_file(tmp_path / "cache")["search_cut_short"] is False
+    model_cache.clear()
+    for budget in (0.2, 60, 600):  # a complete search serves every budget
+        report = _optimize(SlowNet(), tmp_path, search_budget_s=budget).report().component("module")
+        assert report.decision_from_cache and not report.search_cut_short
+        model_cache.clear()
+
+
+def test_a_process_that_cannot_get_the_decision_lock_searches_after_the_wait(
+    fake_plugins: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the decision lock and never decides: wait for the budgets, then measure."""
+    import uniopt.optimizer.selection as selection
+    from uniopt.cache import ArtifactCache
+
+    fake_plugins(_fake("fast", 0.002))
+    monkeypatch.setattr(selection, "DECISION_WAIT_MARGIN_S", 0.0)
+    cache = tmp_path / "cache"
+    taken: list[str] = []
+    real_lock = ArtifactCache.lock
+
+    def lock(self: ArtifactCache, name: str, timeout: float) -> Any:
+        taken.append(name)
+        return real_lock(self, name, timeout)
+
+    monkeypatch.setattr(ArtifactCache, "lock", lock)
+    budgets = {"search_budget_s": 0.5, "compile_budget_s": 0.5}
+    _optimize(SlowNet(), tmp_path, **budgets)  # finds the lock's name
+    (name,) = taken
+    ArtifactCache(cache).remove(name.partition(".")[0])  # no decision stored: a cold cache again
+    model_cache.clear()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(cache / "locks" / f"{name}.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="uniopt"):
+            report = _optimize(SlowNet(), tmp_path, **budgets).report()
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert not report.component("module").decision_from_cache and report.component("module").chosen == "fast"
+    assert waited >= 1.0, "it did not wait for the search and compile budgets"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("another process is measuring it" in m for m in messages), messages
+    assert any("measuring here" in m for m in messages), messages
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
 
 
 def test_tier_mode_takes_the_first_passing_candidate_of_the_chain(fake_plugins: Any, tmp_path: Any) -> None:

@@ -301,9 +301,12 @@ def cache_verify() -> None:
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Remove every cache entry and stale temporary."""
-    removed = _open_cache().clear()
-    console.print(f"removed {removed} entries")
+    """Remove every cache entry (with its compiled blobs) and stale temporaries; entries in use stay."""
+    cache = _open_cache()
+    removed = cache.clear()
+    kept = len(cache.entries())
+    note = f"; {kept} kept (in use by another process, or added meanwhile)" if kept else ""
+    console.print(f"removed {removed} entries{note}")
 
 
 def main() -> None:

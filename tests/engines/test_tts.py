@@ -267,6 +267,24 @@ def test_components_are_what_synthesize_runs(engine: FishSpeechEngine) -> None:
     assert "forward" not in engine.decoder.__dict__  # removed: the class's forward again
 
 
+def _fresh_key(component: Component) -> str:
+    return dataclasses.replace(component).key()  # a new Component: its key is computed again
+
+
+def test_component_keys_stay_the_same_across_calls(engine: FishSpeechEngine) -> None:
+    """The KV caches are written on every call; they are state, so the keys do not move."""
+    decoder, codec = engine.uniopt_components()
+    before = [_fresh_key(decoder), _fresh_key(codec)]
+    with torch.inference_mode():
+        decoder.module(*decoder.example_inputs)
+        codec.module(*codec.example_inputs)
+    cache = engine.decoder.model.attention_layers()[0].kv_cache
+    assert cache is not None and cache.k_cache.abs().sum() > 0, "the call wrote the KV cache"
+    engine.synthesize("another call", seed=3)
+    assert [_fresh_key(decoder), _fresh_key(codec)] == before
+    assert [_fresh_key(c) for c in engine.uniopt_components()] == before
+
+
 def test_universal_optimizer_off_gives_identical_audio(engine: FishSpeechEngine) -> None:
     expected, rate, _ = engine.synthesize("unchanged", seed=9)
     wrapped = UniversalOptimizer(engine, mode="off")
@@ -457,10 +475,13 @@ def test_adapter_with_the_real_dual_ar_transformer(engine: FishSpeechEngine) -> 
     decoder, codec = adapter.uniopt_components()
     assert decoder.name == "decoder" and decoder.module is adapter.decoder and codec.name == "codec"
     assert decoder.example_inputs[0].shape == (1, 5, 5)
+    key = _fresh_key(decoder)
     with torch.inference_mode():
         tokens = adapter.generate_tokens(prompt)
         assert tokens.shape == (1, 5, 3) and torch.equal(adapter.generate_tokens(prompt), tokens)
         assert decoder.module(*decoder.example_inputs).shape == (1, 5, 3)
+    # fish_speech's KVCache keeps k_cache/v_cache as persistent buffers, written by every call: state.
+    assert _fresh_key(decoder) == key
     assert int(tokens[0, 0, 0]) == int(first_main)
     # Teacher forcing replays the frames and returns the logits behind each greedy choice.
     assert decoder.teacher_forcing is not None and decoder.exporter == "none"

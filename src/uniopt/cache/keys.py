@@ -15,17 +15,33 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cache_key", "hash_module", "input_signature", "jsonable", "library_versions"]
+__all__ = [
+    "STATE_BUFFERS_ATTRIBUTE",
+    "STATE_BUFFER_NAMES",
+    "cache_key",
+    "hash_inputs",
+    "hash_module",
+    "input_signature",
+    "jsonable",
+    "library_versions",
+]
+
+#: Buffer names that hold a module's running state, not constants: key/value caches, written in
+#: place on every call (Fish-Speech's, gpt-fast's and torchtune's ``KVCache`` all use these names).
+STATE_BUFFER_NAMES = frozenset({"k_cache", "v_cache"})
+#: A module attribute listing more of *its own* buffers (local names) that hold running state.
+STATE_BUFFERS_ATTRIBUTE = "uniopt_state_buffers"
 
 # Distribution names tried for each library, canonical name first.
 _LIBRARIES: dict[str, tuple[str, ...]] = {
+    "uniopt": ("uniopt",),
     "torch": ("torch",),
     "onnx": ("onnx",),
     "onnxruntime": (
@@ -138,6 +154,11 @@ def _feed_value(h: Any, value: Any) -> None:
         _feed(h, f"seq:{len(value)}")
         for item in value:
             _feed_value(h, item)
+    elif isinstance(value, Mapping):
+        _feed(h, f"map:{len(value)}")
+        for key, item in value.items():
+            _feed(h, repr(key))
+            _feed_value(h, item)
     elif type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
         _feed(h, "ndarray", str(value.dtype), json.dumps(list(value.shape)))
         _feed(h, value.tobytes())
@@ -148,16 +169,62 @@ def _feed_value(h: Any, value: Any) -> None:
             _feed(h, "repr", repr(value))
 
 
-def hash_module(module: torch.nn.Module) -> str:
-    """Return a sha256 of a module's classes, their source code, structure and every weight.
+def _plain(value: Any) -> bool:
+    """Whether an attribute value is plain data that is hashed (numbers, strings, dtypes, enums, tuples of them)."""
+    if isinstance(value, (bool, int, float, str, enum.Enum)):
+        return True
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def _module_attributes() -> frozenset[str]:
+    """The instance attributes every ``nn.Module`` has (hooks, registries, ``training``)."""
+    import torch
+
+    return frozenset(vars(torch.nn.Module())) | {STATE_BUFFERS_ATTRIBUTE}
+
+
+def _state_buffers(module: torch.nn.Module, declared: Iterable[str]) -> set[str]:
+    """Qualified names of the buffers that hold running state (see :func:`hash_module`)."""
+    state = set(declared)
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        local = STATE_BUFFER_NAMES | set(getattr(sub, STATE_BUFFERS_ATTRIBUTE, ()))
+        for name in sub._buffers:
+            if name in local:
+                state.add(f"{prefix}.{name}" if prefix else name)
+    return state
+
+
+def _feed_state(h: Any, value: Any) -> None:
+    """A state buffer: its dtype and shape, never its values."""
+    _feed(h, "state", str(value.dtype), json.dumps(list(value.shape)))
+
+
+def hash_module(module: torch.nn.Module, *, state_buffers: Iterable[str] = ()) -> str:
+    """Return a sha256 of a module's classes, code, structure, plain attributes, weights and buffers.
 
     Covers the qualified name and source of every non-torch class in the MRO of the module and of
-    each submodule, ``repr(module)`` (hyper-parameters such as dropout rates and strides) and every
-    ``state_dict`` entry (name, dtype, shape, raw bytes).
+    each submodule; ``repr(module)`` (hyper-parameters such as dropout rates and strides); every
+    plain attribute of every submodule (``bool``, ``int``, ``float``, ``str``, enums, dtypes and
+    lists or tuples of them, such as a ``scale`` or an ``eos_id``; not ``training``, which the
+    optimizer sets, nor tensors or other objects that are not buffers); every ``state_dict``
+    entry; and every non-persistent buffer.
+
+    The rule for buffers: every buffer's name, dtype and shape always count; its values count
+    unless the buffer holds *running state*, which a call overwrites (a key/value cache) and which
+    would otherwise change the key on every call. State buffers are those named
+    :data:`STATE_BUFFER_NAMES` (``k_cache``, ``v_cache``), those a module lists by local name in
+    its :data:`STATE_BUFFERS_ATTRIBUTE` attribute (``uniopt_state_buffers``), and the qualified
+    names passed as ``state_buffers``. Every other buffer, persistent or not (rotary tables,
+    masks, offsets, scales), is a constant of the module and is hashed by value.
     """
     h = hashlib.sha256()
     cls = type(module)
-    _feed(h, "uniopt-module-hash-v1", f"{cls.__module__}.{cls.__qualname__}")
+    _feed(h, "uniopt-module-hash-v2", f"{cls.__module__}.{cls.__qualname__}")
+    own = _module_attributes()
     seen: set[type] = set()
     for name, sub in module.named_modules():
         _feed(h, "module", name, f"{type(sub).__module__}.{type(sub).__qualname__}")
@@ -166,10 +233,36 @@ def hash_module(module: torch.nn.Module) -> str:
                 continue
             seen.add(klass)
             _feed(h, "class", f"{klass.__module__}.{klass.__qualname__}", _class_source(klass))
+        for attr, value in sorted(vars(sub).items()):
+            if attr not in own and _plain(value):
+                _feed(h, "attribute", attr, json.dumps(jsonable(value), sort_keys=True))
     _feed(h, "repr", repr(module))
-    for key, value in module.state_dict().items():
+    state = _state_buffers(module, state_buffers)
+    entries = module.state_dict()
+    for key, value in entries.items():
         _feed(h, "entry", key)
-        _feed_value(h, value)
+        if key in state and hasattr(value, "shape"):
+            _feed_state(h, value)
+        else:
+            _feed_value(h, value)
+    for key, value in module.named_buffers(remove_duplicate=False):
+        if key in entries:
+            continue
+        _feed(h, "buffer", key)
+        if key in state:
+            _feed_state(h, value)
+        else:
+            _feed_value(h, value)
+    return h.hexdigest()
+
+
+def hash_inputs(input_sets: Iterable[Any]) -> str:
+    """Return a sha256 of the values (not only the shapes) of a sequence of input sets."""
+    h = hashlib.sha256()
+    _feed(h, "uniopt-inputs-hash-v1")
+    for inputs in input_sets:
+        _feed(h, "set")
+        _feed_value(h, inputs)
     return h.hexdigest()
 
 

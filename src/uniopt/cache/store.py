@@ -1,10 +1,22 @@
 """On-disk artifact cache: atomic entries, per-key file locks, validation and LRU eviction.
 
-Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``),
-``tmp/<key>.<pid>.<thread>.<random>`` (builds in progress, entries being deleted) and
-``locks/<key>.lock``. A finished temporary directory is renamed into ``entries/``, so readers see a
-whole entry or none. An entry with a missing or corrupt manifest, or a missing or resized file, is
-a miss: it is deleted and rebuilt, with one warning per key and process.
+Layout: ``entries/<key>/`` (files, ``manifest.json`` written last, ``.last_used``, and a
+``runtime/`` folder for files a runtime adds later), ``tmp/<key>.<pid>.<thread>.<random>``
+(builds in progress, entries being deleted) and ``locks/`` (``<key>.lock`` for building,
+``<key>.use`` for readers, ``<key>.<purpose>.lock`` for :meth:`ArtifactCache.lock`). A finished
+temporary directory is renamed into ``entries/``, so readers see a whole entry or none. An entry
+with a missing or corrupt manifest, or a missing or resized file, is a miss: it is deleted and
+rebuilt, with one warning per key and process.
+
+Entries in use: inside :meth:`ArtifactCache.pinned`, every entry a thread gets is held with a shared
+``flock`` on its ``<key>.use`` file until the block ends. Eviction and :meth:`ArtifactCache.clear`
+take that lock exclusively without waiting, and pass over an entry they cannot lock: an entry
+another thread or process is reading is never deleted under it (POSIX; elsewhere nothing is held).
+
+``runtime/`` holds what a runtime writes after the entry is published (OpenVINO's compiled blobs
+for the entry's IR, :meth:`ArtifactCache.runtime_dir`). It is not in the manifest and not checked
+by ``verify``, but it counts towards the entry's size, and goes with the entry when the entry is
+evicted, removed, cleared or rebuilt.
 
 A cache may sit on a read-only *bundle*: a cache directory prepared on another machine
 (``optimize prepare``). Its valid entries are found first and are never written, touched or
@@ -23,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -31,8 +43,13 @@ from typing import Any, ClassVar
 from filelock import FileLock, Timeout
 
 from uniopt.cache.files import fsync_path, is_unwritable, pid_alive, remove_path, sha256_file, tree_stat, unique_path
-from uniopt.cache.keys import jsonable
+from uniopt.cache.keys import cache_key, jsonable
 from uniopt.errors import CacheError
+
+try:
+    import fcntl
+except ImportError:  # Windows: entries in use are not protected from eviction
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ArtifactCache", "CacheEntry", "default_cache_dir"]
 
@@ -40,6 +57,9 @@ logger = logging.getLogger("uniopt.cache")
 
 MANIFEST = "manifest.json"
 LAST_USED = ".last_used"
+RUNTIME = "runtime"
+#: Folders that earlier versions kept outside the entries; ``clear`` deletes them.
+_LEGACY_DIRS = ("openvino",)
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -83,7 +103,7 @@ def _scan(tmp: Path) -> dict[str, dict[str, Any]]:
         for name in sorted(names):
             full = Path(dirpath) / name
             rel = full.relative_to(tmp).as_posix()
-            if rel in (MANIFEST, LAST_USED) or full.is_symlink():
+            if rel in (MANIFEST, LAST_USED) or rel.split("/")[0] == RUNTIME or full.is_symlink():
                 raise ValueError(f"a cache build wrote a reserved name or a symlink: {rel!r}")
             files[rel] = {"size": full.stat().st_size, "sha256": sha256_file(full)}
             fsync_path(full)
@@ -99,7 +119,8 @@ def _check_manifest(m: Any, key: str, schema: int) -> str | None:
         return "manifest.json lacks description, extra or files"
     for rel, info in m["files"].items():
         parts = PurePosixPath(rel).parts
-        bad_name = not parts or rel.startswith("/") or ".." in parts or rel in (MANIFEST, LAST_USED)
+        reserved = rel in (MANIFEST, LAST_USED) or (bool(parts) and parts[0] == RUNTIME)
+        bad_name = not parts or rel.startswith("/") or ".." in parts or reserved
         if bad_name or not isinstance(info, dict) or not isinstance(info.get("size"), int):
             return f"manifest.json has a bad record for {rel!r}"
     return None
@@ -135,6 +156,7 @@ class ArtifactCache:
         if self.bundle is not None and not (self.bundle / "entries").is_dir():
             raise CacheError(f"{str(self.bundle)!r} is not a uniopt cache bundle (no entries/ folder)")
         self._passed_over: set[str] = set()
+        self._pins = threading.local()
         self.persistent = True
         try:
             self._open(self.root)
@@ -185,6 +207,7 @@ class ArtifactCache:
         if bundled is not None:
             return bundled
         path = self.path_for(key)
+        self._pin(key)
         entry = self._inspect(key, path)
         if entry is None:
             return None
@@ -276,23 +299,136 @@ class ArtifactCache:
         return entry
 
     def clear(self) -> int:
-        """Delete every entry and stale temporary; return the number of entries deleted."""
+        """Delete every entry not in use and stale temporaries; return the number of entries deleted."""
         removed = 0
         for name in os.listdir(self._entries):
-            removed += self._discard(name, self._entries / name, only_if_invalid=False)
+            if not _KEY_RE.fullmatch(name):
+                continue
+            with self._unused(name) as free:
+                removed += free and self._discard(name, self._entries / name, only_if_invalid=False)
+        for name in _LEGACY_DIRS:
+            remove_path(self.root / name)
         self._remove_stale_temporaries()
         return removed
 
     def evict(self, max_bytes: int | None = None) -> list[str]:
         """Delete entries, invalid then least recently used, until the total fits; return their keys.
 
-        ``max_bytes`` defaults to the cache's own limit; with neither, nothing is deleted.
+        ``max_bytes`` defaults to the cache's own limit; with neither, nothing is deleted. Entries
+        in use (see :meth:`pinned`) are passed over.
         """
         return self._evict(self.max_bytes if max_bytes is None else max_bytes, keep=None)
 
     def total_bytes(self) -> int:
         """Return the size of all entries in bytes (temporaries are not counted)."""
         return sum(e.size_bytes for e in self.entries())
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Hold every entry this thread gets (``get``, ``get_or_build``) until the block ends.
+
+        An entry held this way is never deleted by eviction or :meth:`clear`, in this process or
+        another; it may still be removed explicitly (:meth:`remove`, a corrupt entry). Blocks nest;
+        the outermost releases. Holding costs one open file per entry.
+        """
+        if getattr(self._pins, "held", None) is not None:
+            yield
+            return
+        held: dict[str, int] = {}
+        self._pins.held = held
+        try:
+            yield
+        finally:
+            self._pins.held = None
+            for fd in held.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # closing the file releases its lock
+
+    def lock(self, name: str, timeout: float) -> FileLock:
+        """An inter-process lock on ``name`` (``<key>.<purpose>``), for work outside a build.
+
+        Used as ``with cache.lock(...)``; raises :class:`filelock.Timeout` after ``timeout`` seconds.
+        """
+        key, _, purpose = name.partition(".")
+        self.path_for(key)  # checks the key
+        if not re.fullmatch(r"[a-z]{1,32}", purpose):
+            raise ValueError(f"invalid lock purpose {purpose!r} in {name!r}: use lower-case letters")
+        return FileLock(self._locks / f"{key}.{purpose}.lock", timeout=timeout)
+
+    def runtime_dir(self, entry: Path) -> Path | None:
+        """A folder for files a runtime writes about the entry at ``entry`` (compiled blobs), or None.
+
+        For an entry of this cache, its own ``runtime/`` folder. For a bundle's entry, which is
+        never written, the ``runtime/`` folder of a companion entry of this cache keyed by the
+        bundle entry's key. None when no such folder can be made.
+        """
+        key = entry.name
+        if not _KEY_RE.fullmatch(key):
+            return None
+        try:
+            if entry.parent == self._entries:
+                folder = entry / RUNTIME
+            elif self.bundle is not None and entry.parent == self.bundle / "entries":
+                companion, _ = self.get_or_build(
+                    cache_key({"runtime-for": key}), lambda _: None, kind="runtime", description={"for": key}
+                )
+                folder = companion.path / RUNTIME
+            else:
+                return None
+            folder.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        return folder
+
+    def _pin(self, key: str) -> None:
+        """Inside :meth:`pinned`: take a shared lock on ``key``'s ``.use`` file (best effort)."""
+        held = getattr(self._pins, "held", None)
+        if held is None or key in held or fcntl is None:
+            return
+        try:
+            fd = os.open(self._locks / f"{key}.use", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # eviction holds it exclusively only while it deletes the entry
+        except OSError:
+            os.close(fd)
+            return
+        held[key] = fd
+
+    @contextlib.contextmanager
+    def _unused(self, key: str) -> Iterator[bool]:
+        """Lock ``key``'s ``.use`` file exclusively for the block, without waiting; False if it is in use.
+
+        Without ``flock`` (Windows, a file system that refuses it) the entry counts as unused:
+        correctness does not depend on this lock, only the protection of readers does.
+        """
+        fd = None
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fd = os.open(self._locks / f"{key}.use", os.O_RDWR | os.O_CREAT, 0o666)
+        if fd is None:
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.debug("cache entry %s is in use; it is not deleted", key)
+                yield False
+                return
+            except OSError:
+                pass
+            yield True
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _runtime_bytes(path: Path) -> int:
+        try:
+            return tree_stat(path / RUNTIME)[0]
+        except OSError:
+            return 0
 
     def _inspect(self, key: str, path: Path) -> CacheEntry | None:
         """Read an entry, checking its manifest and file sizes; None if nothing is there."""
@@ -324,7 +460,7 @@ class ArtifactCache:
         except (OSError, ValueError):
             last_used = float(m["created"])
         files, created = m["files"], float(m["created"])
-        size = sum(info["size"] for info in files.values()) + len(raw)
+        size = sum(info["size"] for info in files.values()) + len(raw) + self._runtime_bytes(path)
         return CacheEntry(key, path, m["kind"], m["description"], files, created, last_used, size, m["extra"], problem)
 
     def _touch(self, path: Path, now: float | None = None) -> float:
@@ -420,7 +556,11 @@ class ArtifactCache:
         for e in sorted(entries, key=lambda e: (e.problem is None, e.last_used)):
             if total <= limit:
                 break
-            if e.key != keep:
+            if e.key == keep:
+                continue
+            with self._unused(e.key) as free:
+                if not free:
+                    continue
                 if self._discard(e.key, e.path, only_if_invalid=e.problem is not None):
                     removed.append(e.key)
                 total -= e.size_bytes

@@ -67,6 +67,11 @@ class Component:
     The guard then judges a stage by those scores, step by step, against the reference's.
     ``decode_steps`` (:class:`~uniopt.optimizer.steps.DecodeSteps`) lets step-level backends run
     such a module's loop one step at a time, with the caches kept by the backend.
+
+    ``state_buffers`` names (qualified, as in ``named_buffers()``) buffers of ``module`` that hold
+    running state which every call overwrites; their values are left out of :meth:`key`, as are
+    those of buffers named ``k_cache``/``v_cache`` and those a submodule lists in its
+    ``uniopt_state_buffers`` attribute (see :func:`uniopt.cache.hash_module`).
     """
 
     name: str
@@ -83,11 +88,13 @@ class Component:
     audio_seconds: float | None = None
     teacher_forcing: Callable[[tuple[Any, ...], Any], tuple[Any, ...]] | None = None
     decode_steps: DecodeSteps | None = None
+    state_buffers: Sequence[str] = ()
 
     def key(self) -> str:
-        """sha256 of the weights, the module's class and code, the inputs and the export spec.
+        """sha256 of the module (see :func:`~uniopt.cache.hash_module`), the inputs' signature and the export spec.
 
         Computed once per component object; build a new Component after changing weights.
+        The inputs' values are not: artifacts calibrated on them add :meth:`calibration_key`.
         """
         cached = self.__dict__.get("_key")
         if cached is None:
@@ -95,7 +102,7 @@ class Component:
 
             cached = cache_key(
                 {
-                    "module": hash_module(self.module),
+                    "module": hash_module(self.module, state_buffers=self.state_buffers),
                     "inputs": input_signature(self.example_inputs),
                     "input_names": list(self.input_names),
                     "output_names": list(self.output_names),
@@ -108,6 +115,19 @@ class Component:
             self.__dict__["_key"] = cached
         return cached
 
+    def calibration_key(self) -> str:
+        """sha256 of the values of the inputs int8 calibration sees: the example and calibration inputs.
+
+        Part of the key of every artifact calibrated on them; computed once per component object.
+        """
+        cached = self.__dict__.get("_calibration_key")
+        if cached is None:
+            from ..cache.keys import hash_inputs
+
+            cached = hash_inputs([self.example_inputs, *self.calibration_inputs])
+            self.__dict__["_calibration_key"] = cached
+        return cached
+
     def __post_init__(self) -> None:
         if not isinstance(self.module, torch.nn.Module):
             raise TypeError(f"component {self.name!r}: module must be a torch.nn.Module")
@@ -116,6 +136,7 @@ class Component:
         self.example_inputs = as_inputs(self.example_inputs)
         self.calibration_inputs = [as_inputs(inputs) for inputs in self.calibration_inputs]
         self.validation_inputs = [as_inputs(inputs) for inputs in self.validation_inputs]
+        self.state_buffers = tuple(self.state_buffers)
         if not self.input_names:
             self.input_names = tuple(f"input_{i}" for i in range(len(self.example_inputs)))
         if len(self.input_names) != len(self.example_inputs):

@@ -43,6 +43,8 @@ class ComponentReport:
     candidates: list[CandidateResult] = field(default_factory=list)
     decision_from_cache: bool = False
     stage: Any = field(default=None, repr=False, compare=False)
+    #: Whether the auto-mode search that made the decision ran over its search budget.
+    search_cut_short: bool = False
     #: For a component found by ``sample=``: the engine method whose call reached it.
     found_by: str = ""
 
@@ -58,6 +60,7 @@ class ComponentReport:
             "component": self.component,
             "chosen": self.chosen,
             "decision_from_cache": self.decision_from_cache,
+            "search_cut_short": self.search_cut_short,
             "found_by": self.found_by,
             "candidates": [asdict(c) for c in self.candidates],
         }

@@ -7,8 +7,17 @@ the best one so far; the slower of the two is released at once, so no more than 
 are alive at a time. The best is kept if it beats eager by ``min_speedup``; otherwise eager stays.
 Every candidate's peak and resident memory are measured; a build step that would not fit the
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
-artifact cache, keyed by host fingerprint, component and settings, so the next process applies it
-without timing anything.
+artifact cache, keyed by host fingerprint, tier, component and every setting that changes the
+outcome, so the next process applies it without timing anything (the chosen stage is validated
+again when it is applied).
+
+The search budget is recorded in the decision instead of its key: a search that finished within
+its budget is reused at any budget; one cut short by its budget is stored as partial, and is
+searched again by a process with a larger budget. Several processes starting cold on one cache
+take a lock per decision key: one measures, the others wait for its decision (at most the search
+and compile budgets plus :data:`DECISION_WAIT_MARGIN_S`), then apply it; after that they search
+themselves. Cache entries are held (``ArtifactCache.pinned``) while a stage is built from them, so
+eviction in another process cannot delete them under the build.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, NamedTuple
 
 import pluggy
 import torch
+from filelock import Timeout
 
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, release_memory
@@ -40,7 +50,9 @@ from .timing import measure_interleaved
 __all__ = ["optimize_component"]
 
 log = logging.getLogger("uniopt")
-DECISION_FORMAT = 1
+DECISION_FORMAT = 2
+#: Seconds a process waits for another's decision beyond that search's budgets.
+DECISION_WAIT_MARGIN_S = 60.0
 
 
 def _ordered(cands: dict[str, Candidate], component: Component, context: BuildContext) -> list[Candidate]:
@@ -58,6 +70,7 @@ def _ordered(cands: dict[str, Candidate], component: Component, context: BuildCo
 
 
 def _decision_key(component: Component, context: BuildContext, names: list[str]) -> str:
+    """Everything that changes what a search finds, except the search budget (see the module docstring)."""
     from ..cache import cache_key, library_versions
 
     s = context.settings
@@ -65,17 +78,21 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
         {
             "decision": DECISION_FORMAT,
             "host": context.profile.fingerprint,
+            "tier": context.tier.name,
             "component": component.key(),
             "metric": [component.metric.name, component.metric.threshold],
             "candidates": sorted(names),
-            "settings": [
-                s.mode,
-                s.atol,
-                s.rtol,
-                s.min_speedup,
-                s.fallback_on_optimization_error,
-                context.threads.intra_op,
-            ],
+            "settings": {
+                "mode": s.mode,
+                "atol": s.atol,
+                "rtol": s.rtol,
+                "min_speedup": s.min_speedup,
+                "fallback_on_optimization_error": s.fallback_on_optimization_error,
+                "compile_mode": s.compile_mode,
+                "compile_budget_s": s.compile_budget_s,
+                "model_warmup_runs": s.model_warmup_runs,
+                "threads": context.threads.intra_op,
+            },
             "versions": library_versions(),
         }
     )
@@ -167,12 +184,27 @@ class _Selector:
             release_memory()
         return stage
 
+    def _build(self, cand: Candidate) -> Stage | BuildFailure:
+        """Build ``cand``, holding the cache entries it reads until it is built; then trim the cache.
+
+        Trimming after the build counts what the build's runtimes wrote into its entries (compiled
+        blobs); the entries still held are passed over.
+        """
+        cache, key = self.context.cache, stage_key(cand, self.component, self.context)
+
+        def build() -> Any:
+            return self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context)
+
+        if cache is None:
+            return model_cache.get_or_build(key, build)
+        with cache.pinned():
+            built = model_cache.get_or_build(key, build)
+            cache.evict()
+        return built
+
     def _build_and_check(self, cand: Candidate) -> Stage | None:
         started = time.perf_counter()
-        built = model_cache.get_or_build(
-            stage_key(cand, self.component, self.context),
-            lambda: self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context),
-        )
+        built = self._build(cand)
         build_seconds = time.perf_counter() - started
         if isinstance(built, BuildFailure):
             if isinstance(built.error, MemoryBudgetError):
@@ -283,6 +315,10 @@ class _Selector:
     def over_budget(self) -> bool:
         return time.perf_counter() - self.started > self.context.settings.search_budget_s
 
+    def cut_short(self) -> bool:
+        """Whether the search ran over its budget: a candidate skipped, or a timing stopped by it."""
+        return self.over_budget() or any(r.reason == "search budget spent" for r in self.results)
+
 
 def _result(selector: _Selector, name: str) -> CandidateResult:
     return next(r for r in selector.results if r.name == name and r.accepted)
@@ -360,20 +396,40 @@ def _progress(total: int, label: str) -> Iterator[Any]:
 def _load_decision(context: BuildContext, key: str) -> dict[str, Any] | None:
     if context.cache is None:
         return None
-    entry = context.cache.get(key)
-    if entry is None:
-        return None
-    try:
-        return json.loads((entry.path / "decision.json").read_text())
-    except (OSError, ValueError):
+    with context.cache.pinned():
+        entry = context.cache.get(key)
+        if entry is None:
+            return None
+        try:
+            decision = json.loads((entry.path / "decision.json").read_text())
+        except (OSError, ValueError):
+            decision = None
+    if not isinstance(decision, dict):
         context.cache.remove(key)
         return None
+    return decision
+
+
+def _searched_enough(decision: dict[str, Any], context: BuildContext) -> bool:
+    """A partial decision serves budgets up to the one it had; a complete one serves any budget."""
+    if not decision.get("search_cut_short"):
+        return True
+    budget = context.settings.search_budget_s
+    if budget <= float(decision.get("search_budget_s", 0.0)):
+        return True
+    log.info(
+        "%s: the stored decision was cut short by its %.0f s search budget; searching again with %.0f s",
+        decision.get("component"),
+        float(decision.get("search_budget_s", 0.0)),
+        budget,
+    )
+    return False
 
 
 def _store_decision(context: BuildContext, key: str, component: Component, report: ComponentReport) -> None:
     if context.cache is None:
         return
-    payload = report.to_dict()
+    payload = {**report.to_dict(), "search_budget_s": context.settings.search_budget_s}
 
     def write(directory: Any) -> None:
         (directory / "decision.json").write_text(json.dumps(payload, indent=1))
@@ -396,13 +452,68 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
             usable.append(cand)
         else:
             selector.reject(cand.name, f"not available: {why}")
-    if context.settings.mode == "auto":
-        key = _decision_key(component, context, [c.name for c in usable])
-        decision = _load_decision(context, key) if context.settings.reuse_decisions else None
-        if decision is not None:
-            report = _apply_decision(selector, registered, decision)
-            if report is not None:
-                return report
+    if context.settings.mode != "auto":
+        return _search(selector, usable)
+    key = _decision_key(component, context, [c.name for c in usable])
+    if not context.settings.reuse_decisions or context.cache is None:
+        return _search_and_store(selector, usable, key)
+    seen: list[dict[str, Any]] = []
+
+    def reuse() -> ComponentReport | None:
+        """Apply the stored decision, unless it is missing, too partial, or the one that failed already."""
+        decision = _load_decision(context, key)
+        if decision is None or decision in seen or not _searched_enough(decision, context):
+            return None
+        seen.append(decision)
+        return _apply_decision(selector, registered, decision)
+
+    report = reuse()
+    if report is not None:
+        return report
+    with _deciding(context, key, component.name):
+        # Another process may have decided while this one waited for the lock.
+        return reuse() or _search_and_store(selector, usable, key)
+
+
+@contextmanager
+def _deciding(context: BuildContext, key: str, name: str) -> Iterator[None]:
+    """Hold the decision lock for ``key`` while this process searches and stores its decision.
+
+    When another process holds it, wait for it (its decision is then there to apply), at most
+    the search and compile budgets plus :data:`DECISION_WAIT_MARGIN_S`; after that, go on without it.
+    """
+    assert context.cache is not None
+    s = context.settings
+    lock = context.cache.lock(f"{key}.decide", timeout=0)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        wait = s.search_budget_s + s.compile_budget_s + DECISION_WAIT_MARGIN_S
+        log.info("%s: another process is measuring it; waiting up to %.0f s for its decision", name, wait)
+        try:
+            lock.acquire(timeout=wait)
+        except Timeout:
+            log.warning("%s: no decision from the other process after %.0f s; measuring here", name, wait)
+    except OSError as exc:  # correctness never depends on the lock
+        log.info("%s: deciding without the decision lock (%s)", name, exc)
+    try:
+        yield
+    finally:
+        if lock.is_locked:
+            with suppress(OSError):
+                lock.release()
+
+
+def _search_and_store(selector: _Selector, usable: list[Candidate], key: str) -> ComponentReport:
+    report = _search(selector, usable)
+    _store_decision(selector.context, key, selector.component, report)
+    return report
+
+
+def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
+    """Tier mode: the first candidate that passes. Auto mode: time the survivors, keep the fastest."""
+    component, context = selector.component, selector.context
+    selector.started = time.perf_counter()  # the budget is the search's, not a wait for another's decision
     with _progress(len(usable), f"optimizing {component.name}") as advance:
         for cand in usable:
             if context.settings.mode == "auto" and cand.name != "eager" and selector.over_budget():
@@ -423,10 +534,11 @@ def optimize_component(component: Component, context: BuildContext, pm: pluggy.P
     if selector.best == "eager":
         _duel(selector, None)
     chosen = _winner(selector)
-    report = ComponentReport(component.name, chosen, selector.results, stage=selector.stages[chosen])
+    report = ComponentReport(
+        component.name, chosen, selector.results, stage=selector.stages[chosen], search_cut_short=selector.cut_short()
+    )
     selector.stages.clear()
     release_memory()
-    _store_decision(context, key, component, report)
     return report
 
 
@@ -444,4 +556,7 @@ def _apply_decision(
     for result in stored:
         if result.name == chosen:
             result.from_cache = bool(stage.info.get("from_cache"))
-    return ComponentReport(selector.component.name, chosen, stored, decision_from_cache=True, stage=stage)
+    cut_short = bool(decision.get("search_cut_short"))
+    return ComponentReport(
+        selector.component.name, chosen, stored, decision_from_cache=True, stage=stage, search_cut_short=cut_short
+    )

@@ -68,7 +68,7 @@ model_cache = ModelCache()
 
 
 def stage_key(candidate: Any, component: Any, context: Any) -> str:
-    """What makes two builds the same: component, candidate, tier, threads and tolerances."""
+    """What makes two builds the same: component, candidate, tier, threads, tolerances and compile mode."""
     s = context.settings
     parts = [
         component.key(),
@@ -77,5 +77,6 @@ def stage_key(candidate: Any, component: Any, context: Any) -> str:
         str(context.threads.intra_op),
         str(s.atol),
         str(s.rtol),
+        s.compile_mode,
     ]
     return "|".join(parts)

@@ -2,7 +2,9 @@
 
 OpenVINO silently runs bf16 on CPUs with avx512_bf16 (MEASURED.md), so every compiled model gets
 ``INFERENCE_PRECISION_HINT`` set explicitly. The IR is converted from the component's ONNX export
-and kept in the artifact cache; OpenVINO's own compiled-blob cache (``CACHE_DIR``) lives inside it.
+and kept in the artifact cache; OpenVINO's own compiled-blob cache (``CACHE_DIR``) for an IR lives
+in that IR's entry (its ``runtime/`` folder), so it is counted, evicted and cleared with the IR,
+and an IR rebuilt under the same path starts without blobs.
 """
 
 from __future__ import annotations
@@ -42,15 +44,20 @@ def _check_precision(compiled: Any, device: str, precision: str) -> None:
         raise RuntimeError(f"OpenVINO {device} runs {actual} when asked for {wanted}")
 
 
-def compile_config(context: BuildContext, precision: str) -> dict[str, str]:
-    """The ``compile_model`` properties: explicit precision, latency hint, the thread budget, cache."""
+def compile_config(context: BuildContext, precision: str, model: Path) -> dict[str, str]:
+    """The ``compile_model`` properties for the IR ``model``: explicit precision, latency hint, threads, cache.
+
+    ``CACHE_DIR`` is the runtime folder of the cache entry that holds ``model``
+    (:meth:`~uniopt.cache.ArtifactCache.runtime_dir`); none for a model outside the cache.
+    """
     config = {
         "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
         "PERFORMANCE_HINT": "LATENCY",
         **context.threads.openvino_config(),
     }
-    if context.cache is not None:
-        config["CACHE_DIR"] = str(context.cache.root / "openvino")
+    folder = None if context.cache is None else context.cache.runtime_dir(Path(model).parent)
+    if folder is not None:
+        config["CACHE_DIR"] = str(folder)
     return config
 
 
@@ -84,11 +91,25 @@ def _nncf_int8(model: Any, component: Any, variant: str, half_range: bool) -> An
     return nncf.quantize(model, dataset, subset_size=len(samples), advanced_parameters=advanced)
 
 
+def _ir_key(component: Any, export_key: str, variant: str, half_range: bool) -> str:
+    """The cache key of an IR: its export, variant, versions, and for static int8 the calibration data."""
+    from ..cache import cache_key, library_versions
+
+    calibrated = variant in ("int8-static", "int8-matmul")
+    return cache_key(
+        {
+            "artifact": f"openvino-{variant}",
+            "export": export_key,
+            "versions": library_versions(),
+            "half_range": half_range,
+            "calibration": component.calibration_key() if calibrated else None,
+        }
+    )
+
+
 def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> tuple[Path, bool, Any]:
     """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached."""
     import openvino as ov
-
-    from ..cache import cache_key, library_versions
 
     export = exported_onnx(component, context, loaded)
     half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
@@ -106,14 +127,7 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
             ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"variant": variant, "half_range": half_range}
 
-    key = cache_key(
-        {
-            "artifact": f"openvino-{variant}",
-            "export": export.key,
-            "versions": library_versions(),
-            "half_range": half_range,
-        }
-    )
+    key = _ir_key(component, export.key, variant, half_range)
     entry, built = context.cache.get_or_build(
         key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
     )
@@ -139,7 +153,7 @@ def _build(variant: str, precision: str, name: str) -> Any:
         device = _device_for(context.profile, hint)
         ir_bytes = file_bytes(path, path.with_suffix(".bin"))
         with memory_step(f"openvino-compile-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
-            compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint))
+            compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint, path))
         _check_precision(compiled, device, hint)
         request = compiled.create_infer_request()
         lock = threading.Lock()

@@ -246,7 +246,7 @@ def _builder(variant: str, precision: str, name: str) -> Callable[..., Stage]:
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
             with memory_step(f"openvino-compile-{hint}", component, context, file_bytes(path, path.with_suffix(".bin"))):
-                compiled[graph.name] = core.compile_model(str(path), "CPU", compile_config(context, precision))
+                compiled[graph.name] = core.compile_model(str(path), "CPU", compile_config(context, precision, path))
         allowed = context.settings.fallback_on_optimization_error
         info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}
         return Stage(name, StatefulDecode(component, steps, compiled, name, allowed), info)
