@@ -193,8 +193,9 @@ class Installation:
             return _compiled_for(run, source), True
         if isinstance(run, torch.nn.Module):
             return own_state(run), True
-        if callable(getattr(run, "with_own_state", None)):  # a stage keeping state outside PyTorch
-            return run.with_own_state(), True
+        own = getattr(run, "with_own_state", None)
+        if callable(own):  # a stage keeping state outside PyTorch: its own copy of that state
+            return own(), True
         return run, False
 
     @property

@@ -103,9 +103,7 @@ class StatefulDecode:
 
     def with_own_state(self) -> StatefulDecode:
         """The same compiled steps with new infer requests (their own caches)."""
-        return StatefulDecode(
-            self._component, self._steps, self._compiled, self._candidate, self.fallbacks.allowed
-        )
+        return StatefulDecode(self._component, self._steps, self._compiled, self._candidate, self.fallbacks.allowed)
 
     @contextlib.contextmanager
     def strict(self) -> Iterator[None]:
@@ -158,7 +156,8 @@ def _convert(graph: StepGraph) -> Any:
     for port, name in zip(model.outputs, graph.output_names, strict=True):
         port.get_tensor().set_names({name})
     cache_shape = ov.PartialShape([1, graph.kv_heads, -1, graph.head_dim])
-    shapes = {port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, graph.input_shapes)}
+    inputs = model.inputs[: len(graph.input_shapes)]
+    shapes = {port: ov.PartialShape(list(shape)) for port, shape in zip(inputs, graph.input_shapes, strict=True)}
     shapes.update({port: cache_shape for port in model.inputs[len(graph.input_shapes) :]})
     model.reshape(shapes)
     manager = passes.Manager()
@@ -245,7 +244,8 @@ def _builder(variant: str, precision: str, name: str) -> Callable[..., Stage]:
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
-            with memory_step(f"openvino-compile-{hint}", component, context, file_bytes(path, path.with_suffix(".bin"))):
+            ir_bytes = file_bytes(path, path.with_suffix(".bin"))
+            with memory_step(f"openvino-compile-{hint}", component, context, ir_bytes):
                 compiled[graph.name] = core.compile_model(str(path), "CPU", compile_config(context, precision, path))
         allowed = context.settings.fallback_on_optimization_error
         info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}

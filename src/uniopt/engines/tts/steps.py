@@ -30,7 +30,7 @@ __all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step",
 
 
 def attention_step(
-    attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past_key: Tensor, past_value: Tensor
+    attention: Any, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past_key: Tensor, past_value: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped-query attention of ``x [1, L, dim]`` at ``positions`` over the past keys and its own.
 
@@ -58,7 +58,7 @@ def attention_step(
 
 
 def _blocks(
-    blocks: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past: tuple[Tensor, ...]
+    blocks: Any, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past: tuple[Tensor, ...]
 ) -> tuple[Tensor, list[Tensor]]:
     """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x``; the new caches, key then value per layer."""
     present: list[Tensor] = []
@@ -80,7 +80,7 @@ class DualARParts:
     ``rope`` / ``fast_rope`` are ``(cos, sin)`` tables ``[positions, head_dim / 2]``.
     """
 
-    model: nn.Module
+    model: Any
     embed: Callable[[Tensor], Tensor]
     logits: Callable[[Tensor], Tensor]
     rope: tuple[Tensor, Tensor]
@@ -89,12 +89,12 @@ class DualARParts:
     max_positions: int
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers  # type: ignore[return-value]
+    def layers(self) -> Any:
+        return self.model.layers
 
     @property
-    def fast_layers(self) -> nn.ModuleList:
-        return self.model.fast_layers  # type: ignore[return-value]
+    def fast_layers(self) -> Any:
+        return self.model.fast_layers
 
 
 class SlowStep(nn.Module):
@@ -109,7 +109,7 @@ class SlowStep(nn.Module):
         self.parts = parts
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        parts, model = self.parts, self.model
+        parts, model = self.parts, self.parts.model
         cos, sin = parts.rope[0][input_pos], parts.rope[1][input_pos]
         x, present = _blocks(parts.layers, parts.embed(tokens), cos, sin, input_pos, past)
         x = x[:, -1:]
@@ -125,7 +125,7 @@ class FastStep(nn.Module):
         self.parts = parts
 
     def forward(self, x: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        parts, model = self.parts, self.model
+        parts, model = self.parts, self.parts.model
         cos, sin = parts.fast_rope[0][input_pos], parts.fast_rope[1][input_pos]
         x, present = _blocks(parts.fast_layers, x, cos, sin, input_pos, past)
         return (model.fast_output(model.fast_norm(x)), *present)
