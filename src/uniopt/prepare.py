@@ -3,7 +3,8 @@
 The target's ``optimize doctor --json`` gives its profile. For every component of each engine,
 every graph candidate the target's tier and instruction sets allow is built here with the
 target's profile (so the keys are the ones the target computes): the ONNX export, ORT-optimized and
-int8 models, OpenVINO IR with nncf int8 where the target's CPU makes int8 saturate or not.
+int8 models, OpenVINO IR with nncf int8 where the target's CPU makes int8 saturate or not, and
+a decoder's stateful step models.
 Nothing is timed. On the target, ``UNIOPT_CACHE_BUNDLE=DIR`` makes tier and auto mode load these
 instead of exporting; an artifact built for another tier or other library versions has another
 key and is simply not found.
@@ -27,6 +28,7 @@ from .engines.registry import load_engine
 from .memory import release_memory
 from .optimizer.adapters import engine_components
 from .plugins import BuildContext, BuildFailure, availability, candidates, plugin_manager
+from .plugins.fallback import NOT_APPLICABLE
 from .settings import resolve_settings
 from .threads import thread_budget
 from .tiers import HostProfile, host_profile
@@ -34,7 +36,8 @@ from .tiers import HostProfile, host_profile
 __all__ = ["PreparedArtifact", "prepare_bundle"]
 
 #: Candidates that need ONNX are the ones that leave artifacts on disk.
-_ARTIFACT_PACKAGE = "onnx"
+#: Candidates that need one of these build cached artifacts (ONNX exports, OpenVINO IRs).
+_ARTIFACT_PACKAGES = ("onnx", "openvino")
 #: Needs the target's own CPU to build (see the module docstring).
 _HOST_SPECIFIC = ("onnxruntime-fp32",)
 
@@ -67,14 +70,14 @@ def prepare_bundle(engines: list[str], target: HostProfile, out: Path | str, **s
         engine, example_inputs = load_engine(engine_name)
         for component in engine_components(engine, example_inputs):
             for cand in candidates(pm).values():
-                if _ARTIFACT_PACKAGE not in cand.requires.packages:
+                if not set(_ARTIFACT_PACKAGES) & set(cand.requires.packages):
                     continue
                 row = PreparedArtifact(engine_name, component.name, cand.name, "skipped")
                 results.append(row)
                 ok, why = availability(cand, target, resolved, choice.tier)
                 if not ok:
                     row.reason = f"not available on the target: {why}"
-                elif component.exporter == "none":
+                elif component.exporter == "none" and component.decode_steps is None:
                     row.reason = "the component does not export"
                 elif cand.name in _HOST_SPECIFIC and not same_cpu:
                     row.reason = "optimized for the CPU it runs on; the target builds it from the bundled export"
@@ -92,7 +95,9 @@ def _build(row: PreparedArtifact, cand: Any, component: Any, context: BuildConte
     stage = pm.hook.uniopt_build_stage(candidate=cand, component=component, context=context)
     row.seconds = time.perf_counter() - started
     row.entries = sorted({e.key for e in context.cache.entries()} - before)
-    if isinstance(stage, BuildFailure):
+    if isinstance(stage, BuildFailure) and stage.reason.startswith(NOT_APPLICABLE) and not row.entries:
+        row.reason = stage.reason
+    elif isinstance(stage, BuildFailure):
         row.status, row.reason = (
             ("built", f"artifacts saved; {stage.reason}") if row.entries else ("failed", stage.reason)
         )

@@ -170,7 +170,8 @@ def test_a_failing_step_runs_the_call_eager_counted_or_raises(engine: FishSpeech
 def test_int8_and_int4_weights_pass_the_guard_and_warm_start_converts_nothing(tmp_path: Path) -> None:
     engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
     allow = ["openvino-stateful-int8", "openvino-stateful-int4"]
-    cold = UniversalOptimizer(engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0)
+    # min_speedup: which one is chosen is timing; that one of them is, once they pass, is not.
+    cold = UniversalOptimizer(engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0, min_speedup=0.01)
     report = cold.report().component("decoder")
     for name in allow:
         result = report.candidate(name)
@@ -181,7 +182,7 @@ def test_int8_and_int4_weights_pass_the_guard_and_warm_start_converts_nothing(tm
     assert steps.count("openvino-convert-step") == 2 and steps.count("nncf-weights") == 2
     model_cache.clear()  # a new process: nothing built in memory
     warm_engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
-    warm = UniversalOptimizer(warm_engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0)
+    warm = UniversalOptimizer(warm_engine, allow=allow, cache_dir=str(tmp_path), model_warmup_runs=0, min_speedup=0.01)
     warm_report = warm.report().component("decoder")
     assert warm_report.decision_from_cache and warm_report.chosen == report.chosen
     assert warm_report.stage.info["from_cache"]  # both step models compiled from their cached IRs
@@ -259,3 +260,26 @@ def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(built_cache: Pat
         for ours, theirs in zip(stage(*forced), adapter.decoder(*forced), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
         assert torch.equal(stage(prompt), reference)
+
+
+def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_path: Path) -> None:
+    from tiny_engines import TtsDecoderOnly
+    from uniopt.prepare import prepare_bundle
+
+    rows = prepare_bundle(["tiny_engines:TtsDecoderOnly"], host_profile(), tmp_path / "bundle")
+    decoder = {r.candidate: r for r in rows if r.component == "decoder"}
+    for name in ("openvino-stateful-f32", "openvino-stateful-int8", "openvino-stateful-int4"):
+        assert decoder[name].status == "built" and decoder[name].entries, decoder[name]
+    assert decoder["onnxruntime-fp32"].status == "skipped" and "not applicable" in decoder["onnxruntime-fp32"].reason
+    model_cache.clear()
+    wrapped = UniversalOptimizer(
+        TtsDecoderOnly(),
+        mode="tier",
+        tier="cpu-avx512",
+        cache_dir=str(tmp_path / "cache"),
+        cache_bundle=str(tmp_path / "bundle"),
+    )
+    report = wrapped.report().component("decoder")
+    assert report.chosen == "openvino-stateful-int8", report.candidates
+    assert report.stage.info["from_cache"]
+    assert not any(e.kind.startswith("openvino-stateful") for e in ArtifactCache(tmp_path / "cache").entries())
