@@ -8,12 +8,14 @@ For each mode (``eager``: the plain :class:`Diarizer`; ``auto``/``tier``: wrappe
 * DER (pyannote.metrics, collar 0.25 s) and speakers found on every fixture in
   ``tests/data/diarization/``, batch and streamed in 1 s chunks;
 * latency of ``diarize`` on 10 s windows of the fixtures (every 5 s of each), ``--calls`` calls
-  after two warm-up calls: p50 / p95 / p99, and where the time goes (median ms per call of
+  after two warm-up calls: p50 / p95 / p99, the median CPU time of a call (all threads; what
+  other processes' load changes least), and where the time goes (median ms per call of
   segmentation, mel features, embedding network, unit building, clustering, aggregation).
 
-``--cgroup`` runs the same inside a new cgroup limited to 1.3 CPUs and 1.5 GiB (root only; cgroup
-v1 or v2). The host, its load average before and after, and the threads are printed with the
-figures: on a shared machine other processes' load changes the absolute times.
+``--cgroup`` runs the same inside a new cgroup limited to 1.3 CPUs and 1.5 GiB
+(``scripts/small_vm.py``; root only, cgroup v1 or v2). The host, its load average before and
+after, and the threads are printed with the figures: on a shared machine other processes' load
+changes the absolute times.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "diarization"
 FIXTURES = ("two_speakers", "three_speakers", "four_speakers")
 SR = 16_000
-CGROUP_NAME = "uniopt-diarization-bench"
-LIMIT_1_5_GIB = 1536 * 1024 * 1024
 STAGES = ("segmentation", "mel", "embedding", "units", "clustering", "aggregate")
 
 
@@ -85,6 +85,19 @@ def _timed(record: dict[str, list[float]], stage: str, function: Callable[..., A
     return wrapper
 
 
+def _hooked(record: dict[str, list[float]], stage: str, module: Any) -> list[Any]:
+    """Forward pre-hook and hook adding each call's seconds of ``module`` to ``record[stage]``."""
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(*_: Any) -> None:
+        record[stage][-1] += time.perf_counter() - started.pop()
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after, always_call=True)]
+
+
 def latency(engine: Any, calls: int) -> dict[str, Any]:
     """p50/p95/p99 ms of ``diarize`` on 10 s windows, and the median ms per stage."""
     import uniopt.engines.diarization.pipeline as pipeline
@@ -95,11 +108,14 @@ def latency(engine: Any, calls: int) -> dict[str, Any]:
         audio, _ = sf.read(DATA / f"{name}.wav", dtype="float32")
         windows += [audio[s : s + 10 * SR] for s in range(0, audio.size - 10 * SR + 1, 5 * SR)]
     record: dict[str, list[float]] = {stage: [0.0] for stage in STAGES}  # [0] collects the warm-up calls
-    mel = pipeline.wav_to_mel_spectrogram
-    # Instance attributes shadow the methods while timing; deleting them restores the class's.
+    mel = pipeline.mel_spectrograms
+    # The networks are timed by forward hooks, which run around an installed (optimized) forward
+    # too; the pipeline's methods by instance attributes that shadow them (deleting them restores
+    # the class's).
+    handles = []
+    for module, stage in ((diarizer.segmentation, "segmentation"), (diarizer.embedding, "embedding")):
+        handles += _hooked(record, stage, module)
     patched = [
-        (diarizer.segmentation, "forward", "segmentation"),
-        (diarizer.embedding, "forward", "embedding"),
         (diarizer, "_units", "units"),
         (diarizer, "_cluster", "clustering"),
         (diarizer, "_aggregate", "aggregate"),
@@ -108,21 +124,24 @@ def latency(engine: Any, calls: int) -> dict[str, Any]:
         raise SystemExit("cannot time the stages: a stage method is already an instance attribute")
     for owner, attr, stage in patched:
         setattr(owner, attr, _timed(record, stage, getattr(owner, attr)))
-    pipeline.wav_to_mel_spectrogram = _timed(record, "mel", mel)
+    pipeline.mel_spectrograms = _timed(record, "mel", mel)
     try:
         for window in windows[:2]:
             engine.diarize(window, SR)
-        totals = []
+        totals, cpu = [], []
         for call in range(calls):
             for stage in STAGES:
                 record[stage].append(0.0)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             engine.diarize(windows[call % len(windows)], SR)
             totals.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
     finally:
-        pipeline.wav_to_mel_spectrogram = mel
+        pipeline.mel_spectrograms = mel
         for owner, attr, _ in patched:
             delattr(owner, attr)
+        for handle in handles:
+            handle.remove()
     ms = np.asarray(totals) * 1e3
     stages = {stage: statistics.median(record[stage][1:]) * 1e3 for stage in STAGES}
     stages["other"] = float(np.median(ms)) - sum(stages.values())
@@ -133,6 +152,7 @@ def latency(engine: Any, calls: int) -> dict[str, Any]:
         "p95": float(np.percentile(ms, 95)),
         "p99": float(np.percentile(ms, 99)),
         "max": float(ms.max()),
+        "cpu_p50": float(np.median(cpu)) * 1e3,
         "stages_ms": stages,
     }
 
@@ -183,62 +203,39 @@ def print_tables(result: dict[str, Any]) -> None:
                 f"{r['der']:.1%} | {r['missed']:.1%} | {r['false_alarm']:.1%} | {r['confusion']:.1%} |"
             )
     columns = (*STAGES, "other")
-    print("\n| mode | chosen | calls | p50 ms | p95 ms | p99 ms | " + " | ".join(f"{s} ms" for s in columns) + " |")
-    print("|---|---|---|---|---|---|" + "---|" * len(columns))
+    print(
+        "\n| mode | chosen | calls | p50 ms | p95 ms | p99 ms | CPU ms p50 | "
+        + " | ".join(f"{s} ms" for s in columns)
+        + " |"
+    )
+    print("|---|---|---|---|---|---|---|" + "---|" * len(columns))
     for mode, data in result["modes"].items():
         lat = data["latency"]
         stages = " | ".join(f"{lat['stages_ms'][s]:.1f}" for s in columns)
-        print(
-            f"| {mode} | {data['chosen']} | {lat['calls']} | {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} | "
-            f"{stages} |"
-        )
+        times = " | ".join(f"{lat[key]:.0f}" for key in ("p50", "p95", "p99", "cpu_p50"))
+        print(f"| {mode} | {data['chosen']} | {lat['calls']} | {times} | {stages} |")
 
 
-def _cgroup_dirs() -> list[Path]:
-    """New child cgroups (v2, or v1 cpu + memory) under this process's own, limited to 1.3 CPUs / 1.5 GiB."""
-    root = Path("/sys/fs/cgroup")
-    own = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
-    if (root / "cgroup.controllers").exists():
-        child = root / own[""].lstrip("/") / CGROUP_NAME
-        child.mkdir(exist_ok=True)
-        (child / "cpu.max").write_text("130000 100000")
-        (child / "memory.max").write_text(str(LIMIT_1_5_GIB))
-        return [child]
-    dirs = []
-    for controller, limits in (
-        ("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "130000"}),
-        ("memory", {"memory.limit_in_bytes": str(LIMIT_1_5_GIB)}),
-    ):
-        key = next(k for k in own if controller in k.split(","))
-        mount = next(root / m for m in (key, controller) if (root / m / "cgroup.procs").exists())
-        child = mount / own[key].lstrip("/") / CGROUP_NAME
-        child.mkdir(exist_ok=True)
-        for name, value in limits.items():
-            (child / name).write_text(value)
-        dirs.append(child)
-    return dirs
+def _small_vm() -> Any:
+    """``scripts/small_vm.py`` as a module (the one place that makes the 1.3 CPU / 1.5 GiB cgroup)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("small_vm", ROOT / "scripts" / "small_vm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def in_cgroup(argv: list[str]) -> int:
-    """Re-run this script with ``argv`` inside the 1.3 CPU / 1.5 GiB cgroup; remove the cgroup after."""
-    if os.geteuid() != 0:
-        raise SystemExit("--cgroup needs root to create a cgroup")
-    dirs = _cgroup_dirs()
-
-    def join() -> None:
-        for d in dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
-
+    """Re-run this script with ``argv`` inside a new 1.3 CPU / 1.5 GiB cgroup, removed after."""
+    vm_module = _small_vm()
     try:
-        return subprocess.run([sys.executable, __file__, *argv], preexec_fn=join).returncode
-    finally:
-        for d in dirs:
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        with vm_module.small_vm() as vm:
+            return subprocess.run(vm.command([sys.executable, __file__, *argv])).returncode
+    except vm_module.Unavailable as exc:
+        raise SystemExit(f"--cgroup: {exc}") from exc
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from uniopt.settings import Settings
-from uniopt.threads import ThreadBudget, apply_to_environment, thread_budget
+from uniopt.threads import ThreadBudget, apply_to_environment, single_threaded_blas, thread_budget
 from uniopt.tiers import TIERS, GpuInfo, select_tier, tier_by_name
 from uniopt.tiers.tiers import host_facts
 
@@ -202,3 +202,21 @@ def test_environment_respects_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
     apply_to_environment(budget)
     assert os.environ["OMP_NUM_THREADS"] == "8"
     assert os.environ["MKL_NUM_THREADS"] == "2"
+
+
+def test_single_threaded_blas_nests_and_restores() -> None:
+    import numpy as np
+    from threadpoolctl import ThreadpoolController
+
+    def blas_threads() -> list[int]:
+        return [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
+
+    np.ones((2, 2)) @ np.ones((2, 2))  # numpy's BLAS is loaded
+    before = blas_threads()
+    assert before
+    with single_threaded_blas():
+        assert set(blas_threads()) == {1}
+        with single_threaded_blas():
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {1}  # the outer block still holds the limit
+    assert blas_threads() == before

@@ -3,16 +3,23 @@
 A process under a 1-CPU quota that lets torch, ONNX Runtime and OpenVINO each start a thread per
 logical core spends its quota on contention. The budget gives each backend ``intra_op`` threads
 (usable CPUs rounded down, at least 1) and a single inter-op thread.
+
+An engine's own numpy work between its networks (features, clustering) runs inside
+:func:`single_threaded_blas`: its products are small, and numpy's OpenBLAS wakes a worker per CPU
+for them that then spins, waiting for more work, while the next network wants those CPUs.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ThreadBudget", "thread_budget"]
+__all__ = ["ThreadBudget", "single_threaded_blas", "thread_budget"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +72,33 @@ def apply_to_environment(budget: ThreadBudget) -> None:
     """Export the budget to OpenMP/MKL variables not already set by the user."""
     for name, value in budget.environment().items():
         os.environ.setdefault(name, value)
+
+
+_BLAS_LOCK = threading.Lock()
+_blas_state: dict[str, Any] = {"controller": None, "limiter": None, "depth": 0}
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's BLAS (OpenBLAS, MKL, BLIS) on one thread inside the block, restored after the outermost one.
+
+    Nested and concurrent blocks share one limit (threadpoolctl's), set by the first to enter and
+    lifted by the last to leave. OpenBLAS splits a product by rows and columns, never along the
+    summed axis, so its results are the same on one thread.
+    """
+    with _BLAS_LOCK:
+        if _blas_state["depth"] == 0:
+            if _blas_state["controller"] is None:
+                from threadpoolctl import ThreadpoolController
+
+                _blas_state["controller"] = ThreadpoolController()
+            _blas_state["limiter"] = _blas_state["controller"].limit(limits=1, user_api="blas")
+        _blas_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _blas_state["depth"] -= 1
+            if _blas_state["depth"] == 0:
+                _blas_state["limiter"].restore_original_limits()
+                _blas_state["limiter"] = None

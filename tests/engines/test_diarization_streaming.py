@@ -14,7 +14,7 @@ import pytest
 from uniopt.engines.diarization import Diarizer, Segment, SpeakerDatabase
 from uniopt.errors import InputError
 
-from .test_diarization_der import load, pytestmark  # noqa: F401 - the module's skip condition
+from .test_diarization_der import FIXTURES, load, pytestmark  # noqa: F401 - the module's skip condition
 
 SR = 16_000
 
@@ -42,6 +42,33 @@ def diarizer() -> Diarizer:
 def test_chunk_size_does_not_change_the_result(diarizer: Diarizer) -> None:
     audio = load("two_speakers")[0][: 16 * SR]  # two windows
     assert stream(diarizer, audio, 1.0)[0] == stream(diarizer, audio, 3.7)[0]
+
+
+def test_work_per_chunk_does_not_grow_with_the_stream(diarizer: Diarizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the three fixtures streamed back to back (86 s), the votes kept and the frames scanned
+    for final segments after each 1 s chunk stay within two windows (per speaker), as after 10 s."""
+    import uniopt.engines.diarization.streaming as streaming
+
+    scanned, runs = [0], streaming.runs
+
+    def counting_runs(active: np.ndarray) -> list[tuple[int, int]]:
+        scanned[0] += active.size
+        return runs(active)
+
+    monkeypatch.setattr(streaming, "runs", counting_runs)
+    audio = np.concatenate([load(name)[0] for name in FIXTURES])
+    window_frames = diarizer._segment(np.zeros((1, diarizer.window_samples), dtype=np.float32)).shape[1]
+    streamer = diarizer.stream()
+    held, per_speaker = [], []
+    for first in range(0, audio.size, SR):
+        scanned[0] = 0
+        streamer.feed(audio[first : first + SR], SR)
+        held.append(streamer.held_frames)
+        per_speaker.append(scanned[0] / max(len(streamer.database), 1))
+    assert len(streamer.database) >= 3 and len(held) > 80
+    assert max(held) <= 2 * window_frames, held
+    assert max(per_speaker) <= 2 * window_frames, per_speaker
+    assert streamer.flush() and streamer.held_frames <= 2 * window_frames
 
 
 def test_enrolled_speakers_are_named(diarizer: Diarizer) -> None:

@@ -35,6 +35,7 @@ from uniopt.engines.diarization.speaker_encoder import (
     PARTIAL_FRAMES,
     compute_partial_slices,
     load_speaker_encoder,
+    mel_spectrograms,
     normalize_volume,
     wav_to_mel_spectrogram,
 )
@@ -43,6 +44,9 @@ from uniopt.engines.diarization.units import (
     attach_short_runs,
     best_change,
     check_speaker_counts,
+    frame_samples,
+    gap_groups,
+    mask_samples,
     pause_frames,
     runs,
 )
@@ -80,19 +84,15 @@ def postprocess_segments(segments: list[Segment], min_duration_s: float = 0.0, m
     """
     if min_duration_s < 0 or min_gap_s < 0:
         raise InputError(f"min_duration_s and min_gap_s must be >= 0, got {min_duration_s}, {min_gap_s}")
-    merged: dict[str, list[list[float]]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for seg in sorted(segments, key=lambda s: (s.speaker, s.start_s)):
-        spans = merged.setdefault(seg.speaker, [])
-        if spans and seg.start_s - spans[-1][1] < min_gap_s:
-            spans[-1][1] = max(spans[-1][1], seg.end_s)
-        else:
-            spans.append([seg.start_s, seg.end_s])
-    kept = [
-        Segment(start, end, speaker)
-        for speaker, spans in merged.items()
-        for start, end in spans
-        if end - start >= min_duration_s
-    ]
+        spans.setdefault(seg.speaker, []).append((seg.start_s, seg.end_s))
+    kept = []
+    for speaker, own in spans.items():
+        for group in gap_groups(own, min_gap_s):
+            start, end = own[group[0]][0], max(own[i][1] for i in group)
+            if end - start >= min_duration_s:
+                kept.append(Segment(start, end, speaker))
     return sorted(kept, key=lambda s: (s.start_s, s.speaker))
 
 
@@ -180,16 +180,18 @@ class Diarizer:
 
     def _embed_partials(self, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of every 1.6 s partial of the pieces (rows in time order) and each one's piece index."""
-        mels, owners = [], []
-        for index, wav in enumerate(pieces):
+        wavs, slices = [], []
+        for wav in pieces:
             wav = normalize_volume(wav).astype(np.float32)
             wav_slices, mel_slices = compute_partial_slices(wav.size)
             if wav_slices[-1].stop > wav.size:
                 wav = np.pad(wav, (0, wav_slices[-1].stop - wav.size))
-            mel = wav_to_mel_spectrogram(wav)
-            mels += [mel[s] for s in mel_slices]
-            owners += [index] * len(mel_slices)
-        stacked, partial = np.stack(mels), []
+            wavs.append(wav)
+            slices.append(mel_slices)
+        mels = mel_spectrograms(wavs)
+        stacked = np.stack([mel[s] for mel, piece in zip(mels, slices, strict=True) for s in piece])
+        owners = [index for index, piece in enumerate(slices) for _ in piece]
+        partial = []
         with torch.inference_mode():
             for first in range(0, len(stacked), self.embedding_batch_size):
                 batch = torch.from_numpy(stacked[first : first + self.embedding_batch_size])
@@ -245,14 +247,13 @@ class Diarizer:
         (not padded) samples in each window.
         """
         frames, frame_s = activity.shape[1], self._frame_s(activity)
-        sample_frame = np.minimum(np.arange(self.window_samples) * frames // self.window_samples, frames - 1)
+        _, bounds = frame_samples(self.window_samples, frames)
         units: list[Unit] = []
         short: list[Unit] = []
         for w, (chunk, act) in enumerate(zip(chunks, activity, strict=True)):
-            valid = np.arange(self.window_samples) < lengths[w]
             real = np.arange(frames) * self.window_samples // frames < lengths[w]  # frames not in the padding
             alone = act.sum(axis=1) == 1
-            speaking = real & ~pause_frames(chunk, sample_frame, frames, round(self.min_pause_s / frame_s))
+            speaking = real & ~pause_frames(chunk, frames, round(self.min_pause_s / frame_s))
             for s in range(act.shape[1]):
                 for a, b in runs((act[:, s] > 0) & speaking):
                     run = np.zeros(frames, dtype=bool)
@@ -262,7 +263,7 @@ class Diarizer:
                         continue
                     clean = run & alone
                     mask = clean if clean.sum() * frame_s >= self.min_embedding_s else run
-                    samples = np.flatnonzero(mask[sample_frame] & valid)
+                    samples = mask_samples(mask, bounds, lengths[w])
                     units.append(Unit(w, s, run, float(mask.sum() * frame_s), chunk[samples], samples))
         return units, short
 

@@ -186,6 +186,9 @@ def _powerset_mapping() -> np.ndarray:
     return mapping
 
 
+_POWERSET_MAPPING = torch.from_numpy(_powerset_mapping())
+
+
 def powerset_to_speakers(log_probs: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Hard-decode powerset scores (..., 7) into per-speaker activity (..., 3) of 0/1 floats.
 
@@ -198,6 +201,5 @@ def powerset_to_speakers(log_probs: torch.Tensor | np.ndarray) -> torch.Tensor |
         raise InputError(f"powerset scores must be a torch tensor or numpy array, got {type(log_probs).__name__}")
     if scores.dim() < 1 or scores.shape[-1] != len(POWERSET_CLASSES):
         raise InputError(f"powerset scores must end with {len(POWERSET_CLASSES)} classes, got {tuple(scores.shape)}")
-    mapping = torch.from_numpy(_powerset_mapping()).to(scores.device)
-    activity = mapping[scores.argmax(dim=-1)]
+    activity = _POWERSET_MAPPING.to(scores.device)[scores.argmax(dim=-1)]
     return activity.numpy() if is_numpy else activity

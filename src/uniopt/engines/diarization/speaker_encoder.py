@@ -16,6 +16,7 @@ resemblyzer's VAD-based silence trimming (webrtcvad) is not part of this port.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import nn
 
 from uniopt.engines.diarization.weights import find_speaker_encoder_weights
 from uniopt.errors import InputError
+from uniopt.threads import single_threaded_blas
 
 __all__ = [
     "PARTIAL_FRAMES",
@@ -34,6 +36,7 @@ __all__ = [
     "embed_utterance",
     "load_speaker_encoder",
     "mel_filterbank",
+    "mel_spectrograms",
     "normalize_volume",
     "validate_wav",
     "wav_to_mel_spectrogram",
@@ -162,12 +165,23 @@ def wav_to_mel_spectrogram(wav: np.ndarray, pad_mode: str = "constant") -> np.nd
     pad = N_FFT // 2
     if pad_mode == "reflect" and wav.size <= pad:
         raise InputError(f"reflect padding needs more than {pad} samples, got {wav.size}")
-    padded = np.pad(wav, pad, mode="reflect" if pad_mode == "reflect" else "constant")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
+    return mel_spectrograms([wav], pad_mode)[0]
+
+
+def mel_spectrograms(wavs: Sequence[np.ndarray], pad_mode: str = "constant") -> list[np.ndarray]:
+    """:func:`wav_to_mel_spectrogram` of each waveform, with one FFT and one filterbank product for all.
+
+    The waveforms are taken as valid (1-D, finite float32, longer than ``N_FFT // 2`` for
+    ``"reflect"``); every row of the FFT and of the product is computed as it is for one waveform.
+    """
+    padded = [np.pad(wav, N_FFT // 2, mode="reflect" if pad_mode == "reflect" else "constant") for wav in wavs]
+    frames = [np.lib.stride_tricks.sliding_window_view(wav, N_FFT)[::HOP_LENGTH] for wav in padded]
     # As librosa: the FFT runs in float64 and is stored as complex64 before taking the power.
-    spectrum = np.fft.rfft(frames * _WINDOW, n=N_FFT, axis=-1).astype(np.complex64)
+    spectrum = np.fft.rfft(np.concatenate(frames) * _WINDOW, n=N_FFT, axis=-1).astype(np.complex64)
     power = np.abs(spectrum) ** 2
-    return (power @ _MEL_BASIS.T).astype(np.float32)
+    with single_threaded_blas():
+        mels = (power @ _MEL_BASIS.T).astype(np.float32)
+    return np.split(mels, np.cumsum([f.shape[0] for f in frames[:-1]]))
 
 
 def compute_partial_slices(

@@ -11,6 +11,11 @@ allowed one, or the nearest, instead).
 Votes are accumulated on one frame grid as in batch mode; frames no later window will cover are
 final, and segments that can no longer change are returned by :meth:`feed`, the rest by
 :meth:`flush`.
+
+The work per chunk does not grow with the stream: votes are kept only from the earliest frame a
+segment still to be returned can start at, and each speaker's frames are scanned from the start
+of its last run that may still change (the runs before it in the same segment are kept as that
+segment's start and end so far), so about a window plus the run in progress.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 
 from uniopt.engines.audio import prepare_audio
 from uniopt.engines.diarization.clustering import l2_normalize
-from uniopt.engines.diarization.units import attach_short_runs, runs
+from uniopt.engines.diarization.units import attach_short_runs, gap_groups, runs
 from uniopt.errors import InputError
 
 if TYPE_CHECKING:
@@ -100,10 +105,14 @@ class StreamingDiarizer:
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0  # stream sample index of _buffer[0] (= the next window's start)
         self._received = 0
+        # Vote grid from stream frame _origin on; per speaker, the frame its scan starts from and
+        # the (start_s, end_s) of the segment in progress before that frame.
+        self._origin = 0
         self._votes: list[np.ndarray] = []
         self._norm = np.zeros(0)
+        self._scan_from: list[int] = []
+        self._open: list[tuple[float, float] | None] = []
         self._frame_s = 0.0
-        self._emitted: set[Segment] = set()
         self._finished = False
         for name, reference in (enrolled or {}).items():
             self.enroll(name, reference)
@@ -158,21 +167,21 @@ class StreamingDiarizer:
         units, short = d._units(chunk[None], activity, [length])
         frames = activity.shape[1]
         self._frame_s = d._frame_s(activity)
-        offset = round(start / SAMPLE_RATE / self._frame_s)
-        self._grow(offset + frames)
+        first = round(start / SAMPLE_RATE / self._frame_s) - self._origin
+        self._grow(first + frames)
         weights = np.hamming(frames) + 1e-3
-        self._norm[offset : offset + frames] += weights
+        self._norm[first : first + frames] += weights
         if not units:
             return
         units, embeddings = d._embed_units(units, frames)
         labels = self._match(units, embeddings)
         kept, kept_labels = attach_short_runs(units, labels, short)
-        self._grow(offset + frames)
+        self._grow(first + frames)
         local = np.zeros((len(self.database), frames))
         for unit, k in zip(kept, kept_labels.tolist(), strict=True):
             local[k] = np.maximum(local[k], activity[0, :, unit.local] * unit.frames)
         for k in range(len(self.database)):
-            self._votes[k][offset : offset + frames] += local[k] * weights
+            self._votes[k][first : first + frames] += local[k] * weights
 
     def _match(self, units: list[Unit], embeddings: np.ndarray) -> np.ndarray:
         """Database index per unit: longest first, nearest allowed speaker, or a new one."""
@@ -193,34 +202,69 @@ class StreamingDiarizer:
         return labels
 
     def _grow(self, size: int) -> None:
-        """Vote arrays for every database speaker, at least ``size`` frames long."""
+        """Vote arrays for every database speaker, at least ``size`` frames (from ``_origin``) long."""
         if size > self._norm.size:
             extra = np.zeros(size - self._norm.size)
             self._norm = np.concatenate([self._norm, extra])
             self._votes = [np.concatenate([v, extra]) for v in self._votes]
-        self._votes += [np.zeros(self._norm.size) for _ in range(len(self.database) - len(self._votes))]
+        for _ in range(len(self.database) - len(self._votes)):
+            self._votes.append(np.zeros(self._norm.size))
+            self._scan_from.append(self._origin)
+            self._open.append(None)
+
+    @property
+    def held_frames(self) -> int:
+        """Frames of votes kept for segments not yet returned (bounded, whatever the stream's length)."""
+        return int(self._norm.size)
 
     def _final(self, final_s: float) -> list[Segment]:
         """Segments of the final frames (before ``final_s``) that later audio can no longer change."""
-        from uniopt.engines.diarization.pipeline import Segment, postprocess_segments
+        from uniopt.engines.diarization.pipeline import Segment
 
-        if not self._votes or self._frame_s == 0:
+        if self._frame_s == 0:
             return []
-        d = self.diarizer
+        d, frame_s = self.diarizer, self._frame_s
         duration = self._received / SAMPLE_RATE
-        total = min(self._norm.size, math.ceil(min(final_s, duration) / self._frame_s))
-        raw = []
+        total = min(self._origin + self._norm.size, math.ceil(min(final_s, duration) / frame_s))
+        flushing = math.isinf(final_s)
+        horizon = math.inf if flushing else total * frame_s - d.min_gap_s  # a segment ending later may still grow
+        # Frames before `settled` get no more votes: the next window starts there.
+        settled = total if flushing else min(total, round(self._buffer_start / SAMPLE_RATE / frame_s))
+        final: list[Segment] = []
         for k, votes in enumerate(self._votes):
-            active = (votes[:total] / np.maximum(self._norm[:total], 1e-12)) > d.onset
-            raw += [
-                Segment(round(a * self._frame_s, 3), round(min(b * self._frame_s, duration), 3), self.database.names[k])
-                for a, b in runs(active)
-            ]
-        horizon = total * self._frame_s - d.min_gap_s  # a segment ending later may still grow
-        stable = [
-            s
-            for s in postprocess_segments(raw, d.min_duration_s, d.min_gap_s)
-            if (math.isinf(final_s) or s.end_s < horizon) and s not in self._emitted
-        ]
-        self._emitted.update(stable)
-        return stable
+            first, name, carried = self._scan_from[k], self.database.names[k], self._open[k]
+            window = slice(first - self._origin, total - self._origin)
+            active = (votes[window] / np.maximum(self._norm[window], 1e-12)) > d.onset
+            spans = [] if carried is None else [carried]
+            starts = [] if carried is None else [first]  # the carried segment stands for runs before `first`
+            for a, b in runs(active):
+                spans.append((round((first + a) * frame_s, 3), round(min((first + b) * frame_s, duration), 3)))
+                starts.append(first + a)
+            self._scan_from[k], self._open[k] = settled, None
+            for group in gap_groups(spans, d.min_gap_s):
+                start_s, end_s = spans[group[0]][0], max(spans[i][1] for i in group)
+                if end_s < horizon:
+                    if end_s - start_s >= d.min_duration_s:
+                        final.append(Segment(start_s, end_s, name))
+                    continue
+                # The segment in progress: rescan from its last run that starts on settled frames,
+                # carrying the runs before it as the segment's start and end so far.
+                last = max((i for i in group if starts[i] < settled), default=None)
+                if last is not None:
+                    self._scan_from[k] = starts[last]
+                    if carried and last == 0:
+                        self._open[k] = spans[0]
+                    else:
+                        before = group[: group.index(last)]
+                        self._open[k] = (start_s, max(spans[i][1] for i in before)) if before else None
+                break
+        self._forget(min(self._scan_from, default=settled))
+        return sorted(final, key=lambda s: (s.start_s, s.speaker))
+
+    def _forget(self, frame: int) -> None:
+        """Drop the votes before stream frame ``frame``: no segment still to come starts there."""
+        if frame > self._origin:
+            cut = min(frame - self._origin, self._norm.size)
+            self._norm = self._norm[cut:]
+            self._votes = [v[cut:] for v in self._votes]
+            self._origin += cut

@@ -8,13 +8,25 @@ voice (:func:`best_change`); runs too short to embed follow their nearest unit
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from uniopt.errors import InputError
 
-__all__ = ["Unit", "attach_short_runs", "best_change", "check_speaker_counts", "pause_frames", "runs"]
+__all__ = [
+    "Unit",
+    "attach_short_runs",
+    "best_change",
+    "check_speaker_counts",
+    "frame_samples",
+    "gap_groups",
+    "mask_samples",
+    "pause_frames",
+    "runs",
+]
 
 
 @dataclass
@@ -68,21 +80,63 @@ def attach_short_runs(units: list[Unit], labels: np.ndarray, short: list[Unit]) 
     return kept, np.asarray(out, dtype=np.int64)
 
 
-def pause_frames(chunk: np.ndarray, sample_frame: np.ndarray, frames: int, min_frames: int) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def frame_samples(window_samples: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frame of each sample of a window (window_samples,), and each frame's first sample (frames + 1,).
+
+    Frames split the window evenly (sample ``i`` is in frame ``i * frames // window_samples``);
+    the last bound is ``window_samples``. Computed once per window and frame count; read-only.
+    """
+    sample_frame = np.minimum(np.arange(window_samples) * frames // window_samples, frames - 1)
+    bounds = np.searchsorted(sample_frame, np.arange(frames + 1))
+    sample_frame.flags.writeable = bounds.flags.writeable = False
+    return sample_frame, bounds
+
+
+def mask_samples(mask: np.ndarray, bounds: np.ndarray, length: int) -> np.ndarray:
+    """Indices (int64) of the samples before ``length`` in the frames set in ``mask``.
+
+    ``bounds`` are the frames' first samples, from :func:`frame_samples`.
+    """
+    spans = [np.arange(bounds[a], min(int(bounds[b]), length)) for a, b in runs(mask)]
+    return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+
+
+def pause_frames(chunk: np.ndarray, frames: int, min_frames: int) -> np.ndarray:
     """Frames (frames,) bool in stretches of at least ``min_frames`` 30 dB below the window's loud frames.
 
-    ``sample_frame`` maps each sample of ``chunk`` to its frame; ``min_frames`` 0 finds none.
+    ``chunk`` is one window's samples, split into ``frames`` as :func:`frame_samples` does;
+    ``min_frames`` 0 finds none.
     """
     if min_frames <= 0:
         return np.zeros(frames, dtype=bool)
-    energy = np.bincount(sample_frame, weights=np.square(chunk, dtype=np.float64), minlength=frames).astype(np.float64)
-    energy = energy / np.maximum(np.bincount(sample_frame, minlength=frames), 1)
+    sample_frame, bounds = frame_samples(chunk.size, frames)
+    power = np.bincount(sample_frame, weights=np.square(chunk, dtype=np.float64), minlength=frames)
+    energy = power / np.maximum(np.diff(bounds), 1)  # mean square per frame
     quiet = energy < 1e-3 * np.percentile(energy, 95)
     out = np.zeros(frames, dtype=bool)
     for a, b in runs(quiet):
         if b - a >= min_frames:
             out[a:b] = True
     return out
+
+
+def gap_groups(spans: Sequence[tuple[float, float]], min_gap_s: float) -> list[list[int]]:
+    """Indices of ``spans`` (start, end), given in order of start, grouped across gaps under ``min_gap_s``.
+
+    A span joins the group before it when it starts less than ``min_gap_s`` after the latest end
+    in that group.
+    """
+    groups: list[list[int]] = []
+    end = 0.0
+    for index, (start, stop) in enumerate(spans):
+        if groups and start - end < min_gap_s:
+            groups[-1].append(index)
+            end = max(end, stop)
+        else:
+            groups.append([index])
+            end = stop
+    return groups
 
 
 def runs(active: np.ndarray) -> list[tuple[int, int]]:
