@@ -69,7 +69,7 @@ class TierChoice:
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
 # A decoder that declares decode steps tries them as stateful OpenVINO models with int8 weights first:
 # on the Zen 4 host they keep 96-99% of eager's decisive choices where dynamic int8 keeps 88-95%,
-# at 2.3x against 3.0x eager (benchmarks/decoder_speed.py); auto mode times both. Others skip them.
+# at 2.5x against 3.3x eager (benchmarks/decoder_speed.py); auto mode times both. Others skip them.
 _DECODER_CPU = ("openvino-stateful-int8", "torch-int8", "torch-int8-weights", "torch-bf16", "eager")
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 # A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
