@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import torch
 
 
@@ -23,3 +26,35 @@ class TtsDecoderOnly:
 
     def uniopt_components(self) -> list:
         return self.engine.uniopt_components()[:1]
+
+
+def tiny_fish_model(*, max_seq_len: int = 64, n_fast_layer: int = 1) -> Any:
+    """A ``fish_speech`` ``DualARTransformer`` of test size (4 codebooks of 64 codes, semantic ids 200..263).
+
+    Skips the calling test when the package is not installed.
+    """
+    import pytest
+
+    llama = pytest.importorskip(
+        "fish_speech.models.text2semantic.llama",
+        reason="pip install --no-deps fish-speech==0.1.0 einops loguru loralib tiktoken",
+    )
+    semantic = {i: 200 + i for i in range(64)}
+    tokenizer = types.SimpleNamespace(semantic_id_to_token_id=semantic, semantic_begin_id=200, semantic_end_id=263)
+    args = llama.DualARModelArgs(
+        vocab_size=264,
+        n_layer=2,
+        n_head=4,
+        n_local_heads=2,
+        dim=64,
+        head_dim=16,
+        intermediate_size=128,
+        max_seq_len=max_seq_len,
+        codebook_size=64,
+        num_codebooks=4,
+        n_fast_layer=n_fast_layer,
+        attention_qk_norm=True,
+        use_gradient_checkpointing=False,
+    )
+    torch.manual_seed(0)
+    return llama.DualARTransformer(args, tokenizer=tokenizer).eval()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_engines import tiny_fish_model
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
@@ -218,29 +219,7 @@ def test_two_engines_with_equal_weights_keep_their_own_states(tmp_path: Path) ->
 
 # -- the fish_speech package ------------------------------------------------------------------------------------
 def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(built_cache: Path) -> None:
-    llama = pytest.importorskip(
-        "fish_speech.models.text2semantic.llama",
-        reason="pip install --no-deps fish-speech==0.1.0 einops loguru loralib tiktoken",
-    )
-    semantic = {i: 200 + i for i in range(64)}
-    tokenizer = types.SimpleNamespace(semantic_id_to_token_id=semantic, semantic_begin_id=200, semantic_end_id=263)
-    args = llama.DualARModelArgs(
-        vocab_size=264,
-        n_layer=2,
-        n_head=4,
-        n_local_heads=2,
-        dim=64,
-        head_dim=16,
-        intermediate_size=128,
-        max_seq_len=96,
-        codebook_size=64,
-        num_codebooks=4,
-        n_fast_layer=2,
-        attention_qk_norm=True,
-        use_gradient_checkpointing=False,
-    )
-    torch.manual_seed(0)
-    model = llama.DualARTransformer(args, tokenizer=tokenizer).eval()
+    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
     stand_in = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=lambda indices, feature_lengths: None))
     adapter = FishSpeechAdapter(stand_in, model, decode_steps=66, prompt_length=5)
     decoder = adapter.uniopt_components()[0]

@@ -6,6 +6,7 @@ Everything runs on :meth:`FishSpeechConfig.tiny` (2 layers of width 64, 10 codeb
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_engines import tiny_fish_model
 from uniopt import Component, UniversalOptimizer
 from uniopt.engines.tts import (
     FishSpeechAdapter,
@@ -443,34 +445,13 @@ def test_adapter_declares_the_codec_and_routes_decoding_through_it(engine: FishS
 
 
 def test_adapter_with_the_real_dual_ar_transformer(engine: FishSpeechEngine) -> None:
-    llama = pytest.importorskip(
-        "fish_speech.models.text2semantic.llama",
-        reason="pip install --no-deps fish-speech==0.1.0 einops loguru loralib tiktoken",
-    )
-    semantic = {i: 200 + i for i in range(64)}
-    tokenizer = types.SimpleNamespace(semantic_id_to_token_id=semantic, semantic_begin_id=200, semantic_end_id=263)
-    args = llama.DualARModelArgs(
-        vocab_size=264,
-        n_layer=2,
-        n_head=4,
-        n_local_heads=2,
-        dim=64,
-        head_dim=16,
-        intermediate_size=128,
-        max_seq_len=64,
-        codebook_size=64,
-        num_codebooks=4,
-        n_fast_layer=1,
-        attention_qk_norm=True,
-        use_gradient_checkpointing=False,
-    )
-    torch.manual_seed(0)
-    model = llama.DualARTransformer(args, tokenizer=tokenizer).eval()
+    model = tiny_fish_model()
     prompt = torch.zeros(1, 5, 5, dtype=torch.long)
     prompt[0, 0] = torch.tensor([1, 7, 42, 99, 3])
     with torch.inference_mode():  # the package's uncached pass, before the adapter sets up the caches
         # (DualARTransformer.forward passes vq_parts to BaseTransformer.forward, which does not take it)
-        first_main = llama.BaseTransformer.forward(model, prompt).logits[0, -1].argmax()
+        base = importlib.import_module(type(model).__module__).BaseTransformer
+        first_main = base.forward(model, prompt).logits[0, -1].argmax()
     adapter = FishSpeechAdapter(_StandInEngine(engine.codec), model, decode_steps=3, prompt_length=5)
     decoder, codec = adapter.uniopt_components()
     assert decoder.name == "decoder" and decoder.module is adapter.decoder and codec.name == "codec"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,11 +22,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..cache.files import is_unwritable
-from ..errors import MemoryBudgetError, NotApplicable, OptimizationError
+from ..errors import MemoryBudgetError, NotApplicable
 from ..optimizer.component import Metric
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
-from .fallback import RuntimeFallbacks
+from .fallback import EagerFallback
 from .memory_costs import memory_step
 
 __all__ = ["ExportError", "ExportedModel", "GraphRunner", "OnnxExporter", "exported_onnx", "graph_stage_runner"]
@@ -185,7 +184,7 @@ def check_other_sizes(component: Any, path: Path, warned: list[str], *, atol: fl
         try:
             arrays = session.run(None, {n: feeds[n].detach().cpu().numpy() for n in names})
         except Exception as exc:
-            raise ExportError(f"the graph fails at input shape {shape} ({warned[0]}): {_first_line(exc)}") from exc
+            raise ExportError(f"the graph fails at input shape {shape} ({warned[0]}): {first_line(exc)}") from exc
         leaves, spec = flatten_outputs(expected)
         outputs = pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
         verdict = check_outputs(expected, outputs, precision="fp32", metric=_ALLCLOSE, atol=atol, rtol=rtol)
@@ -193,7 +192,8 @@ def check_other_sizes(component: Any, path: Path, warned: list[str], *, atol: fl
             raise ExportError(f"the graph is wrong at input shape {shape} ({warned[0]}): {verdict.reason}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when empty), at most 200 characters."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
@@ -343,7 +343,7 @@ def _fits(args: tuple[Any, ...], signature: list[tuple[Any, tuple[int | None, ..
     return True
 
 
-class GraphRunner:
+class GraphRunner(EagerFallback):
     """A graph backend's ``run_arrays(list of numpy inputs) -> list of arrays`` as a torch-in, torch-out callable.
 
     A call the graph cannot take (another dtype or rank, another size on an axis that was not
@@ -356,23 +356,10 @@ class GraphRunner:
     fixed_shapes = True
 
     def __init__(self, component: Any, run_arrays: Callable[[list[Any]], list[Any]], candidate: str, allowed: bool):
-        self.component_name = component.name
-        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
+        super().__init__(component, candidate, allowed)
         self._run_arrays = run_arrays
         self._spec = output_structure(component)
         self._signature = _signature(component)
-        self._eager = component.module
-        self._local = threading.local()
-
-    @contextlib.contextmanager
-    def strict(self) -> Iterator[None]:
-        """Raise :class:`~uniopt.errors.OptimizationError` instead of running eager (this thread only)."""
-        before = getattr(self._local, "strict", False)
-        self._local.strict = True
-        try:
-            yield
-        finally:
-            self._local.strict = before
 
     def __call__(self, *args: Any) -> Any:
         import numpy as np
@@ -381,20 +368,14 @@ class GraphRunner:
             raise TypeError(f"{self.component_name} takes {len(self._signature)} inputs, got {len(args)}")
         if not _fits(args, self._signature):
             shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
-            return self._eager_instead(args, f"input {shapes} is outside the exported graph's shapes", None)
+            return self.eager_instead(f"input {shapes} is outside the exported graph's shapes", None, *args)
         arrays = [a.detach().cpu().numpy() for a in args]
         try:
             outputs = self._run_arrays(arrays)
         except Exception as exc:  # the backend's own errors are many; none reaches the engine's caller
             shapes = [tuple(a.shape) for a in arrays]
-            return self._eager_instead(args, f"backend error at input {shapes}: {_first_line(exc)}", exc)
+            return self.eager_instead(f"backend error at input {shapes}: {first_line(exc)}", exc, *args)
         return pytree.tree_unflatten([torch.from_numpy(np.ascontiguousarray(o)) for o in outputs], self._spec)
-
-    def _eager_instead(self, args: tuple[Any, ...], reason: str, error: BaseException | None) -> Any:
-        if getattr(self._local, "strict", False):
-            raise OptimizationError(self.component_name, self.fallbacks.candidate, reason) from error
-        self.fallbacks.record(reason, error)
-        return self._eager(*args)
 
 
 def graph_stage_runner(

@@ -11,9 +11,10 @@ refused for memory (:class:`~uniopt.errors.MemoryBudgetError`) is always recorde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..errors import MemoryBudgetError, NotApplicable, OptimizationError, UniOpt
 from .candidate import BuildFailure
 from .hookspecs import hookimpl
 
-__all__ = ["NOT_APPLICABLE", "RuntimeFallbacks", "runtime_fallbacks"]
+__all__ = ["NOT_APPLICABLE", "EagerFallback", "RuntimeFallbacks", "runtime_fallbacks"]
 
 log = logging.getLogger("uniopt")
 
@@ -58,6 +59,37 @@ class RuntimeFallbacks:
             "calls": self.calls,
             "reason": self.last_reason,
         }
+
+
+class EagerFallback:
+    """A stage's calls that run the eager module instead: counted in ``fallbacks``, raised inside :meth:`strict`.
+
+    Stages that can refuse a call at run time (a graph, stateful decode steps) derive from it and
+    call :meth:`eager_instead` with the reason.
+    """
+
+    def __init__(self, component: Any, candidate: str, allowed: bool) -> None:
+        self.component_name: str = component.name
+        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
+        self._eager = component.module
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def strict(self) -> Iterator[None]:
+        """Raise :class:`~uniopt.errors.OptimizationError` instead of running eager (this thread only)."""
+        before = getattr(self._local, "strict", False)
+        self._local.strict = True
+        try:
+            yield
+        finally:
+            self._local.strict = before
+
+    def eager_instead(self, reason: str, error: BaseException | None, *args: Any, **kwargs: Any) -> Any:
+        """Run the eager module for this call (counted; raised when fallback is off or inside :meth:`strict`)."""
+        if getattr(self._local, "strict", False):
+            raise OptimizationError(self.component_name, self.fallbacks.candidate, reason) from error
+        self.fallbacks.record(reason, error)
+        return self._eager(*args, **kwargs)
 
 
 def runtime_fallbacks(stage: Any) -> RuntimeFallbacks | None:

@@ -18,18 +18,18 @@ import contextlib
 import io
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import NotApplicable, OptimizationError, UniOptError
+from ..errors import NotApplicable, UniOptError
 from ..optimizer.steps import DecodeSteps, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
-from .export import ExportError, quiet_loggers, rebuild_on_failure, tracer_warnings
-from .fallback import RuntimeFallbacks
+from .export import ExportError, first_line, quiet_loggers, rebuild_on_failure, tracer_warnings
+from .fallback import EagerFallback
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 from .openvino_backend import compile_config
@@ -70,14 +70,15 @@ class StatefulStep:
             raise StepOrderError(
                 f"{self._graph.name} step at position {first} does not continue the {self._length} decoded"
             )
-        if int(positions[-1]) >= self._graph.max_positions:
-            raise StepOrderError(f"{self._graph.name} step at position {int(positions[-1])} is past the caches' end")
+        last = int(positions[-1])
+        if last >= self._graph.max_positions:
+            raise StepOrderError(f"{self._graph.name} step at position {last} is past the caches' end")
         self._request.infer([t.detach().contiguous().numpy() for t in inputs])
-        self._length = int(positions[-1]) + 1
+        self._length = last + 1
         return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
 
 
-class StatefulDecode:
+class StatefulDecode(EagerFallback):
     """The component's decode loop over :class:`StatefulStep` runners, with the one run-time fallback policy.
 
     A call that fails inside (a step out of order, a backend error) runs the eager module for the
@@ -90,48 +91,29 @@ class StatefulDecode:
     def __init__(
         self, component: Any, steps: DecodeSteps, compiled: Mapping[str, Any], candidate: str, allowed: bool
     ) -> None:
+        super().__init__(component, candidate, allowed)
         self._component = component
         self._steps = steps
         self._compiled = dict(compiled)
-        self._candidate = candidate
-        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
         runners: dict[str, StepRunner] = {g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs}
         self._loop = steps.install(runners)
-        self._eager = component.module
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     def with_own_state(self) -> StatefulDecode:
         """The same compiled steps with new infer requests (their own caches)."""
-        return StatefulDecode(self._component, self._steps, self._compiled, self._candidate, self.fallbacks.allowed)
-
-    @contextlib.contextmanager
-    def strict(self) -> Iterator[None]:
-        """Raise :class:`~uniopt.errors.OptimizationError` instead of running eager (this thread only)."""
-        before = getattr(self._local, "strict", False)
-        self._local.strict = True
-        try:
-            yield
-        finally:
-            self._local.strict = before
+        allowed = self.fallbacks.allowed
+        return StatefulDecode(self._component, self._steps, self._compiled, self.fallbacks.candidate, allowed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with self._lock:  # one set of states: calls of one installation run one at a time
                 return self._loop(*args, **kwargs)
-        except UniOptError as exc:
-            if isinstance(exc, StepOrderError):
-                return self._eager_instead(args, kwargs, str(exc), exc)
+        except StepOrderError as exc:
+            return self.eager_instead(str(exc), exc, *args, **kwargs)
+        except UniOptError:
             raise  # the engine's own input errors reach its caller as they would from eager
         except Exception as exc:  # OpenVINO's errors are many; none reaches the engine's caller
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            return self._eager_instead(args, kwargs, f"backend error: {first}", exc)
-
-    def _eager_instead(self, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str, error: Exception) -> Any:
-        if getattr(self._local, "strict", False):
-            raise OptimizationError(self._component.name, self._candidate, reason) from error
-        self.fallbacks.record(reason, error)
-        return self._eager(*args, **kwargs)
+            return self.eager_instead(f"backend error: {first_line(exc)}", exc, *args, **kwargs)
 
 
 def _convert(graph: StepGraph) -> Any:
