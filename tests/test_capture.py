@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,3 +207,31 @@ def test_the_diarizer_found_by_sample_ends_with_its_declared_choices(tmp_path: A
     assert all(info[name]["eager_calls"] == 0 for name in info) and set(info) == {
         n for n, c in chosen.items() if c != "eager"
     }
+
+
+def test_the_tts_engine_found_by_sample_ends_with_its_declared_choices(tmp_path: Any) -> None:
+    from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+
+    settings: dict[str, Any] = {"mode": "tier", "model_warmup_runs": 0, "cache_dir": str(tmp_path)}
+    declared = UniversalOptimizer(FishSpeechEngine(FishSpeechConfig.tiny()), **settings)
+    engine = FishSpeechEngine(FishSpeechConfig.tiny())
+    fields = ("metric", "kind", "exporter", "teacher_forcing", "decode_steps")  # a decode loop is judged replayed
+    overrides = {c.name: {f: getattr(c, f) for f in fields} for c in engine.uniopt_components()}
+    sampled = UniversalOptimizer(
+        engine,
+        sample=[lambda e: e.synthesize("hello there"), lambda e: e.synthesize("a longer line", max_new_tokens=12)],
+        overrides=overrides,
+        **settings,
+    )
+    chosen = {c.component: c.chosen for c in declared.report().components}
+    assert {c.component: c.chosen for c in sampled.report().components} == chosen
+    assert chosen["decoder"] != "eager"
+    assert {c.found_by for c in sampled.report().components} == {
+        "synthesize() (3 calls in the samples)",  # 12 frames: two decoder calls of 8
+        "synthesize() (2 calls in the samples)",
+    }
+    audio, _, _ = sampled.synthesize("another line", temperature=0.7, seed=3)
+    expected, _, _ = declared.synthesize("another line", temperature=0.7, seed=3)
+    assert np.array_equal(audio, expected)
+    info = sampled.get_performance_info()["components"]
+    assert all(info[name]["eager_calls"] == 0 for name in info) and set(info) == {"decoder", "codec"}
