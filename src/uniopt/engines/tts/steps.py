@@ -135,8 +135,10 @@ class StepModel(nn.Module):
     """The model as the engine's decode loop sees it, with its cached steps served by step runners.
 
     ``forward_generate`` / ``forward_generate_fast`` run the ``slow`` and ``fast`` runners (which
-    keep the caches); every other attribute is the model's own. ``wrap_slow(logits, hidden)``
-    shapes the slow step's result as the model returns it (a tuple, or ``fish_speech``'s result object).
+    keep the caches); ``frame_runner``, when given, runs a frame's whole codebook loop in one call
+    (a :class:`~uniopt.engines.tts.frame.FastFrame`); every other attribute is the model's own.
+    ``wrap_slow(logits, hidden)`` shapes the slow step's result as the model returns it (a tuple,
+    or ``fish_speech``'s result object).
     """
 
     def __init__(
@@ -145,10 +147,12 @@ class StepModel(nn.Module):
         slow: StepRunner,
         fast: StepRunner,
         wrap_slow: Callable[[Tensor, Tensor], Any] = lambda logits, hidden: (logits, hidden),
+        frame: StepRunner | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self._slow, self._fast, self._wrap_slow = slow, fast, wrap_slow
+        self.frame_runner = frame
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -220,7 +224,7 @@ def dual_ar_decode_steps(
         loop = twin(generator)  # never the forward an installation put on the engine's module
         loop.__dict__["_modules"] = {
             **generator._modules,
-            "model": StepModel(parts.model, runners["slow"], runners["fast"], **extra),
+            "model": StepModel(parts.model, runners["slow"], runners["fast"], frame=runners.get("frame"), **extra),
         }
         return loop
 
