@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.optimizer.steps import StepGraph
+from uniopt.plugins.export import tracer_warnings
 
 
 class TorchSteps:
@@ -77,3 +80,25 @@ def test_forced_codes_are_fed_on_and_returned(long_engine: FishSpeechEngine) -> 
     assert torch.equal(codes, forced)
     assert torch.equal(logits[0], free_logits[0])  # the first code's logits come before any forced code
     assert not torch.allclose(logits[1:], free_logits[1:])
+
+
+def test_frame_module_in_openvino_gives_eager_tokens(long_engine: FishSpeechEngine) -> None:
+    ov = pytest.importorskip("openvino")
+    steps = decode_steps(long_engine.decoder)
+    limit = long_engine.model.config.codebook_size
+    frame = FastFrame(steps.graph("fast").module.parts, limit)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ov.convert_model(frame, example_input=frame_inputs(frame.parts, limit, 16))
+    assert not tracer_warnings(caught)  # nothing that changes between frames became a constant
+    request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        request.infer([t.contiguous().numpy() for t in inputs])
+        return tuple(torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(2))
+
+    loop = steps.install({**{g.name: TorchSteps(g) for g in steps.graphs}, "frame": run})
+    component = long_engine.uniopt_components()[0]
+    with torch.inference_mode():
+        for inputs in (component.example_inputs, component.calibration_inputs[0]):
+            assert torch.equal(loop(*inputs), long_engine.decoder(*inputs))

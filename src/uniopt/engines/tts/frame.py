@@ -28,6 +28,7 @@ class FastFrame(nn.Module):
     """
 
     code_ids: Tensor
+    positions: Tensor
 
     def __init__(self, parts: DualARParts, limit: int) -> None:
         super().__init__()
@@ -35,6 +36,7 @@ class FastFrame(nn.Module):
         self.parts = parts
         self.limit = limit
         self.register_buffer("code_ids", torch.arange(limit), persistent=False)
+        self.register_buffer("positions", torch.arange(parts.num_codebooks), persistent=False)
 
     def forward(
         self,
@@ -54,7 +56,7 @@ class FastFrame(nn.Module):
         past: tuple[Tensor, ...] = tuple(empty for _ in range(2 * len(parts.fast_layers)))
         x, codes, scores = hidden.reshape(1, 1, -1).float(), [], []
         for index in range(parts.num_codebooks):
-            position = torch.tensor([index])
+            position = self.positions[index : index + 1]
             cos, sin = parts.fast_rope[0][index : index + 1], parts.fast_rope[1][index : index + 1]
             out, present = _blocks(parts.fast_layers, x, cos, sin, position, past)
             past = tuple(present)
