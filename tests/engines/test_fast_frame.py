@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from uniopt import UniversalOptimizer
+from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.optimizer.steps import StepGraph
 from uniopt.plugins.export import tracer_warnings
+from uniopt.plugins.model_cache import model_cache
 
 
 class TorchSteps:
@@ -102,3 +106,39 @@ def test_frame_module_in_openvino_gives_eager_tokens(long_engine: FishSpeechEngi
     with torch.inference_mode():
         for inputs in (component.example_inputs, component.calibration_inputs[0]):
             assert torch.equal(loop(*inputs), long_engine.decoder(*inputs))
+
+
+class _Failing:
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError("Exception from src/plugins/intel_cpu: injected")
+
+
+def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_starts(tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
+    component = engine.uniopt_components()[0]
+    with torch.inference_mode():
+        reference = engine.decoder(*component.example_inputs)
+    allow = ["openvino-stateful-frame-int8"]
+    options = {"allow": allow, "cache_dir": str(tmp_path), "model_warmup_runs": 0, "min_speedup": 0.01}
+    cold = UniversalOptimizer(engine, **options)
+    report = cold.report().component("decoder")
+    result = report.candidate("openvino-stateful-frame-int8")
+    assert result.accepted, result.reason
+    assert result.metric == "token_agreement" and result.metric_value >= 0.9
+    steps = [s["step"] for s in result.memory_steps]
+    assert steps.count("openvino-convert-step") == 2 and steps.count("openvino-convert-frame") == 1
+    assert steps.count("nncf-weights") == 3
+    kinds = {e.kind for e in ArtifactCache(tmp_path).entries()}
+    assert {"openvino-frame", "openvino-frame-int8"} <= kinds
+    decode = report.stage.run
+    assert decode._loop.model.frame_runner is not None
+    with torch.inference_mode():
+        assert decode(*component.example_inputs).shape == reference.shape
+        decode._loop.model.frame_runner = _Failing()
+        assert torch.equal(decode(*component.example_inputs), reference)  # the whole call ran eager
+    assert decode.fallbacks.calls == 1 and "injected" in decode.fallbacks.last_reason
+    model_cache.clear()
+    warm = UniversalOptimizer(FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1), **options)
+    warm_report = warm.report().component("decoder")
+    assert warm_report.decision_from_cache and warm_report.stage.info["from_cache"]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...optimizer.steps import FrameGraph
 from .generation import sample_token
 from .steps import DualARParts, _blocks
 
-__all__ = ["FastFrame", "frame_inputs"]
+__all__ = ["FastFrame", "frame_graph", "frame_inputs"]
 
 
 class FastFrame(nn.Module):
@@ -89,4 +90,25 @@ def frame_inputs(parts: DualARParts, limit: int, window: int) -> tuple[Tensor, .
         torch.full((rows, limit), 0.5),
         torch.zeros(rows, dtype=torch.long),
         torch.tensor(False),
+    )
+
+
+def frame_graph(parts: DualARParts, limit: int, window: int) -> FrameGraph:
+    """:class:`FastFrame` over ``parts`` as the frame graph of the decode steps (named ``frame``)."""
+    return FrameGraph(
+        name="frame",
+        module=FastFrame(parts, limit),
+        example_inputs=frame_inputs(parts, limit, window),
+        input_names=(
+            "hidden",
+            "code",
+            "window",
+            "temperature",
+            "top_p",
+            "repetition_penalty",
+            "noise",
+            "forced",
+            "use_forced",
+        ),
+        output_names=("codes", "logits"),
     )

@@ -299,6 +299,7 @@ def decoder_component(
 
 def decode_steps(generator: TokenGenerator) -> DecodeSteps:
     """The slow and fast decode steps of ``generator``'s model, for step-level backends."""
+    from .frame import frame_graph
     from .steps import DualARParts, dual_ar_decode_steps
 
     model = generator.model
@@ -311,4 +312,5 @@ def decode_steps(generator: TokenGenerator) -> DecodeSteps:
         num_codebooks=model.config.num_codebooks,
         max_positions=model.cache_length(),
     )
-    return dual_ar_decode_steps(generator, parts)
+    frame = frame_graph(parts, model.config.codebook_size, generator.repetition_window)
+    return dual_ar_decode_steps(generator, parts, frame=frame)

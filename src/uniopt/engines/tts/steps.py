@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...optimizer.install import twin
-from ...optimizer.steps import DecodeSteps, StepGraph, StepRunner, past_names, present_names
+from ...optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, past_names, present_names
 from .layers import apply_rope
 
 __all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step", "dual_ar_decode_steps"]
@@ -211,6 +211,7 @@ def dual_ar_decode_steps(
     generator: nn.Module,
     parts: DualARParts,
     wrap_slow: Callable[[Tensor, Tensor], Any] | None = None,
+    frame: FrameGraph | None = None,
 ) -> DecodeSteps:
     """:class:`DecodeSteps` for a decode loop module that calls ``generator.model``'s cached steps.
 
@@ -228,4 +229,4 @@ def dual_ar_decode_steps(
         }
         return loop
 
-    return DecodeSteps((slow, fast), install)
+    return DecodeSteps((slow, fast), install, frame)
