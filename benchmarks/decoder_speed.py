@@ -109,7 +109,7 @@ def main() -> None:
         )
         per_frame = timing.p50 * 1e3 / args.steps
         print(
-            f"{name:26} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f} {agreement:13.3f}"
+            f"{name:30} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f} {agreement:13.3f}"
             f" {semantic:16.3f} {codes:13.3f}"
         )
 
