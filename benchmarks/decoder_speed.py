@@ -99,7 +99,7 @@ def main() -> None:
         f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB)"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
-    header = f"{'candidate':26} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"
+    header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"
     print(f"{header} {'forced semantic':>16} {'forced codes':>13}")
     for name, timing in timings.items():
         agreement = float((outputs[name] == reference).double().mean())
