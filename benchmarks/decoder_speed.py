@@ -34,6 +34,7 @@ from uniopt.tiers.bandwidth import memory_bandwidth
 
 DEFAULT = (
     "openvino-stateful-int8",
+    "openvino-stateful-frame-int8",
     "openvino-stateful-int4",
     "openvino-stateful-f32",
     "openvino-stateful-bf16",
@@ -98,7 +99,7 @@ def main() -> None:
         f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB)"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
-    header = f"{'candidate':26} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"
+    header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"
     print(f"{header} {'forced semantic':>16} {'forced codes':>13}")
     for name, timing in timings.items():
         agreement = float((outputs[name] == reference).double().mean())
@@ -108,7 +109,7 @@ def main() -> None:
         )
         per_frame = timing.p50 * 1e3 / args.steps
         print(
-            f"{name:26} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f} {agreement:13.3f}"
+            f"{name:30} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f} {agreement:13.3f}"
             f" {semantic:16.3f} {codes:13.3f}"
         )
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DecodeSteps", "StepGraph", "StepRunner", "past_names", "present_names"]
+__all__ = ["DecodeSteps", "FrameGraph", "StepGraph", "StepRunner", "past_names", "present_names"]
 
 
 def past_names(layers: int) -> tuple[str, ...]:
@@ -72,6 +72,20 @@ class StepGraph:
         return tuple(torch.zeros(shape) for _ in range(2 * self.layers))
 
 
+@dataclass(frozen=True)
+class FrameGraph:
+    """A module that runs a whole inner loop of one decode step (its caches inside, no state between calls).
+
+    ``module(*example_inputs)`` returns the tensors named ``output_names``.
+    """
+
+    name: str
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
 class StepRunner(Protocol):
     """Runs one kind of step with the caches kept inside: ``runner(*inputs) -> outputs``.
 
@@ -87,11 +101,13 @@ class DecodeSteps:
     """The step graphs of a decoder component and how to run its loop on step runners.
 
     ``install(runners)`` (runners by graph name) returns a callable taking the component's inputs
-    and returning what its module returns, teacher forcing included.
+    and returning what its module returns, teacher forcing included. ``frame``, when given, may
+    replace a step graph's inner loop: a runner for it under its name is used instead of the loop.
     """
 
     graphs: tuple[StepGraph, ...]
     install: Callable[[Mapping[str, StepRunner]], Callable[..., Any]] = field(compare=False)
+    frame: FrameGraph | None = None
 
     def graph(self, name: str) -> StepGraph:
         """The step graph called ``name``."""

@@ -69,6 +69,9 @@ STEP_COSTS: dict[str, StepCost] = {
     "onnxruntime-session": StepCost(0.5, 96 * MiB, "loading the model file into an InferenceSession"),
     "openvino-convert": StepCost(2.0, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),
     "openvino-convert-step": StepCost(2.0, 160 * MiB, "openvino.convert_model of a decode step module, save_model"),
+    "openvino-convert-frame": StepCost(
+        2.0, 192 * MiB, "openvino.convert_model of a frame graph (the fast decoder's codebooks unrolled), save_model"
+    ),
     "nncf-weights": StepCost(2.2, 96 * MiB, "nncf.compress_weights"),
     "nncf-static": StepCost(3.2, 192 * MiB, "nncf.quantize: statistics over the calibration inputs"),
     "openvino-compile-f32": StepCost(2.3, 160 * MiB, "compile_model of the IR file in f32"),

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import NotApplicable, UniOptError
-from ..optimizer.steps import DecodeSteps, StepGraph, StepRunner
+from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import ExportError, first_line, quiet_loggers, rebuild_on_failure, tracer_warnings
@@ -34,7 +34,7 @@ from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 from .openvino_backend import compile_config
 
-__all__ = ["StatefulDecode", "StatefulStep", "StepOrderError"]
+__all__ = ["FrameRunner", "StatefulDecode", "StatefulStep", "StepOrderError"]
 
 _EXTRA = "openvino"
 #: Weight compression per variant: nncf mode name and group size (-1: one scale per output channel).
@@ -78,6 +78,19 @@ class StatefulStep:
         return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
 
 
+class FrameRunner:
+    """A frame graph's infer request: no state, one ``infer()`` a call."""
+
+    def __init__(self, compiled: Any, graph: FrameGraph) -> None:
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._outputs = [compiled.output(name) for name in graph.output_names]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._request.infer([t.detach().contiguous().numpy() for t in inputs])
+        return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
+
+
 class StatefulDecode(EagerFallback):
     """The component's decode loop over :class:`StatefulStep` runners, with the one run-time fallback policy.
 
@@ -96,6 +109,8 @@ class StatefulDecode(EagerFallback):
         self._steps = steps
         self._compiled = dict(compiled)
         runners: dict[str, StepRunner] = {g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs}
+        if steps.frame is not None and steps.frame.name in compiled:
+            runners[steps.frame.name] = FrameRunner(compiled[steps.frame.name], steps.frame)
         self._loop = steps.install(runners)
         self._lock = threading.Lock()
 
@@ -150,6 +165,25 @@ def _convert(graph: StepGraph) -> Any:
     return model
 
 
+def _convert_frame(graph: FrameGraph) -> Any:
+    """The frame graph as an OpenVINO model with named ports (nothing made stateful: it keeps no state)."""
+    import openvino as ov
+
+    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ov.convert_model(graph.module, example_input=graph.example_inputs)
+    fixed = tracer_warnings(caught)
+    if fixed:
+        raise ExportError(f"{graph.name} graph: the tracer fixed a value that changes between frames: {fixed[0]}")
+    if len(model.inputs) != len(graph.input_names) or len(model.outputs) != len(graph.output_names):
+        raise RuntimeError(f"{graph.name} graph converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs")
+    for port, name in zip(model.inputs, graph.input_names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, graph.output_names, strict=True):
+        port.get_tensor().set_names({name})
+    return model
+
+
 def _compress(model: Any, variant: str) -> Any:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
@@ -170,9 +204,12 @@ def _compress(model: Any, variant: str) -> Any:
 
 
 def _step_ir(
-    graph: StepGraph, component: Any, context: BuildContext, variant: str, loaded: list[str]
+    graph: StepGraph | FrameGraph, component: Any, context: BuildContext, variant: str, loaded: list[str]
 ) -> tuple[Path, bool]:
-    """The stateful IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now."""
+    """The IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now.
+
+    A step graph is made stateful; a frame graph (kind ``openvino-frame``) is converted as it is.
+    """
     import openvino as ov
 
     from ..cache import cache_key, library_versions
@@ -181,14 +218,18 @@ def _step_ir(
         spec = {"artifact": kind, "component": component.key(), "graph": graph.name, "versions": library_versions()}
         return cache_key(spec)
 
+    framed = isinstance(graph, FrameGraph)
+    base = "openvino-frame" if framed else "openvino-stateful"
+
     def build_plain(directory: Path) -> dict[str, Any]:
-        with memory_step("openvino-convert-step", component, context):
-            ov.save_model(_convert(graph), str(directory / "model.xml"), compress_to_fp16=False)
+        with memory_step("openvino-convert-frame" if framed else "openvino-convert-step", component, context):
+            model = _convert_frame(graph) if isinstance(graph, FrameGraph) else _convert(graph)
+            ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"graph": graph.name}
 
-    plain_key = key_for("openvino-stateful")
+    plain_key = key_for(base)
     plain, plain_built = context.cache.get_or_build(
-        plain_key, build_plain, kind="openvino-stateful", description={"graph": graph.name}
+        plain_key, build_plain, kind=base, description={"graph": graph.name}
     )
     if not plain_built:
         loaded.append(plain_key)
@@ -202,7 +243,7 @@ def _step_ir(
             ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"graph": graph.name, "variant": variant}
 
-    kind = f"openvino-stateful-{variant}"
+    kind = f"{base}-{variant}"
     key = key_for(kind)
     entry, built = context.cache.get_or_build(key, build_compressed, kind=kind, description={"graph": graph.name})
     if not built:
@@ -210,8 +251,9 @@ def _step_ir(
     return entry.path / "model.xml", not built and not plain_built
 
 
-def _builder(variant: str, precision: str, name: str) -> Callable[..., Stage]:
-    """A builder of ``name``: weights ``variant`` ("float", "int8", "int4"), computing in ``precision``."""
+def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Callable[..., Stage]:
+    """A builder of ``name``: weights ``variant`` ("float", "int8", "int4"), computing in ``precision``;
+    with ``frame``, the decode steps' frame graph serves each frame's inner loop in one call."""
 
     @rebuild_on_failure
     def build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
@@ -220,9 +262,14 @@ def _builder(variant: str, precision: str, name: str) -> Callable[..., Stage]:
         steps = component.decode_steps
         if steps is None:
             raise NotApplicable(f"component {component.name!r} declares no decode steps")
+        if frame and steps.frame is None:
+            raise NotApplicable(f"component {component.name!r} declares no frame graph")
         core = ov.Core()
         compiled, cached = {}, []
-        for graph in steps.graphs:
+        graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
+        if frame and steps.frame is not None:
+            graphs.append(steps.frame)
+        for graph in graphs:
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
@@ -268,6 +315,13 @@ def _candidates() -> list[Candidate]:
             "openvino",
             "OpenVINO stateful decode steps, nncf int4 weights (groups of 128), f32 activations",
             _builder("int4", "fp32", "openvino-stateful-int4"),
+            quantized,
+        ),
+        Candidate(
+            "openvino-stateful-frame-int8",
+            "openvino",
+            "OpenVINO stateful slow step, the fast decoder's codebook loop as one call per frame, nncf int8 weights",
+            _builder("int8", "fp32", "openvino-stateful-frame-int8", frame=True),
             quantized,
         ),
     ]

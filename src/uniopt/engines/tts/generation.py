@@ -21,6 +21,7 @@ from .model import DualARTransformer
 __all__ = ["TokenGenerator", "check_forced", "decode_steps", "decoder_component", "sample_token", "uniform_noise"]
 
 _MASK32 = 0xFFFFFFFF
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -213,6 +214,14 @@ class TokenGenerator(nn.Module):
         1..C-1 ``[C-1, codebook_size]``, each from the given codes before it (codebook 0 is the
         semantic token's code)."""
         c = self.model.config
+        frame_runner = getattr(self.model, "frame_runner", None)
+        if frame_runner is not None:
+            rows = c.num_codebooks - 1
+            window = torch.full((rows, self.repetition_window), -1, dtype=torch.long, device=frame.device)
+            zero, noise = hidden.new_zeros(()), hidden.new_full((rows, c.codebook_size), 0.5)
+            forced = frame[2:]
+            _, fast_logits = frame_runner(hidden, frame[1:2], window, zero, zero, zero + 1, noise, forced, _TRUE)
+            return logits[c.semantic_begin_id :], fast_logits
         codes = self._codebooks(hidden, frame[1], lambda index, _: frame[index + 1])
         return logits[c.semantic_begin_id :], torch.stack(codes) if codes else hidden.new_zeros(0, c.codebook_size)
 
@@ -241,6 +250,13 @@ class TokenGenerator(nn.Module):
             else uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
         )
         tokens = [main, (main - c.semantic_begin_id).clamp_min(0)]
+        frame_runner = getattr(self.model, "frame_runner", None)
+        if frame_runner is not None:
+            rows = c.num_codebooks - 1
+            noise_rows = hidden.new_full((rows, c.codebook_size), 0.5) if codes_noise is None else codes_noise[1:]
+            unforced = torch.zeros(rows, dtype=torch.long, device=hidden.device)
+            codes, _ = frame_runner(hidden, tokens[1].reshape(1), window[2:], *params, noise_rows, unforced, _FALSE)
+            return torch.cat([torch.stack(tokens), codes])
 
         def draw(index: int, fast_logits: Tensor) -> Tensor:
             noise = None if codes_noise is None else codes_noise[index]
@@ -283,6 +299,7 @@ def decoder_component(
 
 def decode_steps(generator: TokenGenerator) -> DecodeSteps:
     """The slow and fast decode steps of ``generator``'s model, for step-level backends."""
+    from .frame import frame_graph
     from .steps import DualARParts, dual_ar_decode_steps
 
     model = generator.model
@@ -295,4 +312,5 @@ def decode_steps(generator: TokenGenerator) -> DecodeSteps:
         num_codebooks=model.config.num_codebooks,
         max_positions=model.cache_length(),
     )
-    return dual_ar_decode_steps(generator, parts)
+    frame = frame_graph(parts, model.config.codebook_size, generator.repetition_window)
+    return dual_ar_decode_steps(generator, parts, frame=frame)

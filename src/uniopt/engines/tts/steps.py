@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...optimizer.install import twin
-from ...optimizer.steps import DecodeSteps, StepGraph, StepRunner, past_names, present_names
+from ...optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, past_names, present_names
 from .layers import apply_rope
 
 __all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step", "dual_ar_decode_steps"]
@@ -135,8 +135,10 @@ class StepModel(nn.Module):
     """The model as the engine's decode loop sees it, with its cached steps served by step runners.
 
     ``forward_generate`` / ``forward_generate_fast`` run the ``slow`` and ``fast`` runners (which
-    keep the caches); every other attribute is the model's own. ``wrap_slow(logits, hidden)``
-    shapes the slow step's result as the model returns it (a tuple, or ``fish_speech``'s result object).
+    keep the caches); ``frame_runner``, when given, runs a frame's whole codebook loop in one call
+    (a :class:`~uniopt.engines.tts.frame.FastFrame`); every other attribute is the model's own.
+    ``wrap_slow(logits, hidden)`` shapes the slow step's result as the model returns it (a tuple,
+    or ``fish_speech``'s result object).
     """
 
     def __init__(
@@ -145,10 +147,12 @@ class StepModel(nn.Module):
         slow: StepRunner,
         fast: StepRunner,
         wrap_slow: Callable[[Tensor, Tensor], Any] = lambda logits, hidden: (logits, hidden),
+        frame: StepRunner | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self._slow, self._fast, self._wrap_slow = slow, fast, wrap_slow
+        self.frame_runner = frame
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -207,6 +211,7 @@ def dual_ar_decode_steps(
     generator: nn.Module,
     parts: DualARParts,
     wrap_slow: Callable[[Tensor, Tensor], Any] | None = None,
+    frame: FrameGraph | None = None,
 ) -> DecodeSteps:
     """:class:`DecodeSteps` for a decode loop module that calls ``generator.model``'s cached steps.
 
@@ -220,8 +225,8 @@ def dual_ar_decode_steps(
         loop = twin(generator)  # never the forward an installation put on the engine's module
         loop.__dict__["_modules"] = {
             **generator._modules,
-            "model": StepModel(parts.model, runners["slow"], runners["fast"], **extra),
+            "model": StepModel(parts.model, runners["slow"], runners["fast"], frame=runners.get("frame"), **extra),
         }
         return loop
 
-    return DecodeSteps((slow, fast), install)
+    return DecodeSteps((slow, fast), install, frame)

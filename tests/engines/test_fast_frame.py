@@ -1,0 +1,144 @@
+"""The fast decoder's codebook loop of a frame as one module (:class:`FastFrame`), against eager."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniopt import UniversalOptimizer
+from uniopt.cache import ArtifactCache
+from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+from uniopt.engines.tts.frame import FastFrame, frame_inputs
+from uniopt.engines.tts.generation import decode_steps
+from uniopt.optimizer.steps import StepGraph
+from uniopt.plugins.export import tracer_warnings
+from uniopt.plugins.model_cache import model_cache
+
+
+class TorchSteps:
+    """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.past = graph.empty_caches()
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if int(inputs[1][0]) == 0:
+            self.past = self.graph.empty_caches()
+        outputs = self.graph.module(*inputs, *self.past)
+        kept = len(outputs) - 2 * self.graph.layers
+        self.past = outputs[kept:]
+        return outputs[:kept]
+
+
+@pytest.fixture(scope="module")
+def long_engine() -> FishSpeechEngine:
+    """72 decode steps a call: more than 64 frames through the frame module."""
+    return FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=72), seed=3)
+
+
+def _frame_loop(engine: FishSpeechEngine) -> object:
+    steps = decode_steps(engine.decoder)
+    frame = FastFrame(steps.graph("fast").module.parts, engine.model.config.codebook_size)
+    runners = {g.name: TorchSteps(g) for g in steps.graphs}
+    return steps.install({**runners, "frame": frame})
+
+
+def test_frame_module_gives_eager_tokens_over_72_steps(long_engine: FishSpeechEngine) -> None:
+    loop = _frame_loop(long_engine)
+    component = long_engine.uniopt_components()[0]
+    with torch.inference_mode():
+        greedy = long_engine.decoder(*component.example_inputs)
+        assert torch.equal(loop(*component.example_inputs), greedy)
+        sampled = component.calibration_inputs[0]
+        assert float(sampled[1]) > 0
+        reference = long_engine.decoder(*sampled)
+        assert not torch.equal(reference, greedy)  # the draw matters
+        assert torch.equal(loop(*sampled), reference)
+
+
+def test_frame_module_gives_eager_teacher_forced_logits(long_engine: FishSpeechEngine) -> None:
+    loop = _frame_loop(long_engine)
+    component = long_engine.uniopt_components()[0]
+    with torch.inference_mode():
+        frames = long_engine.decoder(*component.example_inputs)
+        forced = component.teacher_forcing(component.example_inputs, frames)
+        for ours, theirs in zip(loop(*forced), long_engine.decoder(*forced), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_codes_are_fed_on_and_returned(long_engine: FishSpeechEngine) -> None:
+    steps = decode_steps(long_engine.decoder)
+    limit = long_engine.model.config.codebook_size
+    frame = FastFrame(steps.graph("fast").module.parts, limit)
+    inputs = list(frame_inputs(frame.parts, limit, 16))
+    inputs[0] = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        free, free_logits = frame(*inputs)
+        forced = (free + 1) % limit
+        inputs[7], inputs[8] = forced, torch.tensor(True)
+        codes, logits = frame(*inputs)
+    assert torch.equal(codes, forced)
+    assert torch.equal(logits[0], free_logits[0])  # the first code's logits come before any forced code
+    assert not torch.allclose(logits[1:], free_logits[1:])
+
+
+def test_frame_module_in_openvino_gives_eager_tokens(long_engine: FishSpeechEngine) -> None:
+    ov = pytest.importorskip("openvino")
+    steps = decode_steps(long_engine.decoder)
+    limit = long_engine.model.config.codebook_size
+    frame = FastFrame(steps.graph("fast").module.parts, limit)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ov.convert_model(frame, example_input=frame_inputs(frame.parts, limit, 16))
+    assert not tracer_warnings(caught)  # nothing that changes between frames became a constant
+    request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        request.infer([t.contiguous().numpy() for t in inputs])
+        return tuple(torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(2))
+
+    loop = steps.install({**{g.name: TorchSteps(g) for g in steps.graphs}, "frame": run})
+    component = long_engine.uniopt_components()[0]
+    with torch.inference_mode():
+        for inputs in (component.example_inputs, component.calibration_inputs[0]):
+            assert torch.equal(loop(*inputs), long_engine.decoder(*inputs))
+
+
+class _Failing:
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError("Exception from src/plugins/intel_cpu: injected")
+
+
+def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_starts(tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
+    component = engine.uniopt_components()[0]
+    with torch.inference_mode():
+        reference = engine.decoder(*component.example_inputs)
+    allow = ["openvino-stateful-frame-int8"]
+    options = {"allow": allow, "cache_dir": str(tmp_path), "model_warmup_runs": 0, "min_speedup": 0.01}
+    cold = UniversalOptimizer(engine, **options)
+    report = cold.report().component("decoder")
+    result = report.candidate("openvino-stateful-frame-int8")
+    assert result.accepted, result.reason
+    assert result.metric == "token_agreement" and result.metric_value >= 0.9
+    steps = [s["step"] for s in result.memory_steps]
+    assert steps.count("openvino-convert-step") == 2 and steps.count("openvino-convert-frame") == 1
+    assert steps.count("nncf-weights") == 3
+    kinds = {e.kind for e in ArtifactCache(tmp_path).entries()}
+    assert {"openvino-frame", "openvino-frame-int8"} <= kinds
+    decode = report.stage.run
+    assert decode._loop.model.frame_runner is not None
+    with torch.inference_mode():
+        assert decode(*component.example_inputs).shape == reference.shape
+        decode._loop.model.frame_runner = _Failing()
+        assert torch.equal(decode(*component.example_inputs), reference)  # the whole call ran eager
+    assert decode.fallbacks.calls == 1 and "injected" in decode.fallbacks.last_reason
+    model_cache.clear()
+    warm = UniversalOptimizer(FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1), **options)
+    warm_report = warm.report().component("decoder")
+    assert warm_report.decision_from_cache and warm_report.stage.info["from_cache"]
