@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from uniopt.optimizer.steps import StepGraph
+
 
 def wide_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     """A deterministic MLP and its example input; the same weights in every process."""
@@ -58,3 +60,20 @@ def tiny_fish_model(*, max_seq_len: int = 64, n_fast_layer: int = 1) -> Any:
     )
     torch.manual_seed(0)
     return llama.DualARTransformer(args, tokenizer=tokenizer).eval()
+
+
+class TorchSteps:
+    """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.past = graph.empty_caches()
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if int(inputs[1][0]) == 0:
+            self.past = self.graph.empty_caches()
+        assert int(inputs[1][0]) == self.past[0].shape[2], "a step must continue the sequence"
+        outputs = self.graph.module(*inputs, *self.past)
+        kept = len(outputs) - 2 * self.graph.layers
+        self.past = outputs[kept:]
+        return outputs[:kept]

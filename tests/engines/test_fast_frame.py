@@ -8,30 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_engines import TorchSteps
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
-from uniopt.optimizer.steps import StepGraph
 from uniopt.plugins.export import tracer_warnings
 from uniopt.plugins.model_cache import model_cache
-
-
-class TorchSteps:
-    """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
-
-    def __init__(self, graph: StepGraph) -> None:
-        self.graph = graph
-        self.past = graph.empty_caches()
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if int(inputs[1][0]) == 0:
-            self.past = self.graph.empty_caches()
-        outputs = self.graph.module(*inputs, *self.past)
-        kept = len(outputs) - 2 * self.graph.layers
-        self.past = outputs[kept:]
-        return outputs[:kept]
 
 
 @pytest.fixture(scope="module")

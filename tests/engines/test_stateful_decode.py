@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_engines import tiny_fish_model
+from tiny_engines import TorchSteps, tiny_fish_model
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
@@ -19,7 +19,6 @@ from uniopt.engines.tts.generation import decode_steps
 from uniopt.errors import InputError, OptimizationError
 from uniopt.optimizer.component import Component
 from uniopt.optimizer.guard import metric_value
-from uniopt.optimizer.steps import StepGraph
 from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.openvino_decode import StatefulStep, StepOrderError
@@ -28,23 +27,6 @@ from uniopt.threads import thread_budget
 from uniopt.tiers import host_profile
 
 pytest.importorskip("openvino")
-
-
-class TorchSteps:
-    """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
-
-    def __init__(self, graph: StepGraph) -> None:
-        self.graph = graph
-        self.past = graph.empty_caches()
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if int(inputs[1][0]) == 0:
-            self.past = self.graph.empty_caches()
-        assert int(inputs[1][0]) == self.past[0].shape[2], "a step must continue the sequence"
-        outputs = self.graph.module(*inputs, *self.past)
-        kept = len(outputs) - 2 * self.graph.layers
-        self.past = outputs[kept:]
-        return outputs[:kept]
 
 
 @pytest.fixture(scope="module")
