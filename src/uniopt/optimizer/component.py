@@ -56,7 +56,8 @@ class Component:
     representative inputs (another length, another speaker): the guard checks the first of them
     (with the example), and static int8 is calibrated on the others only, never on what it is
     checked on (:meth:`guarded_inputs`, :meth:`int8_calibration_inputs`). ``validation_inputs``
-    are inputs at the other sizes the engine really calls the module with (its chunk length, its batch sizes): graph stages, whose
+    are inputs at the other sizes the engine really calls the module with (its chunk length, its
+    batch sizes): graph stages, whose
     shapes are fixed at export, are checked on each of them; without them the guard derives
     inputs at half and double the example's size along each dynamic axis. ``audio_seconds`` is
     how much audio the example input stands for, for real-time factors. Inputs may be given as a
