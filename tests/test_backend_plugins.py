@@ -622,7 +622,7 @@ def test_openvino_int8_matmul_quantizes_matmuls_only(tmp_path: Path) -> None:
 
     torch.manual_seed(5)
     model = ConvThenLinear().eval()
-    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)] * 2)
     stage = build_stage(component, "openvino-int8-matmul", tmp_path)
     assert stage.info["precision_hint"] == ("bf16" if host_profile().cpu.computes_bf16 else "f32")
     (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
@@ -650,7 +650,7 @@ def test_openvino_static_int8_uses_half_the_range_where_int8_saturates(
 
     torch.manual_seed(5)
     model = ConvThenLinear().eval()
-    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[(torch.randn(1, 4, 64),)] * 2)
     build_stage(component, "openvino-int8-matmul", tmp_path, profile=host_with_flags(flags))
     (entry,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "openvino-int8-matmul"]
     ir = ov.Core().read_model(str(entry.path / "model.xml"))
@@ -714,13 +714,40 @@ def test_openvino_static_int8_is_keyed_by_its_calibration_data() -> None:
 
     torch.manual_seed(5)
     model, x = ConvThenLinear().eval(), torch.randn(1, 4, 64)
-    one = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
-    other = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)])
+    one = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)] * 2)
+    other = Component("module", model, (x,), calibration_inputs=[(torch.randn(1, 4, 64),)] * 2)
     assert one.key() == other.key(), "the same module and input signature: one export"
     for variant in ("int8-static", "int8-matmul"):
         assert _ir_key(one, "export", variant, False) != _ir_key(other, "export", variant, False)
     for variant in ("plain", "int8-weights"):  # data-free: one IR for both
         assert _ir_key(one, "export", variant, False) == _ir_key(other, "export", variant, False)
+
+
+def test_openvino_static_int8_is_calibrated_on_inputs_the_guard_does_not_check(tmp_path: Path) -> None:
+    """nncf sees only held-out calibration inputs; without any, static int8 does not apply."""
+    import nncf
+
+    torch.manual_seed(5)
+    model = ConvThenLinear().eval()
+    checked, held_out = (torch.randn(1, 4, 64),), (torch.randn(1, 4, 64),)
+    component = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[checked, held_out])
+    seen: list[Any] = []
+    real = nncf.Dataset
+
+    def recording(items: Any, transform: Any = None) -> Any:
+        seen.extend(items)
+        return real(items, transform)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nncf, "Dataset", recording)
+        build_stage(component, "openvino-int8-static", tmp_path)
+    guarded = [t.numpy() for inputs in component.guarded_inputs() for t in inputs]
+    assert [len(arrays) for arrays in seen] == [1]
+    assert all(not (arrays[0] == g).all() for arrays in seen for g in guarded)
+    assert (seen[0][0] == held_out[0].numpy()).all()
+    only_checked = Component("module", model, (torch.randn(1, 4, 64),), calibration_inputs=[checked])
+    with pytest.raises(AssertionError, match="not applicable: static int8 needs calibration inputs"):
+        build_stage(only_checked, "openvino-int8-static", tmp_path / "other")
 
 
 # -- allow and missing backends --------------------------------------------------------------------

@@ -53,9 +53,11 @@ class Component:
     for ONNX export (the other is tried when the first fails); "none" rules out every graph
     backend, for modules no exporter can capture faithfully (a Python decode loop over an
     in-place KV cache, say). ``calibration_inputs`` are more
-    representative inputs (another length, another speaker): int8 calibration uses them and the
-    guard checks the first of them too. ``validation_inputs`` are inputs at the other sizes the
-    engine really calls the module with (its chunk length, its batch sizes): graph stages, whose
+    representative inputs (another length, another speaker): the guard checks the first of them
+    (with the example), and static int8 is calibrated on the others only, never on what it is
+    checked on (:meth:`guarded_inputs`, :meth:`int8_calibration_inputs`). ``validation_inputs``
+    are inputs at the other sizes the engine really calls the module with (its chunk length, its
+    batch sizes): graph stages, whose
     shapes are fixed at export, are checked on each of them; without them the guard derives
     inputs at half and double the example's size along each dynamic axis. ``audio_seconds`` is
     how much audio the example input stands for, for real-time factors. Inputs may be given as a
@@ -115,8 +117,16 @@ class Component:
             self.__dict__["_key"] = cached
         return cached
 
+    def guarded_inputs(self) -> list[tuple[Any, ...]]:
+        """The inputs every candidate is checked on: the example and the first calibration input."""
+        return [self.example_inputs, *self.calibration_inputs[:1]]
+
+    def int8_calibration_inputs(self) -> list[tuple[Any, ...]]:
+        """The inputs static int8 is calibrated on: the calibration inputs the guard does not check on."""
+        return list(self.calibration_inputs[1:])
+
     def calibration_key(self) -> str:
-        """sha256 of the values of the inputs int8 calibration sees: the example and calibration inputs.
+        """sha256 of the values of the example and calibration inputs (those calibration sees among them).
 
         Part of the key of every artifact calibrated on them; computed once per component object.
         """

@@ -128,7 +128,7 @@ class _Selector:
         """
         component = self.component
         if self._references is None:
-            self._references = self._reference_list([component.example_inputs, *component.calibration_inputs[:1]])
+            self._references = self._reference_list(component.guarded_inputs())
         if not shapes:
             return self._references
         if self._shape_references is None:  # derived sizes the module does not take are left out

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import NotApplicable
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
@@ -62,7 +63,10 @@ def compile_config(context: BuildContext, precision: str, model: Path) -> dict[s
 
 
 def _calibration_arrays(component: Any) -> list[list[Any]]:
-    sets = [component.example_inputs, *component.calibration_inputs]
+    """The held-out calibration inputs as arrays: static int8 is never calibrated on what the guard checks."""
+    sets = component.int8_calibration_inputs()
+    if not sets:
+        raise NotApplicable("static int8 needs calibration inputs besides the example and the first, which are checked")
     return [[t.detach().cpu().numpy() for t in inputs] for inputs in sets]
 
 
@@ -103,6 +107,7 @@ def _ir_key(component: Any, export_key: str, variant: str, half_range: bool) -> 
             "versions": library_versions(),
             "half_range": half_range,
             "calibration": component.calibration_key() if calibrated else None,
+            "calibrated_on": "held-out" if calibrated else None,
         }
     )
 
@@ -111,6 +116,8 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
     """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached."""
     import openvino as ov
 
+    if variant in ("int8-static", "int8-matmul"):
+        _calibration_arrays(component)  # not applicable without held-out calibration inputs
     export = exported_onnx(component, context, loaded)
     half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
 
@@ -220,7 +227,7 @@ def uniopt_register_candidates(register: Any) -> None:
         Candidate(
             "openvino-int8-static",
             "openvino",
-            "OpenVINO with nncf static int8, calibrated on the component's example inputs",
+            "OpenVINO with nncf static int8, calibrated on held-out calibration inputs",
             _build("int8-static", "int8", "openvino-int8-static"),
             Requirements(
                 packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"

@@ -374,14 +374,14 @@ class Diarizer:
                 input_names=("waveforms",), output_names=("log_probs",),
                 dynamic_axes={"waveforms": {0: "batch"}, "log_probs": {0: "batch"}},
                 metric=Metric("argmax_agreement", 0.97), kind="segmentation", exporter="legacy",
-                calibration_inputs=[windows(3, 1)], audio_seconds=2 * win / SAMPLE_RATE,
+                calibration_inputs=[windows(3, 1), windows(3, 2)], audio_seconds=2 * win / SAMPLE_RATE,
             ),
             Component(
                 "embedding", self.embedding, mels(16, 0),
                 input_names=("mels",), output_names=("embeddings",),
                 dynamic_axes={"mels": {0: "batch"}, "embeddings": {0: "batch"}},
                 metric=Metric("cosine", 0.99), kind="embedding", exporter="legacy",
-                calibration_inputs=[mels(5, 1)], audio_seconds=16 * PARTIAL_FRAMES / 100,
+                calibration_inputs=[mels(5, 1), mels(5, 2)], audio_seconds=16 * PARTIAL_FRAMES / 100,
             ),
         ]  # fmt: skip
 
