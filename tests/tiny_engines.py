@@ -17,6 +17,25 @@ def wide_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(4, 16, 64),)
 
 
+class WideMlp:
+    """:func:`wide_mlp` as an engine that declares its component, with held-out calibration inputs."""
+
+    def __init__(self) -> None:
+        self.module, self.example = wide_mlp()
+        generator = torch.Generator().manual_seed(6)
+        self.calibration = [(torch.randn(4, 16, 64, generator=generator),) for _ in range(8)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def uniopt_components(self) -> list:
+        from uniopt.optimizer import Component, Metric
+
+        # Static int8 of random activations reaches cosine ~0.999, not past it: the threshold allows int8.
+        metric = Metric("cosine", 0.995)
+        return [Component("module", self.module, self.example, calibration_inputs=self.calibration, metric=metric)]
+
+
 class TtsDecoderOnly:
     """The TTS engine at its test size (seeded weights: the same in every process), its decoder alone."""
 
