@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_engines import TorchSteps
+from tiny_engines import TorchSteps, tiny_fish_model
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
-from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.plugins.export import tracer_warnings
 from uniopt.plugins.model_cache import model_cache
+
+
+def _silence(indices: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(indices.shape[0], 1, 512 * indices.shape[-1]), feature_lengths * 512
+
+
+_NO_CODEC = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=_silence))
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +134,36 @@ def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_start
     warm = UniversalOptimizer(FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1), **options)
     warm_report = warm.report().component("decoder")
     assert warm_report.decision_from_cache and warm_report.stage.info["from_cache"]
+
+
+# -- the fish_speech package ------------------------------------------------------------------------------------
+def test_the_real_dual_ar_transformer_runs_a_frame_in_one_call(tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
+    adapter = FishSpeechAdapter(_NO_CODEC, model, decode_steps=66, prompt_length=5)
+    decoder = adapter.uniopt_components()[0]
+    steps = decoder.decode_steps
+    assert steps is not None and steps.frame is not None
+    prompt = decoder.example_inputs[0]
+    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])
+    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = adapter.decoder(prompt)
+        loop = steps.install({**{g.name: TorchSteps(g) for g in steps.graphs}, "frame": steps.frame.module})
+        assert torch.equal(loop(prompt), reference)
+        forced = decoder.teacher_forcing((prompt,), reference)
+        for ours, theirs in zip(loop(*forced), adapter.decoder(*forced), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    options = {"allow": ["openvino-stateful-frame-int8"], "model_warmup_runs": 0, "min_speedup": 0.01}
+    adapter = FishSpeechAdapter(_NO_CODEC, model, decode_steps=8, prompt_length=5)
+    with torch.inference_mode():
+        reference = adapter.decoder(prompt)
+    wrapped = UniversalOptimizer(adapter, cache_dir=str(tmp_path), **options)
+    result = wrapped.report().component("decoder").candidate("openvino-stateful-frame-int8")
+    assert result.accepted, result.reason
+    decode = wrapped.report().component("decoder").stage.run
+    assert decode._loop.model.frame_runner is not None
+    with torch.inference_mode():
+        tokens = adapter.generate_tokens(prompt)
+    assert tokens.shape == reference.shape and decode.fallbacks.calls == 0
+    assert float((tokens == reference).float().mean()) >= 0.9

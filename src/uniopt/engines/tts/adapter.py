@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ...optimizer.component import Component
 from ...optimizer.steps import DecodeSteps
 from .codec import codec_component
+from .frame import frame_graph
 from .generation import check_forced, decoder_component
 from .steps import DualARParts, dual_ar_decode_steps
 
@@ -102,23 +103,50 @@ class RealTokenGenerator(nn.Module):
             main_logits = result.logits[0, -1]
             main = main_logits.argmax(dim=-1, keepdim=True) if forced is None else forced[0, :1, step]
             code = (main - model.tokenizer.semantic_begin_id).clamp_min(0) if forced is None else forced[0, 1:2, step]
-            model.forward_generate_fast(result.hidden_states, self.fast_positions[:1])
-            frame, scores = [main, code], []
-            for index in range(1, config.num_codebooks):
-                logits = model.forward_generate_fast(
-                    model.fast_embeddings(code), self.fast_positions[index : index + 1]
-                )[0, -1, : self.codebook_limit]
-                scores.append(logits)
-                code = logits.argmax(dim=-1, keepdim=True) if forced is None else forced[0, index + 1 : index + 2, step]
-                frame.append(code)
-            frame_tensor = torch.cat(frame)
+            frame_forced = None if forced is None else forced[0, 2:, step]
+            codes, scores = self._codebooks(result.hidden_states, code, frame_forced)
+            frame_tensor = torch.cat([main, code, codes])
             frames.append(frame_tensor)
             main_scores.append(main_logits)
-            code_scores.append(torch.stack(scores) if scores else main_logits.new_zeros(0, self.codebook_limit))
+            code_scores.append(scores)
             tokens, input_pos = frame_tensor.view(1, -1, 1), input_pos[-1:] + 1
         if forced is not None:
             return torch.stack(main_scores)[None], torch.stack(code_scores, dim=1)[None]
         return torch.stack(frames, dim=-1).unsqueeze(0)
+
+    def _codebooks(self, hidden: Tensor, code: Tensor, forced: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Codebooks 1..C-1 of a frame (greedy, or ``forced``) and their logits ``[C-1, K]``.
+
+        The fast decoder primed with the slow ``hidden`` state, fed codebook 0's ``code``; in one
+        call when the model serves a frame runner (a :class:`~uniopt.engines.tts.frame.FastFrame`).
+        """
+        model, rows = self.model, int(self.model.config.num_codebooks) - 1
+        frame_runner = getattr(model, "frame_runner", None)
+        if frame_runner is not None:
+            zero = hidden.new_zeros(())
+            window = torch.full((rows, 1), -1, dtype=torch.long, device=hidden.device)
+            noise = hidden.new_full((rows, self.frame_limit()), 0.5)
+            given = torch.zeros(rows, dtype=torch.long, device=hidden.device) if forced is None else forced
+            use_forced = torch.tensor(forced is not None, device=hidden.device)
+            params = (zero, zero, zero + 1)  # greedy: temperature 0, no top-p cut, no repetition penalty
+            codes, scores = frame_runner(hidden, code.reshape(1), window, *params, noise, given, use_forced)
+            return codes, scores
+        model.forward_generate_fast(hidden, self.fast_positions[:1])
+        codes, scores = [], []
+        for index in range(1, rows + 1):
+            logits = model.forward_generate_fast(model.fast_embeddings(code), self.fast_positions[index : index + 1])[
+                0, -1, : self.codebook_limit
+            ]
+            scores.append(logits)
+            code = logits.argmax(dim=-1, keepdim=True) if forced is None else forced[index - 1 : index]
+            codes.append(code)
+        if not codes:
+            return code.new_zeros(0), hidden.new_zeros(0, self.frame_limit())
+        return torch.cat(codes), torch.stack(scores)
+
+    def frame_limit(self) -> int:
+        """How many fast-decoder logits are scored: the codebook size cut to ``codebook_limit``."""
+        return min(self.codebook_limit, int(self.model.config.codebook_size))
 
 
 def fish_decode_steps(generator: RealTokenGenerator) -> DecodeSteps:
@@ -158,8 +186,12 @@ def fish_decode_steps(generator: RealTokenGenerator) -> DecodeSteps:
         num_codebooks=int(config.num_codebooks),
         max_positions=int(model.freqs_cis.shape[0]),
     )
+    frame = frame_graph(parts, generator.frame_limit(), window=1)
     return dual_ar_decode_steps(
-        generator, parts, lambda logits, hidden: types.SimpleNamespace(logits=logits, hidden_states=hidden)
+        generator,
+        parts,
+        lambda logits, hidden: types.SimpleNamespace(logits=logits, hidden_states=hidden),
+        frame=frame,
     )
 
 
