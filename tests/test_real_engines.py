@@ -117,12 +117,16 @@ def test_resemblyzer_wrapped_by_sample_runs_the_stage_for_every_length(
     assert stats["calls"] == 4 and stats["eager_calls"] == 0
 
 
-def test_silero_vad_script_module_keeps_its_timestamps(recording: np.ndarray, tmp_path: Path) -> None:
+def _silero() -> Any:
     with warnings.catch_warnings():  # torch.jit.load is deprecated upstream
         warnings.simplefilter("ignore", DeprecationWarning)
         from silero_vad import get_speech_timestamps, load_silero_vad
 
-        model = load_silero_vad()
+        return load_silero_vad(), get_speech_timestamps
+
+
+def test_silero_vad_script_module_alone_runs_eager_with_the_reason(recording: np.ndarray, tmp_path: Path) -> None:
+    model, get_speech_timestamps = _silero()
     assert isinstance(model, torch.jit.ScriptModule)
     audio = torch.from_numpy(recording)
     expected = get_speech_timestamps(audio, model)
@@ -131,9 +135,31 @@ def test_silero_vad_script_module_keeps_its_timestamps(recording: np.ndarray, tm
     fast = UniversalOptimizer(model, sample=samples, cache_dir=str(tmp_path), **TIER_MODE)
     report = fast.report().component("module")
     assert report.found_by.startswith("the sample calls (") and report.chosen == "eager"
-    assert "depend on its earlier calls" in report.candidate("eager").reason  # its LSTM state and context
+    reason = report.candidate("eager").reason
+    assert "depend on its earlier calls" in reason and "SileroVadAdapter" in reason  # its LSTM state and context
     assert get_speech_timestamps(audio, fast) == expected
-    assert get_speech_timestamps(audio, model) == expected
+
+
+def test_silero_vad_through_the_adapter_runs_its_network_optimized(recording: np.ndarray, tmp_path: Path) -> None:
+    from uniopt.engines.silero_vad import SileroVadAdapter
+
+    model, get_speech_timestamps = _silero()
+    audio = torch.from_numpy(recording)
+    adapter = SileroVadAdapter(model)
+    with torch.inference_mode():  # the Python forward is the packaged one, chunk by chunk, bit for bit
+        model.reset_states()
+        for start in range(0, 16_000 * 3, 512):
+            assert torch.equal(adapter(audio[start : start + 512], 16_000), model(audio[start : start + 512], 16_000))
+        with pytest.raises(ValueError, match="number of samples"):
+            adapter(audio[:600], 16_000)
+    expected = get_speech_timestamps(audio, model)
+    fast = UniversalOptimizer(adapter, cache_dir=str(tmp_path), **TIER_MODE)
+    report = fast.report().component("network")
+    assert report.chosen == "onnxruntime-fp32", report.candidates
+    assert get_speech_timestamps(audio, fast) == expected
+    assert get_speech_timestamps(audio, model) == expected  # the packaged model itself is untouched
+    stats = fast.get_performance_info()["components"]["network"]
+    assert stats["calls"] >= len(recording) // 512 and stats["eager_calls"] == 0
 
 
 def _tiny_wav2vec2_dir(directory: Path) -> Path:

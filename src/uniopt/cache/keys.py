@@ -192,10 +192,16 @@ def _state_buffers(module: torch.nn.Module, declared: Iterable[str]) -> set[str]
     state = set(declared)
     for prefix, sub in module.named_modules(remove_duplicate=False):
         local = STATE_BUFFER_NAMES | set(getattr(sub, STATE_BUFFERS_ATTRIBUTE, ()))
-        for name in sub._buffers:
+        for name, _ in sub.named_buffers(recurse=False):
             if name in local:
                 state.add(f"{prefix}.{name}" if prefix else name)
     return state
+
+
+def _torchscript_code(module: torch.nn.Module) -> str:
+    """The TorchScript source of every method of a scripted module ("" where it has none)."""
+    methods: list[str] = getattr(getattr(module, "_c", None), "_method_names", lambda: [])()
+    return "\n".join(getattr(module, m).code for m in sorted(methods) if hasattr(getattr(module, m), "code"))
 
 
 def _feed_state(h: Any, value: Any) -> None:
@@ -221,6 +227,8 @@ def hash_module(module: torch.nn.Module, *, state_buffers: Iterable[str] = ()) -
     names passed as ``state_buffers``. Every other buffer, persistent or not (rotary tables,
     masks, offsets, scales), is a constant of the module and is hashed by value.
     """
+    import torch
+
     h = hashlib.sha256()
     cls = type(module)
     _feed(h, "uniopt-module-hash-v2", f"{cls.__module__}.{cls.__qualname__}")
@@ -233,6 +241,8 @@ def hash_module(module: torch.nn.Module, *, state_buffers: Iterable[str] = ()) -
                 continue
             seen.add(klass)
             _feed(h, "class", f"{klass.__module__}.{klass.__qualname__}", _class_source(klass))
+        if isinstance(sub, torch.jit.ScriptModule):  # its code is TorchScript, not its class's source
+            _feed(h, "torchscript", name, _torchscript_code(sub))
         for attr, value in sorted(vars(sub).items()):
             if attr not in own and _plain(value):
                 _feed(h, "attribute", attr, json.dumps(jsonable(value), sort_keys=True))

@@ -322,5 +322,14 @@ def capture_components(
             raise UniOptError(f"module {seen.path or 'module'!r}: {seen.problem}; declare it with uniopt_components()")
         component = _component(seen, overrides.get(seen.path or "module", {}))
         method = next((c.method for c in seen.calls if c.method), "")
-        captured.append(Captured(component, method, len(seen.calls), STATEFUL if seen.stateful else ""))
+        captured.append(
+            Captured(component, method, len(seen.calls), _stateful_reason(seen.module) if seen.stateful else "")
+        )
     return captured
+
+
+def _stateful_reason(module: torch.nn.Module) -> str:
+    """:data:`STATEFUL`, naming the adapter that serves a stateful module uniopt knows."""
+    if getattr(module, "original_name", "") == "VADRNNJITMerge":  # silero-vad's packaged TorchScript model
+        return f"{STATEFUL}; wrap it as uniopt.engines.silero_vad.SileroVadAdapter(model) to optimize its network"
+    return STATEFUL
