@@ -695,3 +695,32 @@ def test_eviction_in_another_process_never_deletes_an_entry_being_read(tmp_path:
     assert reader.returncode == 0, err
     assert out.strip() == "x" * 100, "the reader read the whole entry"
     assert ArtifactCache(root).evict(0) == ["read"], "once released, it can be evicted"
+
+
+class _Doubling(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * 2
+
+
+class _Halving(_Doubling):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) / 2
+
+
+_Halving.__name__ = _Halving.__qualname__ = "_Doubling"  # scripted, the two look alike but for their code
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_scripted_modules_with_equal_weights_and_other_code_get_other_keys() -> None:
+    torch.manual_seed(0)
+    doubling = _Doubling()
+    halving = _Halving()
+    halving.load_state_dict(doubling.state_dict())
+    a, b = torch.jit.script(doubling), torch.jit.script(halving)
+    assert type(a) is type(b) and repr(a) == repr(b)  # only the TorchScript code tells them apart
+    assert hash_module(a) != hash_module(b)
+    assert hash_module(a) == hash_module(torch.jit.script(doubling))
