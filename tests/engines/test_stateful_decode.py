@@ -223,14 +223,19 @@ def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(built_cache: Pat
         assert torch.equal(stage(prompt), reference)
 
 
+FRAME = "openvino-stateful-frame-int8"
+
+
 def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_path: Path) -> None:
     from tiny_engines import TtsDecoderOnly
     from uniopt.prepare import prepare_bundle
 
     rows = prepare_bundle(["tiny_engines:TtsDecoderOnly"], host_profile(), tmp_path / "bundle")
     decoder = {r.candidate: r for r in rows if r.component == "decoder"}
-    for name in ("openvino-stateful-f32", "openvino-stateful-int8", "openvino-stateful-int4"):
+    for name in ("openvino-stateful-f32", "openvino-stateful-int8", "openvino-stateful-int4", FRAME):
         assert decoder[name].status == "built" and decoder[name].entries, decoder[name]
+    frame_kinds = {e.kind for e in ArtifactCache(tmp_path / "bundle").entries()}
+    assert {"openvino-frame", "openvino-frame-int8"} <= frame_kinds
     assert decoder["onnxruntime-fp32"].status == "skipped" and "not applicable" in decoder["onnxruntime-fp32"].reason
     model_cache.clear()
     wrapped = UniversalOptimizer(
@@ -244,3 +249,16 @@ def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_pa
     assert report.chosen == "openvino-stateful-int8", report.candidates
     assert report.stage.info["from_cache"]
     assert not any(e.kind.startswith("openvino-stateful") for e in ArtifactCache(tmp_path / "cache").entries())
+    model_cache.clear()
+    framed = UniversalOptimizer(
+        TtsDecoderOnly(),
+        allow=[FRAME],
+        min_speedup=0.01,
+        model_warmup_runs=0,
+        cache_dir=str(tmp_path / "framed"),
+        cache_bundle=str(tmp_path / "bundle"),
+    )
+    result = framed.report().component("decoder").candidate(FRAME)
+    assert result.accepted and result.from_cache, result.reason
+    built_here = {e.kind for e in ArtifactCache(tmp_path / "framed").entries()}
+    assert not any(k.startswith(("openvino-stateful", "openvino-frame")) for k in built_here), built_here
