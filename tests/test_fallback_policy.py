@@ -16,7 +16,8 @@ from uniopt.cache import ArtifactCache
 from uniopt.engines.phoneme import PhonemeExtractor
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.errors import InputError, OptimizationError
-from uniopt.plugins import BuildContext, BuildFailure, candidates, plugin_manager
+from uniopt.optimizer.install import Installation, twin
+from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.fallback import ModuleFallback
 from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.torch_native import DynamicInt8Linear, _Bf16, _build_bf16
@@ -241,3 +242,35 @@ def test_inside_strict_a_module_stage_call_that_raises_is_an_optimization_error(
         stage(x)
     assert isinstance(caught.value.__cause__, RuntimeError) and stage.fallbacks.calls == 0
     assert torch.equal(stage(x), -x) and stage.fallbacks.calls == 1
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_compiled_stage_whose_code_fails_on_a_new_shape_runs_eager(fallback: bool) -> None:
+    def compiler(graph: Any, inputs: list[torch.Tensor]) -> Any:
+        def run(*args: Any) -> Any:
+            if any(isinstance(a, torch.Tensor) and a.shape[:1] == (7,) for a in args):
+                raise RuntimeError("injected kernel error")
+            return graph.forward(*args)
+
+        return run
+
+    torch.manual_seed(8)
+    module = nn.Linear(16, 8).eval()
+    source = twin(module)
+    stage = Stage("torch-compile", torch.compile(source, backend=compiler, dynamic=False))
+    installation = Installation("net", module, stage, source=source, input_count=1, fallback=fallback)
+    try:
+        with torch.inference_mode():
+            x, y = torch.randn(4, 16), torch.randn(7, 16)
+            assert torch.equal(module(x), nn.Linear.forward(module, x))  # compiled: takes it
+            if fallback:
+                assert torch.equal(module(y), nn.Linear.forward(module, y))
+                assert installation.stats()["fallback_calls"] == 1
+                assert "injected kernel error" in installation.stats()["fallback_reason"]
+            else:
+                with pytest.raises(OptimizationError, match="at run time") as caught:
+                    module(y)
+                assert "injected kernel error" in str(caught.value.__cause__)
+    finally:
+        installation.remove()
+        torch._dynamo.reset()
