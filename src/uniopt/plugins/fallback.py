@@ -7,6 +7,8 @@ runs eager for that call, is counted in the stage's :class:`RuntimeFallbacks` an
 With ``FALLBACK_ON_OPTIMIZATION_ERROR=false`` both are raised instead, as an
 :class:`~uniopt.errors.OptimizationError` whose ``__cause__`` is the original exception. A step
 refused for memory (:class:`~uniopt.errors.MemoryBudgetError`) is always recorded: nothing failed.
+A call that raises in a torch module stage and in the eager module alike is the caller's: the eager
+module's error is raised, and nothing is counted.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class EagerFallback:
     """A stage's calls that run ``eager`` instead: counted in ``fallbacks``, raised inside :meth:`strict`.
 
     Stages that can refuse a call at run time (a graph, stateful decode steps, a torch module
-    stage) derive from it and call :meth:`eager_instead` with the reason.
+    stage) derive from it and call :meth:`eager_instead` with the reason, or :meth:`eager_after`
+    with the error the stage raised.
     """
 
     def __init__(self, name: str, eager: Callable[..., Any], candidate: str, allowed: bool) -> None:
