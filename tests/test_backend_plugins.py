@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -27,15 +28,17 @@ import torch
 import torch.ao.nn.quantized.dynamic as qdynamic
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
 
 from optimize_worker import worker_env
 from uniopt import Component, Metric, UniversalOptimizer
 from uniopt.cache import ArtifactCache
+from uniopt.cli import app
 from uniopt.errors import OptimizationError, ValidationError
 from uniopt.optimizer.report import CandidateResult
 from uniopt.plugins import BuildContext, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
-from uniopt.plugins.torch_native import DynamicInt8Linear, TorchDynamicInt8
+from uniopt.plugins.torch_native import DynamicInt8Linear, TorchDynamicInt8, _users_inductor_dir, inductor_cache_in
 from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
 from uniopt.tiers import HostProfile, host_profile
@@ -342,10 +345,10 @@ def test_torch_bf16(mlp2d: Any, shared_cache: Path) -> None:
 # Importing inductor imports torch.utils.mkldnn, whose class body uses the deprecated
 # torch.jit.script_method (torch 2.13): a warning from torch itself, once per process.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_torch_compile_on_the_avx512_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # uniopt points inductor's cache into its own cache with os.environ.setdefault: undo it afterwards.
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+def test_torch_compile_keeps_inductors_cache_in_the_components_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("UNIOPT_COMPILE_MODE", raising=False)
     torch.manual_seed(2)
     model, x = mlp(21), torch.randn(4, 16)
@@ -353,10 +356,24 @@ def test_torch_compile_on_the_avx512_tier(tmp_path: Path, monkeypatch: pytest.Mo
     r = result(opt, "torch-compile")
     assert r.accepted, r.reason
     assert r.metric == "allclose" and r.metric_value is not None and r.metric_value <= 1e-4
-    inductor = tmp_path / "cache" / "inductor"
-    assert inductor.is_dir() and any(inductor.rglob("*")), "inductor's cache lives in uniopt's cache directory"
     with torch.inference_mode():
         torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+    # pointed at the entry for the compile only (inductor itself may set its default afterwards)
+    assert str(tmp_path) not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+
+    cache = ArtifactCache(tmp_path / "cache")
+    (entry,) = [e for e in cache.entries() if e.kind == "inductor"]
+    assert entry.description == {"component": "module", "compile_mode": "default"}
+    written = [p for p in (entry.path / "runtime").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".py" for p in written), written  # inductor's generated code
+    assert entry.size_bytes >= sum(p.stat().st_size for p in written) > 0
+    assert cache.total_bytes() >= entry.size_bytes
+    assert not (tmp_path / "cache" / "inductor").exists()
+
+    monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path / "cache"))
+    cleared = CliRunner().invoke(app, ["cache", "clear"])
+    assert cleared.exit_code == 0, cleared.output
+    assert not entry.path.exists() and ArtifactCache(tmp_path / "cache").entries() == []
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -373,6 +390,27 @@ def test_torch_compile_over_its_budget_is_rejected(tmp_path: Path, monkeypatch: 
     )
     r = result(opt, "torch-compile")
     assert not r.accepted and "UNIOPT_COMPILE_BUDGET" in r.reason
+    # a TORCHINDUCTOR_CACHE_DIR the user set is where inductor's cache stays
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert not [e for e in ArtifactCache(tmp_path / "cache").entries() if e.kind == "inductor"]
+
+
+def test_inductors_cache_directory_is_set_for_the_compile_and_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as inductor sets it itself
+    assert _users_inductor_dir() is None
+    with inductor_cache_in(tmp_path):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    with pytest.raises(RuntimeError, match="compile failed"), inductor_cache_in(tmp_path):
+        raise RuntimeError("compile failed")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert _users_inductor_dir() == str(tmp_path / "mine")
 
 
 def test_torch_compile_is_ruled_out_on_low_resource(mlp2d: Any, shared_cache: Path) -> None:

@@ -611,12 +611,13 @@ def test_lock_names_a_key_and_a_purpose(tmp_path: Path) -> None:
             cache.lock(bad, timeout=1)
 
 
-def test_clear_removes_the_old_openvino_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("folder", "name"), [("openvino", "123.blob"), ("inductor", "fxgraph/ab/graph")])
+def test_clear_removes_the_folders_kept_outside_the_entries_before(tmp_path: Path, folder: str, name: str) -> None:
     cache = ArtifactCache(tmp_path)
-    (tmp_path / "openvino").mkdir()
-    (tmp_path / "openvino" / "123.blob").write_bytes(b"old")
+    (tmp_path / folder / name).parent.mkdir(parents=True)
+    (tmp_path / folder / name).write_bytes(b"old")
     cache.clear()
-    assert not (tmp_path / "openvino").exists()
+    assert not (tmp_path / folder).exists()
 
 
 # -- several processes ----------------------------------------------------------------------------

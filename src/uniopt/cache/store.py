@@ -14,9 +14,9 @@ take that lock exclusively without waiting, and pass over an entry they cannot l
 another thread or process is reading is never deleted under it (POSIX; elsewhere nothing is held).
 
 ``runtime/`` holds what a runtime writes after the entry is published (OpenVINO's compiled blobs
-for the entry's IR, :meth:`ArtifactCache.runtime_dir`). It is not in the manifest and not checked
-by ``verify``, but it counts towards the entry's size, and goes with the entry when the entry is
-evicted, removed, cleared or rebuilt.
+for the entry's IR, inductor's cache for a compiled component, :meth:`ArtifactCache.runtime_dir`).
+It is not in the manifest and not checked by ``verify``, but it counts towards the entry's size,
+and goes with the entry when the entry is evicted, removed, cleared or rebuilt.
 
 A cache may sit on a read-only *bundle*: a cache directory prepared on another machine
 (``optimize prepare``). Its valid entries are found first and are never written, touched or
@@ -59,7 +59,7 @@ MANIFEST = "manifest.json"
 LAST_USED = ".last_used"
 RUNTIME = "runtime"
 #: Folders that earlier versions kept outside the entries; ``clear`` deletes them.
-_LEGACY_DIRS = ("openvino",)
+_LEGACY_DIRS = ("openvino", "inductor")
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..plugins import Stage
+from ..plugins.fallback import ModuleFallback, RuntimeFallbacks
 
 __all__ = ["Installation", "installation_of", "own_state", "twin"]
 
@@ -153,7 +154,9 @@ class Installation:
     A stage that is an ``nn.Module`` takes any call the module takes; other stages take the
     component's ``input_count`` inputs, positionally or by the forward's parameter names; any other
     call (other keywords, a module put back in training mode) runs the original forward, counted in
-    ``eager_reasons``.
+    ``eager_reasons``. A module stage's call that raises runs the original forward through the
+    run-time policy (:class:`~uniopt.plugins.fallback.ModuleFallback`; ``fallback`` is the
+    ``FALLBACK_ON_OPTIMIZATION_ERROR`` setting).
     """
 
     def __init__(
@@ -165,6 +168,7 @@ class Installation:
         source: torch.nn.Module,
         input_count: int,
         timer: Callable[[str, float], None] | None = None,
+        fallback: bool = True,
     ) -> None:
         self.name = name
         self.module = module
@@ -173,26 +177,27 @@ class Installation:
         self.eager_reasons: Counter[str] = Counter()
         self._timer = timer
         self._input_count = input_count
-        self._run, self._takes_keywords = self._runner(stage, source)
         self._lock = threading.Lock()
         with _LOCK:
             previous = installation_of(module)
             if previous is not None:
                 del module.__dict__["forward"]
             self._original: Callable[..., Any] = module.forward
+            self._run, self._takes_keywords = self._runner(stage, source, fallback)
             forward = _Forward(self, self._original)
             self._signature = forward.__signature__
             module.__dict__["forward"] = forward
 
-    @staticmethod
-    def _runner(stage: Stage | None, source: torch.nn.Module) -> tuple[Callable[..., Any] | None, bool]:
+    def _runner(
+        self, stage: Stage | None, source: torch.nn.Module, fallback: bool
+    ) -> tuple[Callable[..., Any] | None, bool]:
         if stage is None or stage.run is source:
             return None, True
         run = stage.run
         if _is_compiled(run):
-            return _compiled_for(run, source), True
+            return ModuleFallback(self.name, _compiled_for(run, source), self._original, self.candidate, fallback), True
         if isinstance(run, torch.nn.Module):
-            return own_state(run), True
+            return ModuleFallback(self.name, own_state(run), self._original, self.candidate, fallback), True
         own = getattr(run, "with_own_state", None)
         if callable(own):  # a stage keeping state outside PyTorch: its own copy of that state
             return own(), True
@@ -214,14 +219,23 @@ class Installation:
             if self.installed:
                 del self.module.__dict__["forward"]
 
+    @property
+    def fallbacks(self) -> RuntimeFallbacks | None:
+        """The calls the stage could not take and ran eager instead, when the stage can refuse calls."""
+        found = getattr(self._run, "fallbacks", None)
+        return found if isinstance(found, RuntimeFallbacks) else None
+
     def stats(self) -> dict[str, Any]:
-        """The stage, the calls it served and the ones that ran eager, by reason."""
+        """The stage, the calls it served, the ones that ran eager by reason, and the ones it could not take."""
+        fallbacks = self.fallbacks
         return {
             "stage": self.candidate,
             "installed": self.installed,
             "calls": self.calls,
             "eager_calls": self.eager_calls,
             "eager_reasons": dict(self.eager_reasons),
+            "fallback_calls": 0 if fallbacks is None else fallbacks.calls,
+            "fallback_reason": "" if fallbacks is None else fallbacks.last_reason,
         }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -133,6 +133,7 @@ class UniversalOptimizer:
             source=component.module,
             input_count=len(component.example_inputs),
             timer=self._record if logging_on else None,
+            fallback=self._settings.fallback_on_optimization_error,
         )
 
     def _record(self, name: str, seconds: float) -> None:

@@ -26,7 +26,7 @@ from ..errors import MemoryBudgetError, NotApplicable
 from ..optimizer.component import Metric
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
-from .fallback import EagerFallback
+from .fallback import EagerFallback, first_line
 from .memory_costs import memory_step
 
 __all__ = ["ExportError", "ExportedModel", "GraphRunner", "OnnxExporter", "exported_onnx", "graph_stage_runner"]
@@ -192,11 +192,6 @@ def check_other_sizes(component: Any, path: Path, warned: list[str], *, atol: fl
             raise ExportError(f"the graph is wrong at input shape {shape} ({warned[0]}): {verdict.reason}")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (its type's name when empty), at most 200 characters."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 @contextlib.contextmanager
 def quiet_loggers(*names: str) -> Iterator[None]:
     """Silence chatty third-party loggers (exporters, quantizers) for the duration of a build."""
@@ -356,7 +351,7 @@ class GraphRunner(EagerFallback):
     fixed_shapes = True
 
     def __init__(self, component: Any, run_arrays: Callable[[list[Any]], list[Any]], candidate: str, allowed: bool):
-        super().__init__(component, candidate, allowed)
+        super().__init__(component.name, component.module, candidate, allowed)
         self._run_arrays = run_arrays
         self._spec = output_structure(component)
         self._signature = _signature(component)

@@ -7,6 +7,8 @@ runs eager for that call, is counted in the stage's :class:`RuntimeFallbacks` an
 With ``FALLBACK_ON_OPTIMIZATION_ERROR=false`` both are raised instead, as an
 :class:`~uniopt.errors.OptimizationError` whose ``__cause__`` is the original exception. A step
 refused for memory (:class:`~uniopt.errors.MemoryBudgetError`) is always recorded: nothing failed.
+A call that raises in a torch module stage and in the eager module alike is the caller's: the eager
+module's error is raised, and nothing is counted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ from ..errors import MemoryBudgetError, NotApplicable, OptimizationError, UniOpt
 from .candidate import BuildFailure
 from .hookspecs import hookimpl
 
-__all__ = ["NOT_APPLICABLE", "EagerFallback", "RuntimeFallbacks", "runtime_fallbacks"]
+__all__ = ["NOT_APPLICABLE", "EagerFallback", "ModuleFallback", "RuntimeFallbacks", "first_line", "runtime_fallbacks"]
 
 log = logging.getLogger("uniopt")
 
@@ -61,17 +63,23 @@ class RuntimeFallbacks:
         }
 
 
-class EagerFallback:
-    """A stage's calls that run the eager module instead: counted in ``fallbacks``, raised inside :meth:`strict`.
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when empty), at most 200 characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
-    Stages that can refuse a call at run time (a graph, stateful decode steps) derive from it and
-    call :meth:`eager_instead` with the reason.
+
+class EagerFallback:
+    """A stage's calls that run ``eager`` instead: counted in ``fallbacks``, raised inside :meth:`strict`.
+
+    Stages that can refuse a call at run time (a graph, stateful decode steps, a torch module
+    stage) derive from it and call :meth:`eager_instead` with the reason, or :meth:`eager_after`
+    with the error the stage raised.
     """
 
-    def __init__(self, component: Any, candidate: str, allowed: bool) -> None:
-        self.component_name: str = component.name
-        self.fallbacks = RuntimeFallbacks(component.name, candidate, allowed)
-        self._eager = component.module
+    def __init__(self, name: str, eager: Callable[..., Any], candidate: str, allowed: bool) -> None:
+        self.component_name = name
+        self.fallbacks = RuntimeFallbacks(name, candidate, allowed)
+        self._eager = eager
         self._local = threading.local()
 
     @contextlib.contextmanager
@@ -90,6 +98,44 @@ class EagerFallback:
             raise OptimizationError(self.component_name, self.fallbacks.candidate, reason) from error
         self.fallbacks.record(reason, error)
         return self._eager(*args, **kwargs)
+
+    def eager_after(self, error: Exception, *args: Any, **kwargs: Any) -> Any:
+        """The eager module's output for a call the stage raised ``error`` on.
+
+        When the eager module raises too, the call is the caller's (no module takes it): its error
+        reaches the caller and nothing is counted. Otherwise the call is counted, or raised as
+        :class:`~uniopt.errors.OptimizationError` when fallback is off; inside :meth:`strict` it is
+        raised without running eager.
+        """
+        reason = f"{type(error).__name__}: {first_line(error)}"
+        if getattr(self._local, "strict", False):
+            raise OptimizationError(self.component_name, self.fallbacks.candidate, reason) from error
+        outputs = self._eager(*args, **kwargs)
+        self.fallbacks.record(reason, error)
+        return outputs
+
+
+class ModuleFallback(EagerFallback):
+    """A torch module stage (int8, bf16, compiled) under the run-time policy.
+
+    A call that raises inside ``module`` runs ``eager`` instead (:meth:`EagerFallback.eager_after`);
+    uniopt's own errors (an engine's input checks) reach the caller as they would from eager.
+    """
+
+    def __init__(
+        self, name: str, module: Callable[..., Any], eager: Callable[..., Any], candidate: str, allowed: bool
+    ) -> None:
+        super().__init__(name, eager, candidate, allowed)
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.module(*args, **kwargs)
+        except UniOptError:
+            raise
+        except Exception as exc:  # a backend's errors are many; none reaches the engine's caller
+            error = exc
+        return self.eager_after(error, *args, **kwargs)  # outside the handler: eager's error stands alone
 
 
 def runtime_fallbacks(stage: Any) -> RuntimeFallbacks | None:

@@ -28,8 +28,8 @@ from ..errors import NotApplicable, UniOptError
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
-from .export import ExportError, first_line, quiet_loggers, rebuild_on_failure, tracer_warnings
-from .fallback import EagerFallback
+from .export import ExportError, quiet_loggers, rebuild_on_failure, tracer_warnings
+from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 from .openvino_backend import compile_config
@@ -104,7 +104,7 @@ class StatefulDecode(EagerFallback):
     def __init__(
         self, component: Any, steps: DecodeSteps, compiled: Mapping[str, Any], candidate: str, allowed: bool
     ) -> None:
-        super().__init__(component, candidate, allowed)
+        super().__init__(component.name, component.module, candidate, allowed)
         self._component = component
         self._steps = steps
         self._compiled = dict(compiled)

@@ -1,14 +1,22 @@
-"""Candidates that stay in PyTorch: dynamic int8, weight-only int8, bf16 weights, and torch.compile."""
+"""Candidates that stay in PyTorch: dynamic int8, weight-only int8, bf16 weights, and torch.compile.
+
+inductor's cache for a compiled component lives in a cache entry keyed by the component's content,
+the compile mode and the library versions (in its ``runtime/`` folder), so it is counted, evicted
+and cleared with that entry. A ``TORCHINDUCTOR_CACHE_DIR`` the user set is left as it is.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import os
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -376,21 +384,109 @@ def _build_bf16(component: Any, context: BuildContext) -> Stage:
     return Stage("torch-bf16", _Bf16(module).eval())
 
 
+#: The variable inductor reads its cache directory from, at each write.
+INDUCTOR_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
+_inductor_dir_lock = threading.Lock()  # the variable is process-wide: one compile at a time points it
+_users_dir_logged: set[str] = set()
+
+
+def inductor_key(component: Any, settings: Any) -> dict[str, Any]:
+    """What identifies inductor's cache for a component: its content, the compile mode, dynamic shapes, versions."""
+    from ..cache import library_versions
+
+    return {
+        "artifact": "inductor-cache",
+        "component": component.key(),
+        "mode": settings.compile_mode,
+        "dynamic": bool(component.dynamic_axes),
+        "versions": library_versions(),
+    }
+
+
+def _users_inductor_dir() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` when the user set it (inductor itself sets it to its default)."""
+    value = os.environ.get(INDUCTOR_CACHE_VAR)
+    if value is None:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return value
+    return None if os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
+
+
+def inductor_cache_dir(component: Any, context: BuildContext) -> Path | None:
+    """The folder inductor's cache for ``component`` goes to: its entry's ``runtime/`` folder.
+
+    None without a cache, or when the user set ``TORCHINDUCTOR_CACHE_DIR`` (kept, and logged once).
+    """
+    if context.cache is None:
+        return None
+    users = _users_inductor_dir()
+    if users is not None:
+        if users not in _users_dir_logged:
+            _users_dir_logged.add(users)
+            log.info("inductor's cache stays in %s=%s, outside uniopt's cache", INDUCTOR_CACHE_VAR, users)
+        return None
+    from ..cache import cache_key
+
+    description = {"component": component.name, "compile_mode": context.settings.compile_mode}
+    key = cache_key(inductor_key(component, context.settings))
+    entry, _ = context.cache.get_or_build(key, lambda _: None, kind="inductor", description=description)
+    folder: Path | None = context.cache.runtime_dir(entry.path)
+    return folder
+
+
+def _clear_inductor_caches() -> None:
+    """Forget inductor's in-memory code caches, so kernels are written to (and read from) the directory now set."""
+    from torch._inductor import utils
+
+    clear = getattr(utils, "clear_caches", None) or getattr(utils, "clear_inductor_caches", None)
+    if callable(clear):
+        clear()
+
+
+@contextlib.contextmanager
+def inductor_cache_in(folder: Path | None) -> Iterator[None]:
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at ``folder`` for the block (nothing when None); restore it after."""
+    if folder is None:
+        yield
+        return
+    with _inductor_dir_lock:
+        before = os.environ.get(INDUCTOR_CACHE_VAR)
+        os.environ[INDUCTOR_CACHE_VAR] = str(folder)
+        _clear_inductor_caches()
+        try:
+            yield
+        finally:
+            _clear_inductor_caches()
+            if before is None:
+                os.environ.pop(INDUCTOR_CACHE_VAR, None)
+            else:
+                os.environ[INDUCTOR_CACHE_VAR] = before
+
+
 def _build_compile(component: Any, context: BuildContext) -> Stage:
-    """Compile, and pay the compile cost now: a first call over ``compile_budget_s`` is a failure."""
+    """Compile, and pay the compile cost now: a first call over ``compile_budget_s`` is a failure.
+
+    The compile and its first call write inductor's cache into the component's entry
+    (:func:`inductor_cache_dir`).
+    """
     settings = context.settings
-    if context.cache is not None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(context.cache.root / "inductor"))
+    folder = inductor_cache_dir(component, context)
     compiled = torch.compile(component.module, mode=settings.compile_mode, dynamic=bool(component.dynamic_axes))
     started = time.perf_counter()
-    with memory_step("torch-compile", component, context), torch.inference_mode():
+    with memory_step("torch-compile", component, context), inductor_cache_in(folder), torch.inference_mode():
         compiled(*copy.deepcopy(component.example_inputs))
     seconds = time.perf_counter() - started
     if seconds > settings.compile_budget_s:
         raise TimeoutError(
             f"first call compiled in {seconds:.0f} s, over UNIOPT_COMPILE_BUDGET={settings.compile_budget_s:g} s"
         )
-    return Stage("torch-compile", compiled, {"compile_seconds": seconds})
+    info: dict[str, Any] = {"compile_seconds": seconds}
+    if folder is not None:
+        info["inductor_cache"] = str(folder)
+    return Stage("torch-compile", compiled, info)
 
 
 @hookimpl
@@ -440,7 +536,7 @@ def uniopt_register_candidates(register: Any) -> None:
         Candidate(
             "torch-compile",
             "torch_native",
-            "torch.compile with inductor; its cache lives in uniopt's cache directory",
+            "torch.compile with inductor; its cache lives in the component's cache entry",
             _build_compile,
             Requirements(packages=("torch",), min_memory_bytes=4 * 2**30, setting="use_model_compilation"),
         )
