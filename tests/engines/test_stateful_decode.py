@@ -5,7 +5,9 @@ Everything runs on :meth:`FishSpeechConfig.tiny` and on a tiny ``fish_speech`` `
 
 from __future__ import annotations
 
+import platform
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,12 @@ def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpee
         sampled = component.calibration_inputs[0]
         assert metric_value("token_agreement", long_engine.decoder(*sampled).float(), stage(*sampled).float()) > 0.95
     assert stage.info["precision_hint"] == "fp32" and stage.info["weights"] == "float"
+    # Each layer's attention runs fused with its cache (no concat, matmul or softmax of its own).
+    runtime = stage.run._compiled["slow"].get_runtime_model()
+    layers = Counter(op.get_rt_info()["layerType"].astype(str) for op in runtime.get_ops())
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert layers["ScaledDotProductAttention"] == long_engine.model.config.n_layer, layers
+        assert layers["Softmax"] == 0 and layers["MatMul"] == 0, layers
 
 
 def test_a_step_that_does_not_continue_the_sequence_is_refused(engine: FishSpeechEngine, built_cache: Path) -> None:

@@ -4,8 +4,10 @@ For a decoder component that declares :class:`~uniopt.optimizer.steps.DecodeStep
 graph (the slow decoder's step, the fast decoder's codebook step) is converted from PyTorch with
 explicit ``past_key_values.N.key/value`` inputs and ``present.N.key/value`` outputs, and then
 made stateful (OpenVINO's ``MakeStateful``, as optimum-intel does): the caches stay inside the
-infer request between calls, so a step copies no cache in or out. The component's own loop runs
-unchanged, sampling included, with its steps served by the infer requests.
+infer request between calls, so a step copies no cache in or out. The caches are read through a
+``beam_idx`` gather and start as empty states, the form in which the CPU plugin fuses each
+layer's attention with its cache. The component's own loop runs unchanged, sampling included,
+with its steps served by the infer requests.
 
 Precision is explicit: f32, bf16 where the CPU computes it, and nncf weight compression (int8 per
 output channel, or int4 in groups) with float activations. The converted IRs are cache entries:
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import NotApplicable, UniOptError
@@ -37,6 +40,10 @@ from .openvino_backend import compile_config
 __all__ = ["FrameRunner", "StatefulDecode", "StatefulStep", "StepOrderError"]
 
 _EXTRA = "openvino"
+#: The step models' input choosing each cache row (always ``[0]``: one sequence).
+BEAM_INPUT = "beam_idx"
+#: The layout of the step models; a new value is a new cache key (IRs of another layout are not loaded).
+STEP_IR_LAYOUT = 2
 #: Weight compression per variant: nncf mode name and group size (-1: one scale per output channel).
 _COMPRESSION = {"int8": ("INT8_ASYM", -1), "int4": ("INT4_SYM", 128)}
 
@@ -55,6 +62,7 @@ class StatefulStep:
         self._position = graph.input_names.index(graph.position_input)
         outputs = len(graph.output_names) - 2 * graph.layers
         self._outputs = [compiled.output(name) for name in graph.output_names[:outputs]]
+        self._beam = [np.zeros(1, dtype=np.int32)]  # one sequence: the caches' row 0
         self._length = 0
 
     def fresh(self) -> StatefulStep:
@@ -73,7 +81,7 @@ class StatefulStep:
         last = int(positions[-1])
         if last >= self._graph.max_positions:
             raise StepOrderError(f"{self._graph.name} step at position {last} is past the caches' end")
-        self._request.infer([t.detach().contiguous().numpy() for t in inputs])
+        self._request.infer([*(t.detach().contiguous().numpy() for t in inputs), *self._beam])
         self._length = last + 1
         return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
 
@@ -157,12 +165,48 @@ def _convert(graph: StepGraph) -> Any:
     shapes = {port: ov.PartialShape(list(shape)) for port, shape in zip(inputs, graph.input_shapes, strict=True)}
     shapes.update({port: cache_shape for port in model.inputs[len(graph.input_shapes) :]})
     model.reshape(shapes)
+    _gather_caches_by_beam(model, graph)
     manager = passes.Manager()
     manager.register_pass(passes.MakeStateful(graph.cache_names))
     manager.run_passes(model)
     if len(model.get_sinks()) != 2 * graph.layers:
         raise RuntimeError(f"{graph.name} step: {len(model.get_sinks())} cache states, expected {2 * graph.layers}")
+    _start_states_empty(model)
     return model
+
+
+def _gather_caches_by_beam(model: Any, graph: StepGraph) -> None:
+    """Read every cache through ``Gather(cache, beam_idx, axis 0)``, as optimum-intel's decoders do.
+
+    With one sequence ``beam_idx`` is always ``[0]``; the gather is what OpenVINO's CPU plugin
+    matches (state, gather, concat, attention) to fuse the attention with its cache: the cache is
+    then appended in place and read by one attention kernel, with no concat or broadcast per layer.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    beam = ops.parameter(ov.PartialShape([1]), ov.Type.i32, name=BEAM_INPUT)
+    beam.output(0).get_tensor().set_names({BEAM_INPUT})
+    model.add_parameters([beam])
+    for port in model.inputs:
+        if port.get_any_name() in graph.cache_names:
+            readers = list(port.get_target_inputs())
+            gathered = ops.gather(port, beam, ops.constant(0))
+            for reader in readers:
+                reader.replace_source_output(gathered.output(0))
+    model.validate_nodes_and_infer_types()
+
+
+def _start_states_empty(model: Any) -> None:
+    """Give every cache state an initial value with no positions (the CPU plugin's fused attention reads it)."""
+    import openvino.opset13 as ops
+
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            dims = [d.get_min_length() for d in op.get_output_partial_shape(0)]
+            zero = ops.constant(0.0, dtype=op.get_output_element_type(0))
+            op.set_arguments([ops.broadcast(zero, ops.constant(np.array(dims, dtype=np.int64)))])
+    model.validate_nodes_and_infer_types()
 
 
 def _convert_frame(graph: FrameGraph) -> Any:
@@ -215,7 +259,13 @@ def _step_ir(
     from ..cache import cache_key, library_versions
 
     def key_for(kind: str) -> str:
-        spec = {"artifact": kind, "component": component.key(), "graph": graph.name, "versions": library_versions()}
+        spec = {
+            "artifact": kind,
+            "layout": STEP_IR_LAYOUT,
+            "component": component.key(),
+            "graph": graph.name,
+            "versions": library_versions(),
+        }
         return cache_key(spec)
 
     framed = isinstance(graph, FrameGraph)
@@ -274,8 +324,11 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
             ir_bytes = file_bytes(path, path.with_suffix(".bin"))
+            config = compile_config(context, precision, path)
+            if isinstance(graph, StepGraph):  # the caches in the precision the step computes in
+                config["KV_CACHE_PRECISION"] = hint
             with memory_step(f"openvino-compile-{hint}", component, context, ir_bytes):
-                compiled[graph.name] = core.compile_model(str(path), "CPU", compile_config(context, precision, path))
+                compiled[graph.name] = core.compile_model(str(path), "CPU", config)
         allowed = context.settings.fallback_on_optimization_error
         info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}
         return Stage(name, StatefulDecode(component, steps, compiled, name, allowed), info)
