@@ -46,6 +46,7 @@ from uniopt.engines.diarization.speaker_encoder import (
     normalize_volume,
     wav_to_mel_spectrogram,
 )
+from uniopt.engines.diarization.speech import conversation_windows
 from uniopt.engines.diarization.units import (
     Unit,
     attach_short_runs,
@@ -462,12 +463,17 @@ class Diarizer:
         return StreamingDiarizer(self, threshold=threshold, enrolled=enrolled, sample_rate=sample_rate)
 
     def uniopt_components(self) -> list[Component]:
-        """The segmentation and speaker-embedding networks, with speech-like example inputs."""
-        win = self.window_samples
+        """The segmentation and speaker-embedding networks, with example inputs of speech.
 
-        def windows(count: int, seed: int) -> tuple[torch.Tensor]:
-            wav = speech_like_audio(count * win / SAMPLE_RATE, seed)
-            return (torch.from_numpy(wav[: count * win].reshape(count, 1, win).copy()),)
+        Segmentation sees windows, ``step_s`` apart, of espeak-ng voices in conversation with
+        overlaps and pauses (:mod:`.speech`); static int8 is calibrated on other voices. The speaker
+        encoder sees mel partials of speech-like audio.
+        """
+        win, step = self.window_samples, self.step_samples
+
+        def windows(count: int, held_out: bool = False, first: int = 0) -> tuple[torch.Tensor]:
+            chunks = conversation_windows(count, win, step, held_out=held_out, first=first)
+            return (torch.from_numpy(chunks[:, None, :]),)
 
         def mels(count: int, seed: int) -> tuple[torch.Tensor]:
             wav = normalize_volume(speech_like_audio(count * 0.8 + 1.0, seed)).astype(np.float32)
@@ -477,11 +483,12 @@ class Diarizer:
 
         return [
             Component(
-                "segmentation", self.segmentation, windows(2, 0),
+                "segmentation", self.segmentation, windows(2),
                 input_names=("waveforms",), output_names=("log_probs",),
                 dynamic_axes={"waveforms": {0: "batch"}, "log_probs": {0: "batch"}},
                 metric=Metric("argmax_agreement", 0.97), kind="segmentation", exporter="legacy",
-                calibration_inputs=[windows(3, 1), windows(3, 2)], audio_seconds=2 * win / SAMPLE_RATE,
+                calibration_inputs=[windows(3, first=3), windows(3, held_out=True)],
+                audio_seconds=2 * win / SAMPLE_RATE,
             ),
             Component(
                 "embedding", self.embedding, mels(16, 0),
