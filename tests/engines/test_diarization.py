@@ -22,6 +22,7 @@ from scipy.signal import resample_poly
 
 from uniopt.engines.diarization import Diarizer, Segment, cluster_embeddings, postprocess_segments
 from uniopt.engines.diarization.clustering import assign_to_centroids
+from uniopt.engines.diarization.segmentation import POWERSET_CLASSES
 from uniopt.errors import InputError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "diarization"
@@ -167,6 +168,19 @@ def test_components_and_info(diarizer: Diarizer) -> None:
     assert embedding.calibration_inputs[0][0].shape[0] != 16
     info = diarizer.info()
     assert info["trained"] is True and set(info["sources"]) == {"segmentation", "embedding"}
+
+
+def test_segmentation_is_guarded_on_speech_with_overlap(diarizer: Diarizer) -> None:
+    segmentation = diarizer.uniopt_components()[0]
+    classes: set[int] = set()
+    with torch.inference_mode():
+        for (waveforms,) in segmentation.guarded_inputs():
+            classes |= set(diarizer.segmentation(waveforms).argmax(dim=-1).unique().tolist())
+    overlaps = {index for index, speakers in enumerate(POWERSET_CLASSES) if len(speakers) == 2}
+    assert len(classes) >= 3 and classes & overlaps, classes
+    guarded = [w for inputs in segmentation.guarded_inputs() for w in inputs[0]]
+    calibration = [w for inputs in segmentation.int8_calibration_inputs() for w in inputs[0]]
+    assert calibration and not any(torch.equal(c, g) for c in calibration for g in guarded)
 
 
 # -- clustering ----------------------------------------------------------------------------------

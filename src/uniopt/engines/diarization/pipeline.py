@@ -12,6 +12,10 @@ then vote for their cluster over overlapping windows (Hamming-weighted) on one f
 above ``onset`` become segments; same-speaker gaps under ``min_gap_s`` are filled, then segments
 under ``min_duration_s`` dropped. Speakers are named ``SPEAKER_00``, ... by first appearance.
 
+Windows are cut, segmented and embedded ``batch_size`` at a time and only their activity, units
+and embeddings are kept, so a call holds one batch of audio pieces and mel partials, whatever the
+length of the audio.
+
 The networks are called only as ``self.segmentation(waveforms)`` and ``self.embedding(mels)``, the
 two components :meth:`Diarizer.uniopt_components` declares, so uniopt can swap either for an
 optimized stage.
@@ -19,9 +23,12 @@ optimized stage.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +46,7 @@ from uniopt.engines.diarization.speaker_encoder import (
     normalize_volume,
     wav_to_mel_spectrogram,
 )
+from uniopt.engines.diarization.speech import conversation_windows
 from uniopt.engines.diarization.units import (
     Unit,
     attach_short_runs,
@@ -94,6 +102,58 @@ def postprocess_segments(segments: list[Segment], min_duration_s: float = 0.0, m
             if end - start >= min_duration_s:
                 kept.append(Segment(start, end, speaker))
     return sorted(kept, key=lambda s: (s.start_s, s.speaker))
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    """``rows`` scaled to unit L2 norm (all-zero rows stay zero)."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def _audio_of(units: list[Unit]) -> list[np.ndarray]:
+    """The audio of the units that hold audio (all those :meth:`Diarizer._units` makes)."""
+    return [u.audio for u in units if u.audio is not None]
+
+
+class _PartialQueue:
+    """Mel partials of units, embedded in arrival order ``batch_size`` at a time, whatever the units' sizes.
+
+    ``embed`` maps partials to their embeddings; it is called with whole batches only, except for
+    the rest in :meth:`finish`. :meth:`ready` hands out each unit once all its partials are embedded.
+    """
+
+    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], batch_size: int) -> None:
+        self._embed, self._batch_size = embed, batch_size
+        self._mels: np.ndarray | None = None  # partials not yet embedded
+        self._rows: list[np.ndarray] = []  # embedded partials of units not yet handed out
+        self._waiting: deque[tuple[Unit, int]] = deque()  # units and their number of partials
+
+    def add(self, units: list[Unit], mels: np.ndarray, counts: list[int]) -> None:
+        """Queue the units with their partials (``counts[i]`` rows of ``mels`` each); embed the full batches."""
+        self._waiting.extend(zip(units, counts, strict=True))
+        self._mels = mels if self._mels is None else np.concatenate([self._mels, mels])
+        self._run(len(self._mels) // self._batch_size * self._batch_size)
+
+    def finish(self) -> list[tuple[Unit, np.ndarray]]:
+        """Embed the partials left and hand out the units still waiting."""
+        self._run(0 if self._mels is None else len(self._mels))
+        return self.ready()
+
+    def ready(self) -> list[tuple[Unit, np.ndarray]]:
+        """The units whose partials are all embedded, in order, each with its partials' embeddings."""
+        if not self._rows:
+            return []
+        rows, used, out = np.concatenate(self._rows), 0, []
+        while self._waiting and used + self._waiting[0][1] <= len(rows):
+            unit, count = self._waiting.popleft()
+            out.append((unit, rows[used : used + count]))
+            used += count
+        self._rows = [rows[used:]]
+        return out
+
+    def _run(self, count: int) -> None:
+        if count and self._mels is not None:
+            self._rows.append(self._embed(self._mels[:count]))
+            self._mels = self._mels[count:]
 
 
 class Diarizer:
@@ -153,13 +213,19 @@ class Diarizer:
         self._stats = CallStats()
 
     # -- stages ---------------------------------------------------------------------------------
-    def _windows(self, wav: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def _starts(self, n_samples: int) -> list[int]:
+        """First sample of each window; the last one may reach past the audio (it is zero-padded)."""
         win, step = self.window_samples, self.step_samples
-        count = 1 if wav.size <= win else math.ceil((wav.size - win) / step) + 1
-        padded = np.zeros((count - 1) * step + win, dtype=np.float32)
-        padded[: wav.size] = wav
-        starts = [k * step for k in range(count)]
-        return np.stack([padded[s : s + win] for s in starts]), starts
+        count = 1 if n_samples <= win else math.ceil((n_samples - win) / step) + 1
+        return [k * step for k in range(count)]
+
+    def _window_batch(self, wav: np.ndarray, starts: list[int]) -> np.ndarray:
+        """The windows (len(starts), window_samples) float32 of ``wav`` at ``starts``, zero-padded at the end."""
+        chunks = np.zeros((len(starts), self.window_samples), dtype=np.float32)
+        for row, start in zip(chunks, starts, strict=True):
+            piece = wav[start : start + self.window_samples]
+            row[: piece.size] = piece
+        return chunks
 
     def _segment(self, chunks: np.ndarray) -> np.ndarray:
         """Local speaker activity (windows, frames, 3) of 0/1 floats."""
@@ -176,10 +242,15 @@ class Diarizer:
         partials, owners = self._embed_partials(pieces)
         sums = np.zeros((len(pieces), partials.shape[1]))
         np.add.at(sums, owners, partials)
-        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return _unit_rows(sums)
 
     def _embed_partials(self, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of every 1.6 s partial of the pieces (rows in time order) and each one's piece index."""
+        mels, counts = self._partial_mels(pieces)
+        return self._embed_mels(mels), np.repeat(np.arange(len(pieces), dtype=np.int64), counts)
+
+    def _partial_mels(self, pieces: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """The 1.6 s mel partials (partials, 160, 40) of the pieces in order, and how many each piece has."""
         wavs, slices = [], []
         for wav in pieces:
             wav = normalize_volume(wav).astype(np.float32)
@@ -190,68 +261,107 @@ class Diarizer:
             slices.append(mel_slices)
         mels = mel_spectrograms(wavs)
         stacked = np.stack([mel[s] for mel, piece in zip(mels, slices, strict=True) for s in piece])
-        owners = [index for index, piece in enumerate(slices) for _ in piece]
+        return stacked, [len(piece) for piece in slices]
+
+    def _embed_mels(self, mels: np.ndarray) -> np.ndarray:
+        """Embeddings (partials, dim) float64 of mel partials, ``embedding_batch_size`` per network call."""
         partial = []
         with torch.inference_mode():
-            for first in range(0, len(stacked), self.embedding_batch_size):
-                batch = torch.from_numpy(stacked[first : first + self.embedding_batch_size])
+            for first in range(0, len(mels), self.embedding_batch_size):
+                batch = torch.from_numpy(mels[first : first + self.embedding_batch_size])
                 partial.append(torch.as_tensor(self.embedding(batch)).float().cpu().numpy())
-        return np.concatenate(partial).astype(np.float64), np.asarray(owners, dtype=np.int64)
+        return np.concatenate(partial).astype(np.float64)
 
     def _embed_units(self, units: list[Unit], frames: int) -> tuple[list[Unit], np.ndarray]:
-        """Embeddings of the units, after splitting those whose partials show a change of speaker.
+        """Unit-norm embeddings of the units, after splitting those whose partials change speaker (:meth:`_split`)."""
+        embedded = [u for u in units if u.audio is not None]
+        partials, owners = self._embed_partials(_audio_of(embedded))
+        pairs = [pair for i, unit in enumerate(embedded) for pair in self._split(unit, partials[owners == i], frames)]
+        return [unit for unit, _ in pairs], _unit_rows(np.stack([vector for _, vector in pairs]))
+
+    def _split(self, unit: Unit, rows: np.ndarray, frames: int) -> list[tuple[Unit, np.ndarray]]:
+        """The unit, or its parts where its partial embeddings ``rows`` change speaker, each with its summed rows.
 
         A unit of at least four partials is cut where the mean partial embeddings before and
         after differ most, when their cosine distance exceeds ``change_distance``; the halves
-        are tried again.
+        are tried again. The units returned hold no audio.
         """
-        partials, owners = self._embed_partials([u.audio for u in units if u.audio is not None])
+        assert unit.samples is not None  # set with the audio by _units
+        samples = unit.samples
         hop = round(SAMPLE_RATE / 1.3) / SAMPLE_RATE  # seconds between partials (compute_partial_slices)
-        out: list[Unit] = []
-        vectors: list[np.ndarray] = []
+        out: list[tuple[Unit, np.ndarray]] = []
 
-        def split(unit: Unit, rows: np.ndarray, first_s: float, samples: np.ndarray) -> None:
+        def split(part: Unit, rows: np.ndarray, first_s: float) -> None:
             cut = best_change(rows) if rows.shape[0] >= 4 and self.change_distance < 2 else None
             if cut is None or cut[1] <= self.change_distance:
-                out.append(unit)
-                vectors.append(rows.sum(axis=0))
+                out.append((replace(part, audio=None, samples=None), rows.sum(axis=0)))
                 return
             j = cut[0]
             at_s = first_s + (j - 0.5) * hop + PARTIAL_FRAMES / 200  # middle of the partials' overlap
             at = min(int(at_s * SAMPLE_RATE), samples.size - 1)
             frame = int(samples[at]) * frames // self.window_samples
-            before = unit.frames & (np.arange(frames) < frame)
-            after = unit.frames & ~before
+            before = part.frames & (np.arange(frames) < frame)
+            after = part.frames & ~before
             left_s = at / SAMPLE_RATE - first_s
-            right = Unit(unit.window, unit.local, after, unit.seconds - left_s, None)
-            split(Unit(unit.window, unit.local, before, left_s, None), rows[:j], first_s, samples)
-            split(right, rows[j:], first_s + j * hop, samples)
+            right = Unit(part.window, part.local, after, part.seconds - left_s, None)
+            split(Unit(part.window, part.local, before, left_s, None), rows[:j], first_s)
+            split(right, rows[j:], first_s + j * hop)
 
-        embedded = [u for u in units if u.audio is not None]
-        for index, unit in enumerate(embedded):
-            assert unit.samples is not None  # set with the audio by _units
-            split(unit, partials[owners == index], 0.0, unit.samples)
-        unit_vectors = np.stack(vectors)
-        return out, unit_vectors / np.maximum(np.linalg.norm(unit_vectors, axis=1, keepdims=True), 1e-12)
+        split(unit, rows, 0.0)
+        return out
+
+    def _scan(self, wav: np.ndarray, starts: list[int]) -> tuple[np.ndarray, list[Unit], np.ndarray, list[Unit]]:
+        """Activity of every window, the embedded units and their unit-norm embeddings, and the short runs.
+
+        The windows are cut, segmented and embedded ``batch_size`` at a time; only their activity,
+        units and embeddings are kept, so memory follows the batch, not the length of the audio.
+        The partials go through ``self.embedding`` in the same batches as for all windows at once.
+        """
+        queue = _PartialQueue(self._embed_mels, self.embedding_batch_size)
+        activities: list[np.ndarray] = []
+        short: list[Unit] = []
+        pairs: list[tuple[Unit, np.ndarray]] = []
+        for first in range(0, len(starts), self.batch_size):
+            batch = starts[first : first + self.batch_size]
+            chunks = self._window_batch(wav, batch)
+            activities.append(self._segment(chunks))
+            units, batch_short = self._units(chunks, activities[-1], [wav.size - s for s in batch], first)
+            short += batch_short
+            for _, group in itertools.groupby(units, key=lambda u: u.window):  # one window's mels at a time
+                window_units = list(group)
+                queue.add(window_units, *self._partial_mels(_audio_of(window_units)))
+            pairs += self._split_ready(queue.ready(), activities[-1].shape[1])
+        pairs += self._split_ready(queue.finish(), activities[-1].shape[1])
+        activity = np.concatenate(activities)
+        if not pairs:
+            return activity, [], np.zeros((0, 0)), short
+        return activity, [u for u, _ in pairs], _unit_rows(np.stack([v for _, v in pairs])), short
+
+    def _split_ready(self, ready: list[tuple[Unit, np.ndarray]], frames: int) -> list[tuple[Unit, np.ndarray]]:
+        """:meth:`_split` of each unit with its partial embeddings."""
+        return [pair for unit, rows in ready for pair in self._split(unit, rows, frames)]
 
     def _frame_s(self, activity: np.ndarray) -> float:
         """Seconds per segmentation frame, from the model's output size."""
         return self.window_samples / SAMPLE_RATE / activity.shape[1]
 
-    def _units(self, chunks: np.ndarray, activity: np.ndarray, lengths: list[int]) -> tuple[list[Unit], list[Unit]]:
+    def _units(
+        self, chunks: np.ndarray, activity: np.ndarray, lengths: list[int], first: int = 0
+    ) -> tuple[list[Unit], list[Unit]]:
         """Speech units to embed, and short runs that follow their nearest unit, of every window.
 
         A unit is one run of one local speaker's activity in one window, cut at pauses (see
         :func:`.units.pause_frames`): the segmentation model may give two voices that take turns one
         local speaker, so each run is embedded on its own. ``lengths`` are the numbers of real
-        (not padded) samples in each window.
+        (not padded) samples in each window; ``first`` is the index of the first window.
         """
         frames, frame_s = activity.shape[1], self._frame_s(activity)
         _, bounds = frame_samples(self.window_samples, frames)
         units: list[Unit] = []
         short: list[Unit] = []
-        for w, (chunk, act) in enumerate(zip(chunks, activity, strict=True)):
-            real = np.arange(frames) * self.window_samples // frames < lengths[w]  # frames not in the padding
+        for w, (chunk, act) in enumerate(zip(chunks, activity, strict=True), start=first):
+            length = lengths[w - first]
+            real = np.arange(frames) * self.window_samples // frames < length  # frames not in the padding
             alone = act.sum(axis=1) == 1
             speaking = real & ~pause_frames(chunk, frames, round(self.min_pause_s / frame_s))
             for s in range(act.shape[1]):
@@ -263,7 +373,7 @@ class Diarizer:
                         continue
                     clean = run & alone
                     mask = clean if clean.sum() * frame_s >= self.min_embedding_s else run
-                    samples = mask_samples(mask, bounds, lengths[w])
+                    samples = mask_samples(mask, bounds, length)
                     units.append(Unit(w, s, run, float(mask.sum() * frame_s), chunk[samples], samples))
         return units, short
 
@@ -286,12 +396,10 @@ class Diarizer:
         check_speaker_counts(num_speakers, min_speakers, max_speakers)
         started = time.perf_counter()
         wav = prepare_audio(audio, sample_rate, SAMPLE_RATE)
-        chunks, starts = self._windows(wav)
-        activity = self._segment(chunks)
-        units, short = self._units(chunks, activity, [wav.size - s for s in starts])
+        starts = self._starts(wav.size)
+        activity, units, embeddings, short = self._scan(wav, starts)
         segments: list[Segment] = []
         if units:
-            units, embeddings = self._embed_units(units, activity.shape[1])
             labels = self._cluster(units, embeddings, num_speakers, min_speakers, max_speakers)
             kept, kept_labels = attach_short_runs(units, labels, short)
             segments = self._aggregate(activity, kept, kept_labels, starts, wav.size)
@@ -326,13 +434,13 @@ class Diarizer:
         norm = np.zeros(total + frames)
         for offset in offsets:
             norm[offset : offset + frames] += weights
-        local = np.zeros((len(starts), votes.shape[0], frames))
-        for unit, k in zip(units, labels.tolist(), strict=True):
-            local[unit.window, k] = np.maximum(
-                local[unit.window, k], activity[unit.window, :, unit.local] * unit.frames
-            )
-        for w, offset in enumerate(offsets):
-            votes[:, offset : offset + frames] += local[w] * weights
+        order = sorted(range(len(units)), key=lambda i: units[i].window)
+        for w, members in itertools.groupby(order, key=lambda i: units[i].window):
+            local = np.zeros((votes.shape[0], frames))
+            for i in members:
+                k = int(labels[i])
+                local[k] = np.maximum(local[k], activity[w, :, units[i].local] * units[i].frames)
+            votes[:, offsets[w] : offsets[w] + frames] += local * weights
         active = (votes / np.maximum(norm, 1e-12))[:, :total] > self.onset
         raw = [
             Segment(round(a * frame_s, 3), round(min(b * frame_s, duration), 3), str(k))
@@ -355,12 +463,17 @@ class Diarizer:
         return StreamingDiarizer(self, threshold=threshold, enrolled=enrolled, sample_rate=sample_rate)
 
     def uniopt_components(self) -> list[Component]:
-        """The segmentation and speaker-embedding networks, with speech-like example inputs."""
-        win = self.window_samples
+        """The segmentation and speaker-embedding networks, with example inputs of speech.
 
-        def windows(count: int, seed: int) -> tuple[torch.Tensor]:
-            wav = speech_like_audio(count * win / SAMPLE_RATE, seed)
-            return (torch.from_numpy(wav[: count * win].reshape(count, 1, win).copy()),)
+        Segmentation sees windows, ``step_s`` apart, of espeak-ng voices in conversation with
+        overlaps and pauses (:mod:`.speech`); static int8 is calibrated on other voices. The speaker
+        encoder sees mel partials of speech-like audio.
+        """
+        win, step = self.window_samples, self.step_samples
+
+        def windows(count: int, held_out: bool = False, first: int = 0) -> tuple[torch.Tensor]:
+            chunks = conversation_windows(count, win, step, held_out=held_out, first=first)
+            return (torch.from_numpy(chunks[:, None, :]),)
 
         def mels(count: int, seed: int) -> tuple[torch.Tensor]:
             wav = normalize_volume(speech_like_audio(count * 0.8 + 1.0, seed)).astype(np.float32)
@@ -370,11 +483,12 @@ class Diarizer:
 
         return [
             Component(
-                "segmentation", self.segmentation, windows(2, 0),
+                "segmentation", self.segmentation, windows(2),
                 input_names=("waveforms",), output_names=("log_probs",),
                 dynamic_axes={"waveforms": {0: "batch"}, "log_probs": {0: "batch"}},
                 metric=Metric("argmax_agreement", 0.97), kind="segmentation", exporter="legacy",
-                calibration_inputs=[windows(3, 1), windows(3, 2)], audio_seconds=2 * win / SAMPLE_RATE,
+                calibration_inputs=[windows(3, first=3), windows(3, held_out=True)],
+                audio_seconds=2 * win / SAMPLE_RATE,
             ),
             Component(
                 "embedding", self.embedding, mels(16, 0),
