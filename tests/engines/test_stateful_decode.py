@@ -254,9 +254,11 @@ def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_pa
         cache_bundle=str(tmp_path / "bundle"),
     )
     report = wrapped.report().component("decoder")
-    assert report.chosen == "openvino-stateful-int8", report.candidates
+    assert report.chosen == FRAME, report.candidates
     assert report.stage.info["from_cache"]
-    assert not any(e.kind.startswith("openvino-stateful") for e in ArtifactCache(tmp_path / "cache").entries())
+    assert not any(
+        e.kind.startswith(("openvino-stateful", "openvino-frame")) for e in ArtifactCache(tmp_path / "cache").entries()
+    )
     model_cache.clear()
     framed = UniversalOptimizer(
         TtsDecoderOnly(),

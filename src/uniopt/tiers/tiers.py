@@ -67,10 +67,18 @@ class TierChoice:
 
 # Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
-# A decoder that declares decode steps tries them as stateful OpenVINO models with int8 weights first:
-# on the Zen 4 host they keep 96-99% of eager's decisive choices where dynamic int8 keeps 88-95%,
-# at 2.5x against 3.3x eager (benchmarks/decoder_speed.py); auto mode times both. Others skip them.
-_DECODER_CPU = ("openvino-stateful-int8", "torch-int8", "torch-int8-weights", "torch-bf16", "eager")
+# A decoder that declares decode steps tries them as stateful OpenVINO models with int8 weights first,
+# with the fast decoder's codebooks as one call per frame where it declares a frame graph: on the
+# Zen 4 host 4.4x eager (3.5x in ten calls, dynamic int8 3.1x), keeping 99-100% of eager's decisive
+# choices where dynamic int8 keeps 88-95% (benchmarks/decoder_speed.py); auto mode times them all.
+_DECODER_CPU = (
+    "openvino-stateful-frame-int8",
+    "openvino-stateful-int8",
+    "torch-int8",
+    "torch-int8-weights",
+    "torch-bf16",
+    "eager",
+)
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
 # A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
 # candidates, which build without one (a bf16 copy, int8 Linear layers), come before ONNX Runtime.
