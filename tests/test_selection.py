@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
 from uniopt import Component, Metric, UniversalOptimizer
+from uniopt.cache import ArtifactCache
 from uniopt.errors import OptimizationError, ValidationError
 from uniopt.optimizer.timing import measure_interleaved
 from uniopt.plugins import DEFAULT_PLUGINS, Candidate, Requirements, Stage, hookimpl
@@ -444,3 +445,58 @@ def test_eager_alone_runs_no_reference_pass(fake_plugins: Any, tmp_path: Any) ->
     opt = _optimize(net, tmp_path, mode="tier", model_warmup_runs=0)
     assert opt.report().component("module").chosen == "eager"
     assert net.calls == []
+
+
+class _CountingNet(SlowNet):
+    """SlowNet counting its eager calls in a list its copies share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(1)
+        return super().forward(x)
+
+
+def test_a_warm_start_validates_against_the_kept_reference_outputs(
+    fake_plugins: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_plugins(_fake("fast", 0.002))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+
+    def optimize() -> tuple[_CountingNet, Any]:
+        model_cache.clear()
+        net = _CountingNet()
+        report = UniversalOptimizer(net, (x,), cache_dir=str(tmp_path), model_warmup_runs=0).report()
+        return net, report.component("module")
+
+    cold_net, cold = optimize()
+    assert cold.chosen == "fast" and cold_net.calls  # the reference pass and the timing ran eager
+    (kept,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "reference"]
+    warm_net, warm = optimize()
+    assert warm.chosen == "fast" and warm.decision_from_cache
+    assert warm_net.calls == [], "the warm start ran the eager module for its reference outputs"
+    size = (kept.path / "references.pt").stat().st_size
+    (kept.path / "references.pt").write_bytes(b"x" * size)  # the same size: only loading it tells
+    with caplog.at_level(logging.WARNING, logger="uniopt"):
+        damaged_net, damaged = optimize()
+    assert damaged.chosen == "fast" and damaged_net.calls  # computed again, never trusted
+    assert "references.pt" in caplog.text
+    again_net, _ = optimize()
+    assert again_net.calls == [], "the damaged entry was not written again"
+
+
+def test_outputs_that_do_not_load_back_safely_are_not_kept(fake_plugins: Any, tmp_path: Any) -> None:
+    class Named(NamedTuple):
+        value: torch.Tensor
+
+    class NamedOut(SlowNet):
+        def forward(self, x: torch.Tensor) -> Any:
+            return Named(super().forward(x))
+
+    fake_plugins(_fake("fast", 0.002))
+    opt = UniversalOptimizer(NamedOut(), (torch.randn(2, 8),), cache_dir=str(tmp_path), model_warmup_runs=0)
+    assert not opt.report().component("module").candidate("fast").accepted  # judged against the reference
+    kinds = {e.kind for e in ArtifactCache(tmp_path).entries()}
+    assert "decision" in kinds and "reference" not in kinds

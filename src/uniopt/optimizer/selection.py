@@ -9,7 +9,8 @@ Every candidate's peak and resident memory are measured; a build step that would
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
 artifact cache, keyed by host fingerprint, tier, component and every setting that changes the
 outcome, so the next process applies it without timing anything (the chosen stage is validated
-again when it is applied).
+again when it is applied, against the FP32 reference outputs the cache keeps:
+:mod:`uniopt.optimizer.references`).
 
 The search budget is recorded in the decision instead of its key: a search that finished within
 its budget is reused at any budget; one cut short by its budget is stored as partial, and is
@@ -29,7 +30,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, NamedTuple
+from typing import Any
 
 import pluggy
 import torch
@@ -42,7 +43,8 @@ from ..plugins.fallback import NOT_APPLICABLE
 from ..plugins.memory_costs import memory_step
 from ..plugins.model_cache import model_cache, stage_key
 from .component import Component
-from .guard import GuardResult, check_outputs, check_structure, fixed_shapes, reference_outputs, strict_calls
+from .guard import GuardResult, check_outputs, check_structure, fixed_shapes, strict_calls
+from .references import Reference, compute_references
 from .report import CandidateResult, ComponentReport
 from .shapes import shape_variants
 from .timing import measure_interleaved
@@ -98,14 +100,6 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
     )
 
 
-class _Reference(NamedTuple):
-    """The reference's outputs for ``inputs``, and under teacher forcing ``(forced inputs, scores)``."""
-
-    inputs: tuple[Any, ...]
-    outputs: Any
-    forced: tuple[tuple[Any, ...], Any] | None
-
-
 class _Selector:
     def __init__(self, component: Component, context: BuildContext, pm: pluggy.PluginManager) -> None:
         self.component = component
@@ -117,11 +111,11 @@ class _Selector:
         self.best = "eager"
         self.started = time.perf_counter()
         component.module.eval()
-        self._references: list[_Reference] | None = None
+        self._references: list[Reference] | None = None
         self.call_bytes = 0
-        self._shape_references: list[_Reference] | None = None
+        self._shape_references: list[Reference] | None = None
 
-    def references(self, shapes: bool = False) -> list[_Reference]:
+    def references(self, shapes: bool = False) -> list[Reference]:
         """FP32 outputs for the example and the first calibration input, computed once, on demand.
 
         With ``shapes``, also for the inputs at other sizes that fixed-shape stages are checked on.
@@ -136,29 +130,10 @@ class _Selector:
             self._shape_references = self._reference_list(shape_variants(component), skip_failing=derived)
         return [*self._references, *self._shape_references]
 
-    def _reference_list(self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False) -> list[_Reference]:
-        with measure_memory() as use:
-            found = self._compute_references(input_sets, skip_failing)
+    def _reference_list(self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False) -> list[Reference]:
+        found, call_bytes = compute_references(self.component, input_sets, self.context, skip_failing)
         # What a call of the module needs beyond its weights: a stage's first calls need about as much.
-        self.call_bytes = max(self.call_bytes, use.peak_increase_bytes)
-        return found
-
-    def _compute_references(self, input_sets: list[tuple[Any, ...]], skip_failing: bool) -> list[_Reference]:
-        torch.manual_seed(0)
-        module, forcing, name = self.component.module, self.component.teacher_forcing, self.component.name
-        found = []
-        for inputs in input_sets:
-            try:
-                outputs = reference_outputs(name, module, inputs)
-            except InputError:
-                if skip_failing:
-                    continue
-                raise
-            forced = None
-            if forcing is not None:
-                forced_inputs = forcing(inputs, outputs)
-                forced = (forced_inputs, reference_outputs(name, module, forced_inputs))
-            found.append(_Reference(inputs, outputs, forced))
+        self.call_bytes = max(self.call_bytes, call_bytes)
         return found
 
     def reject(self, name: str, reason: str, **figures: Any) -> None:
