@@ -139,27 +139,40 @@ class StatefulDecode(EagerFallback):
             return self.eager_instead(f"backend error: {first_line(exc)}", exc, *args, **kwargs)
 
 
+def _named_model(
+    module: torch.nn.Module, example: tuple[Any, ...], input_names: Any, output_names: Any, what: str
+) -> Any:
+    """``module`` converted to OpenVINO at ``example`` with its ports named; refused if the tracer fixed a value.
+
+    ``what`` names the graph in errors ("slow step", "frame graph").
+    """
+    import openvino as ov
+
+    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ov.convert_model(module, example_input=example)
+    fixed = tracer_warnings(caught)
+    if fixed:  # a value turned into a constant is wrong at every other position, length or frame
+        raise ExportError(f"{what}: the tracer fixed a value that changes between calls: {fixed[0]}")
+    if len(model.inputs) != len(input_names) or len(model.outputs) != len(output_names):
+        raise RuntimeError(
+            f"{what} converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
+            f"expected {len(input_names)} / {len(output_names)}"
+        )
+    for port, name in zip(model.inputs, input_names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, output_names, strict=True):
+        port.get_tensor().set_names({name})
+    return model
+
+
 def _convert(graph: StepGraph) -> Any:
     """The step graph as a stateful OpenVINO model: named ports, cache shapes, caches as states."""
     import openvino as ov
     from openvino import passes
 
-    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = ov.convert_model(graph.module, example_input=(*graph.example_inputs, *graph.example_caches()))
-    fixed = tracer_warnings(caught)
-    if fixed:  # a value turned into a constant is wrong at every other position or length
-        raise ExportError(f"{graph.name} step: the tracer fixed a value that changes between steps: {fixed[0]}")
-    names = graph.input_names
-    if len(model.inputs) != len(names) or len(model.outputs) != len(graph.output_names):
-        raise RuntimeError(
-            f"{graph.name} step converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
-            f"expected {len(names)} / {len(graph.output_names)}"
-        )
-    for port, name in zip(model.inputs, names, strict=True):
-        port.get_tensor().set_names({name})
-    for port, name in zip(model.outputs, graph.output_names, strict=True):
-        port.get_tensor().set_names({name})
+    example = (*graph.example_inputs, *graph.example_caches())
+    model = _named_model(graph.module, example, graph.input_names, graph.output_names, f"{graph.name} step")
     cache_shape = ov.PartialShape([1, graph.kv_heads, -1, graph.head_dim])
     inputs = model.inputs[: len(graph.input_shapes)]
     shapes = {port: ov.PartialShape(list(shape)) for port, shape in zip(inputs, graph.input_shapes, strict=True)}
@@ -211,21 +224,9 @@ def _start_states_empty(model: Any) -> None:
 
 def _convert_frame(graph: FrameGraph) -> Any:
     """The frame graph as an OpenVINO model with named ports (nothing made stateful: it keeps no state)."""
-    import openvino as ov
-
-    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = ov.convert_model(graph.module, example_input=graph.example_inputs)
-    fixed = tracer_warnings(caught)
-    if fixed:
-        raise ExportError(f"{graph.name} graph: the tracer fixed a value that changes between frames: {fixed[0]}")
-    if len(model.inputs) != len(graph.input_names) or len(model.outputs) != len(graph.output_names):
-        raise RuntimeError(f"{graph.name} graph converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs")
-    for port, name in zip(model.inputs, graph.input_names, strict=True):
-        port.get_tensor().set_names({name})
-    for port, name in zip(model.outputs, graph.output_names, strict=True):
-        port.get_tensor().set_names({name})
-    return model
+    return _named_model(
+        graph.module, graph.example_inputs, graph.input_names, graph.output_names, f"{graph.name} graph"
+    )
 
 
 def _compress(model: Any, variant: str) -> Any:
