@@ -8,6 +8,7 @@ Every error derives from :class:`UniOptError`, so ``except UniOptError`` catches
     ├── PluginError            a plugin is broken: bad registration, duplicate name, unknown hook
     ├── BackendUnavailable     an optional backend (onnxruntime, openvino, nncf) is not installed
     ├── MemoryBudgetError      a build step would need more memory than the limit leaves
+    │   └── StepKilledError    a build step's child process was killed (out of memory)
     ├── NotApplicable          a candidate does not apply to a component (no LSTM to quantize, no export)
     ├── OptimizationError      a candidate stage failed to build, load or run on this host
     │   └── ValidationError    a stage ran but disagrees with the FP32 reference
@@ -21,6 +22,8 @@ candidate that does not apply (:class:`NotApplicable`) is recorded whatever that
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackendUnavailable",
     "CacheError",
@@ -30,6 +33,7 @@ __all__ = [
     "OptimizationError",
     "PluginError",
     "SettingsError",
+    "StepKilledError",
     "UniOptError",
     "ValidationError",
 ]
@@ -81,7 +85,24 @@ class MemoryBudgetError(UniOptError, MemoryError):
 
         self.step = step
         self.needed_bytes = needed_bytes
+        self.available = available
         super().__init__(f"{step} needs ~{format_bytes(needed_bytes)}, {available}")
+
+    def __reduce__(self) -> Any:  # pickled back from a build step's child process (uniopt.isolation)
+        return (type(self), (self.step, self.needed_bytes, self.available))
+
+
+class StepKilledError(MemoryBudgetError):
+    """A build step's child process was killed by the kernel (SIGKILL: the OOM killer under the limit)."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.needed_bytes = 0
+        self.available = ""
+        UniOptError.__init__(self, f"{step} was killed by the kernel (SIGKILL), most likely out of memory")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.step,))
 
 
 class NotApplicable(UniOptError):

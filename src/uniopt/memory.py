@@ -137,6 +137,20 @@ def measure_memory() -> Iterator[MemoryUse]:
         use.resident_increase_bytes = after - before
 
 
+def note_child_peak(increase_bytes: int) -> None:
+    """Count a child process's peak (``increase_bytes`` above this process's RSS now) in open measurements.
+
+    A step run in a forked child (:mod:`uniopt.isolation`) allocates in the child; while it ran, this
+    process and the child together held about this process's RSS plus the child's own increase.
+    """
+    if increase_bytes <= 0:
+        return
+    with _lock:
+        mark = rss_bytes() + increase_bytes
+        for peak in _open_peaks:
+            peak[0] = max(peak[0], mark)
+
+
 def _malloc_trim() -> None:
     name = ctypes.util.find_library("c")
     if name is None:

@@ -253,6 +253,13 @@ class Settings:
         "keep the previous stage when a candidate fails (false: raise)",
         "true or false",
     )
+    isolate_builds: bool = _setting(
+        "UNIOPT_ISOLATE_BUILDS",
+        _bool,
+        True,
+        "run artifact-building steps (exports, conversions, compression) in a forked child process",
+        "true or false",
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

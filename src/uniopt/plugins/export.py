@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from ..cache.files import is_unwritable
 from ..errors import MemoryBudgetError, NotApplicable
+from ..isolation import isolated_build
 from ..optimizer.component import Metric
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
@@ -294,7 +295,12 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
         raise RuntimeError("ONNX export failed with every exporter: " + " | ".join(errors))
 
     started = time.perf_counter()
-    entry, built = context.cache.get_or_build(key, build, kind="onnx-export", description={"component": component.name})
+    entry, built = context.cache.get_or_build(
+        key,
+        isolated_build(build, context, f"ONNX export of {component.name}"),
+        kind="onnx-export",
+        description={"component": component.name},
+    )
     seconds = time.perf_counter() - started
     if not built and loaded is not None:
         loaded.append(key)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotApplicable
+from ..isolation import isolated_build
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
@@ -136,7 +137,10 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
 
     key = _ir_key(component, export.key, variant, half_range)
     entry, built = context.cache.get_or_build(
-        key, build, kind=f"openvino-{variant}", description={"from": export.key[:16]}
+        key,
+        isolated_build(build, context, f"OpenVINO {variant} IR of {component.name}"),
+        kind=f"openvino-{variant}",
+        description={"from": export.key[:16]},
     )
     if not built:
         loaded.append(key)

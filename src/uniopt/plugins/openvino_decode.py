@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import NotApplicable, UniOptError
+from ..isolation import isolated_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, Candidate, Requirements, Stage
@@ -280,7 +281,10 @@ def _step_ir(
 
     plain_key = key_for(base)
     plain, plain_built = context.cache.get_or_build(
-        plain_key, build_plain, kind=base, description={"graph": graph.name}
+        plain_key,
+        isolated_build(build_plain, context, f"OpenVINO conversion of {graph.name}"),
+        kind=base,
+        description={"graph": graph.name},
     )
     if not plain_built:
         loaded.append(plain_key)
@@ -296,7 +300,12 @@ def _step_ir(
 
     kind = f"{base}-{variant}"
     key = key_for(kind)
-    entry, built = context.cache.get_or_build(key, build_compressed, kind=kind, description={"graph": graph.name})
+    entry, built = context.cache.get_or_build(
+        key,
+        isolated_build(build_compressed, context, f"{variant} compression of {graph.name}"),
+        kind=kind,
+        description={"graph": graph.name},
+    )
     if not built:
         loaded.append(key)
     return entry.path / "model.xml", not built and not plain_built
