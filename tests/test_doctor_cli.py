@@ -71,6 +71,19 @@ def test_doctor_json(runner: CliRunner) -> None:
     assert sorted(p["name"] for p in data["plugins"]) == sorted(BUILTIN)
     eager = next(row for row in data["candidates"] if row["name"] == "eager")
     assert eager["available"] is True and eager["precision"] == "fp32"
+    rows = {row["name"]: row for row in data["engines"]}
+    assert list(rows) == ["phoneme", "diarization", "tts"]
+    for name, row in rows.items():
+        assert row["error"] is None, (name, row["error"])
+        assert type(row["weight_bytes"]) is int and 0 < row["weight_bytes"] < row["eager_bytes"], name
+        assert row["build_bytes"] == row["available_bytes"] - row["eager_bytes"]
+        assert type(row["fits"]) is bool and row["verdict"], name
+        if row["least_bytes"] is not None:
+            assert 0 < row["least_bytes"] <= row["full_bytes"], name
+            assert row["least"]["required_bytes"] == row["least_bytes"] and row["least"]["candidate"], name
+            assert row["fits"] == (row["full_bytes"] <= row["build_bytes"]), name
+    assert [c["name"] for c in rows["tts"]["components"]] == ["decoder", "codec"]
+    assert rows["tts"]["weight_bytes"] > rows["phoneme"]["weight_bytes"] > rows["diarization"]["weight_bytes"]
 
 
 def test_doctor_json_follows_the_settings(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +107,22 @@ def test_doctor_tables(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> No
     assert "Settings not at their default" in out and "tier" in out
     assert "Advice" in out
     assert "• Small host: UNIOPT_MODE=tier skips the timing search" in out
+    assert "Memory to optimize each engine here" in out
+    assert re.search(r"phoneme\s*│\s*\d+\s*│\s*\d+\s*│", result.output)
+    assert re.search(r"│\s*decoder\s*│", result.output) and re.search(r"│\s*codec\s*│", result.output)
     assert not out.lstrip().startswith("{")
+
+
+def test_doctor_with_little_memory_says_what_stays_eager() -> None:
+    from uniopt.doctor import doctor_report
+
+    report = doctor_report({"tier": "low-resource"}, available_bytes=256 * 2**20)
+    assert [e.verdict for e in report.engines] == ["does not fit: stays eager"] * 3
+    line = next(a for a in report.advice if a.startswith("Not every candidate fits the memory here"))
+    assert "phoneme: does not fit: stays eager" in line and "optimize prepare" in line
+    roomy = doctor_report({"tier": "low-resource"}, available_bytes=64 * 2**30)
+    assert all(e.fits for e in roomy.engines), [e.verdict for e in roomy.engines]
+    assert not any(a.startswith("Not every candidate fits") for a in roomy.advice)
 
 
 def test_doctor_measures_the_bandwidth_once(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:

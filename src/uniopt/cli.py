@@ -81,6 +81,9 @@ def _print_doctor(data: dict[str, Any]) -> None:
         cands.add_row(row["name"], row["plugin"], row["precision"], _yes(row["available"]), escape(row["reason"]))
     console.print(cands)
 
+    if data.get("engines"):
+        console.print(_engines_table(data["engines"]))
+
     changed = {k: v for k, v in data["settings"].items() if v["source"] != "default"}
     if changed:
         settings = Table(title="Settings not at their default")
@@ -93,6 +96,44 @@ def _print_doctor(data: dict[str, Any]) -> None:
         console.print("[bold]Advice[/]")
         for line in data["advice"]:
             console.print(f"  • {escape(line)}")
+
+
+def _need(need: dict[str, Any] | None) -> str:
+    return "-" if need is None else f"{_mib(need['required_bytes'])} ({need['candidate']})"
+
+
+def _engines_table(engines: list[dict[str, Any]]) -> Table:
+    """A row per engine and per component: weights, eager footprint, least and full chain needs, verdict."""
+    table = Table(title="Memory to optimize each engine here (MiB; cold cache, margins included)")
+    for col in ("engine / component", "weights", "eager (est.)", "least", "full chain", "left to build", "verdict"):
+        table.add_column(col, justify="right" if col in ("weights", "eager (est.)", "left to build") else "left")
+    for e in engines:
+        if e["error"]:
+            table.add_row(e["name"], "-", "-", "-", "-", "-", escape(e["verdict"]))
+            continue
+        colour = "green" if e["fits"] else "red" if e["verdict"].startswith("does not") else "yellow"
+        table.add_row(
+            f"[bold]{e['name']}[/]",
+            _mib(e["weight_bytes"]),
+            _mib(e["eager_bytes"]),
+            _need(e["least"]),
+            _need(e["full"]),
+            _mib(e["build_bytes"]),
+            f"[{colour}]{escape(e['verdict'])}[/]",
+        )
+        if len(e["components"]) > 1:
+            for c in e["components"]:
+                fitting = ", ".join(c["fitting"]) or ("stays eager" if c["least"] else "no candidate")
+                table.add_row(
+                    f"  {c['name']}",
+                    _mib(c["weight_bytes"]),
+                    "",
+                    _need(c["least"]),
+                    _need(c["full"]),
+                    "",
+                    escape(fitting),
+                )
+    return table
 
 
 @app.command()

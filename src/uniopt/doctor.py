@@ -1,11 +1,12 @@
-"""The doctor report: host profile, memory bandwidth, tier, thread budget, candidates and advice, as data."""
+"""The doctor report: host profile, memory bandwidth, tier, thread budget, candidates, engines' memory, advice."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .advice import host_advice
+from .engine_memory import EngineMemory, engine_memory, memory_advice
 from .errors import MemoryBudgetError
 from .plugins import availability, candidates, plugin_manager
 from .plugins.manager import plugin_origins
@@ -29,6 +30,8 @@ class DoctorReport:
     advice: list[str]
     bandwidth: BandwidthProbe | None = None
     bandwidth_problem: str | None = None
+    #: Per built-in engine: eager footprint, the memory optimizing it needs, and whether it fits here.
+    engines: list[EngineMemory] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         from .memory import memory_headroom
@@ -51,6 +54,7 @@ class DoctorReport:
         }
         data["plugins"] = [{"name": n, "origin": o} for n, o in self.plugins]
         data["candidates"] = self.candidates
+        data["engines"] = [e.to_dict() for e in self.engines]
         data["advice"] = self.advice
         return data
 
@@ -59,8 +63,16 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
-    """Build the doctor report for this process."""
+def doctor_report(overrides: dict[str, Any] | None = None, available_bytes: int | None = None) -> DoctorReport:
+    """Build the doctor report for this process.
+
+    ``available_bytes`` is the memory an optimizing process may use in all, which the engines'
+    rows are judged against; by default the memory left now plus this process's own RSS (it
+    ends before an optimizing process starts).
+    """
+    from .engines.registry import BUILTIN_ENGINES
+    from .memory import memory_headroom, rss_bytes
+
     profile = host_profile()
     settings, choice = resolve_settings(overrides, profile)
     threads = thread_budget(profile.usable_cpus, settings.threads)
@@ -68,8 +80,11 @@ def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
     origins = plugin_origins()
     plugins = [(name, origins.get(name, "registered at run time")) for name, _ in pm.list_name_plugin()]
     rows = []
+    usable = {}
     for cand in candidates(pm).values():
         ok, reason = availability(cand, profile, settings, choice.tier)
+        if ok:
+            usable[cand.name] = cand
         rows.append(
             {
                 "name": cand.name,
@@ -87,4 +102,12 @@ def doctor_report(overrides: dict[str, Any] | None = None) -> DoctorReport:
         bandwidth = memory_bandwidth(threads.intra_op, cache_dir=settings.cache_dir, profile=profile)
     except MemoryBudgetError as exc:
         problem = str(exc)
-    return DoctorReport(profile, choice, settings, threads, plugins, rows, advice, bandwidth, problem)
+    if available_bytes is None:
+        available_bytes = memory_headroom().available_bytes + rss_bytes()
+    engines = [
+        engine_memory(name, available_bytes, choice.tier, usable, cache_dir=settings.cache_dir)
+        for name in BUILTIN_ENGINES
+    ]
+    if (line := memory_advice(engines)) is not None:
+        advice.append(line)
+    return DoctorReport(profile, choice, settings, threads, plugins, rows, advice, bandwidth, problem, engines)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import UniOptError
 
-__all__ = ["BUILTIN_ENGINES", "load_engine"]
+__all__ = ["BUILTIN_ENGINES", "BUILTIN_STRUCTURES", "load_engine", "load_structure"]
 
 #: name -> "module:factory"; each factory builds the engine at its default (benchmark) size.
 BUILTIN_ENGINES: dict[str, str] = {
@@ -16,6 +16,10 @@ BUILTIN_ENGINES: dict[str, str] = {
     "diarization": "uniopt.engines.diarization:bench_engine",
     "tts": "uniopt.engines.tts:bench_engine",
 }
+
+#: name -> "module:factory" building the same engine without reading weight files, for the meta device
+#: (the engines that build from a config build the same way).
+BUILTIN_STRUCTURES: dict[str, str] = {**BUILTIN_ENGINES, "diarization": "uniopt.engines.diarization:bench_structure"}
 
 
 def _factory(spec: str) -> Callable[[], Any]:
@@ -44,3 +48,21 @@ def load_engine(name: str) -> tuple[Any, Any]:
     if isinstance(built, tuple) and len(built) == 2:
         return built[0], built[1]
     return built, None
+
+
+def load_structure(name: str) -> Any:
+    """Built-in engine ``name``'s modules on the meta device: shapes and dtypes, no weights read or allocated."""
+    import logging
+
+    import torch
+
+    if name not in BUILTIN_STRUCTURES:
+        raise UniOptError(f"no built-in engine {name!r}; expected one of {', '.join(BUILTIN_STRUCTURES)}")
+    factory = _factory(BUILTIN_STRUCTURES[name])
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "random weights" warnings are about a real engine, not this one
+    try:
+        with torch.device("meta"):
+            return factory()
+    finally:
+        logging.disable(disabled)

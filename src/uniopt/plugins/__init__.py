@@ -1,6 +1,6 @@
 """The plugin host and the built-in plugins."""
 
-from .candidate import BuildContext, BuildFailure, Candidate, Requirements, Stage, availability
+from .candidate import BuildContext, BuildFailure, BuildStep, Candidate, Requirements, Stage, availability
 from .hookspecs import hookimpl, hookspec
 from .manager import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, candidates, plugin_manager
 
@@ -9,6 +9,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "BuildContext",
     "BuildFailure",
+    "BuildStep",
     "Candidate",
     "Requirements",
     "Stage",

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..threads import ThreadBudget
     from ..tiers import HostProfile, Tier
 
-__all__ = ["BuildContext", "BuildFailure", "Candidate", "Requirements", "Stage", "availability"]
+__all__ = ["BuildContext", "BuildFailure", "BuildStep", "Candidate", "Requirements", "Stage", "availability"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ class Requirements:
     setting: str | None = None
     providers: tuple[str, ...] = ()
     openvino_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """A memory-checked step a candidate's build runs (see :mod:`uniopt.plugins.memory_costs`).
+
+    ``step`` is a key of ``STEP_COSTS``, or ``"onnx-export"`` for the component's exporter;
+    ``base`` is what its estimate is taken on: ``"weights"`` (the module, or a model file in float)
+    or ``"int8-file"`` (a model file whose Linear and embedding weights are int8).
+    """
+
+    step: str
+    base: str = "weights"
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,9 @@ class Candidate:
     description: str
     build: Callable[[Component, BuildContext], Stage] = field(compare=False, repr=False)
     requires: Requirements = Requirements()
+    #: The memory-checked steps ``build`` runs, in order, from an empty cache (what ``optimize doctor``
+    #: estimates a candidate's memory from; none: not estimated).
+    steps: tuple[BuildStep, ...] = ()
 
 
 def _package_available(package: str, profile: HostProfile) -> tuple[bool, str]:

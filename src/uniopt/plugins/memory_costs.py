@@ -32,8 +32,10 @@ __all__ = [
     "STEP_COSTS",
     "StepCost",
     "estimate_step",
+    "EAGER_RUNTIME_BYTES",
     "file_bytes",
     "memory_step",
+    "required_bytes",
     "weight_bytes",
 ]
 
@@ -88,6 +90,11 @@ STEP_COSTS: dict[str, StepCost] = {
 SAFETY_FACTOR = 1.15
 #: Kept free for the engine's own work (activations of a call, Python objects).
 RESERVE_BYTES = 64 * MiB
+#: What an engine's process holds besides its weights: Python, torch and the engine's libraries, and
+#: a call's buffers. The eager RSS ``python benchmarks/memory.py`` measured on the 2-vCPU Zen 4 host
+#: (README, "Memory on small machines") less each engine's weight bytes: 304 MiB (tts), 333 MiB
+#: (diarization), 452 MiB (phoneme, with transformers).
+EAGER_RUNTIME_BYTES = 320 * MiB
 
 
 def weight_bytes(component: Any) -> int:
@@ -103,6 +110,11 @@ def estimate_step(step: str, base_bytes: int) -> int:
     """The estimated peak RSS increase of ``step`` on ``base_bytes`` of weights or model file, in bytes."""
     cost = STEP_COSTS[step]
     return int(cost.peak_factor * base_bytes + cost.fixed_bytes)
+
+
+def required_bytes(estimated_bytes: int) -> int:
+    """The memory left a step of that estimate needs to run: times :data:`SAFETY_FACTOR`, plus :data:`RESERVE_BYTES`."""
+    return int(estimated_bytes * SAFETY_FACTOR + RESERVE_BYTES)
 
 
 def file_bytes(*paths: Path) -> int:
@@ -124,7 +136,7 @@ def memory_step(step: str, component: Any, context: Any, base_bytes: int | None 
     base = weight_bytes(component) if base_bytes is None else base_bytes
     needed = estimate_step(step, base)
     headroom = memory_headroom()
-    if needed * SAFETY_FACTOR + RESERVE_BYTES > headroom.available_bytes:
+    if required_bytes(needed) > headroom.available_bytes:
         raise MemoryBudgetError(step, needed, headroom.describe())
     log.debug("%s for %s: needs ~%s, %s", step, component.name, format_bytes(needed), headroom.describe())
     with measure_memory() as use:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..isolation import isolated_build
-from .candidate import BuildContext, Candidate, Requirements, Stage
+from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
@@ -173,6 +173,10 @@ def _build_cuda(component: Any, context: BuildContext, loaded: list[str]) -> Sta
     return _stage("onnxruntime-cuda", component, session, info, context)
 
 
+_EXPORT = BuildStep("onnx-export")
+_SESSION = BuildStep("onnxruntime-session")
+
+
 @hookimpl
 def uniopt_register_candidates(register: Any) -> None:
     needs = ("onnxruntime", "onnx")
@@ -183,6 +187,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "ONNX Runtime FP32, all graph optimizations",
             _build_fp32,
             Requirements(packages=needs, extra=_EXTRA),
+            (_EXPORT, BuildStep("onnxruntime-optimize"), _SESSION),
         )
     )
     register(
@@ -192,6 +197,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "ONNX Runtime dynamic int8 (quantize_dynamic on the ONNX graph; 7-bit weights without VNNI/AMX)",
             _build_int8,
             Requirements(packages=needs, extra=_EXTRA, precision="int8", setting="use_model_quantization"),
+            (_EXPORT, BuildStep("onnxruntime-quantize"), BuildStep("onnxruntime-session", "int8-file")),
         )
     )
     register(
@@ -201,6 +207,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "ONNX Runtime on the CUDA execution provider",
             _build_cuda,
             Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",)),
+            (_EXPORT, _SESSION),
         )
     )
     register(
@@ -210,5 +217,6 @@ def uniopt_register_candidates(register: Any) -> None:
             "ONNX Runtime with an FP16 graph on the CUDA execution provider",
             _build_fp16,
             Requirements(packages=needs, extra=_EXTRA, providers=("CUDAExecutionProvider",), precision="fp16"),
+            (_EXPORT, BuildStep("onnxruntime-fp16"), _SESSION),
         )
     )

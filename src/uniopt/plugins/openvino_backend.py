@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import NotApplicable
 from ..isolation import isolated_build
 from ..tiers.cpu import BF16_FLAGS
-from .candidate import BuildContext, Candidate, Requirements, Stage
+from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
@@ -186,6 +186,15 @@ def _build(variant: str, precision: str, name: str) -> Any:
     return build
 
 
+def _steps(variant: str, compile_step: str) -> tuple[BuildStep, ...]:
+    """The memory-checked steps of :func:`_build` for ``variant``: export, convert, nncf, compile."""
+    converted = (BuildStep("onnx-export"), BuildStep("openvino-convert"))
+    if variant == "plain":
+        return (*converted, BuildStep(compile_step))
+    nncf = BuildStep("nncf-weights" if variant == "int8-weights" else "nncf-static")
+    return (*converted, nncf, BuildStep(compile_step, "int8-file"))
+
+
 @hookimpl
 def uniopt_register_candidates(register: Any) -> None:
     needs = ("openvino", "onnx")
@@ -196,6 +205,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "OpenVINO CPU, f32 forced",
             _build("plain", "fp32", "openvino-f32"),
             Requirements(packages=needs, extra=_EXTRA),
+            _steps("plain", "openvino-compile-f32"),
         )
     )
     register(
@@ -205,6 +215,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "OpenVINO CPU, bf16 inference precision",
             _build("plain", "bf16", "openvino-bf16"),
             Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=BF16_FLAGS, precision="bf16"),
+            _steps("plain", "openvino-compile-bf16"),
         )
     )
     register(
@@ -214,6 +225,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "OpenVINO f16 inference precision, on a device that computes FP16 (GPU, NPU, or such a CPU)",
             _build("plain", "fp16", "openvino-f16"),
             Requirements(packages=needs, extra=_EXTRA, openvino_capability="FP16", precision="fp16"),
+            _steps("plain", "openvino-compile-f16"),
         )
     )
     register(
@@ -225,6 +237,7 @@ def uniopt_register_candidates(register: Any) -> None:
             Requirements(
                 packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
             ),
+            _steps("int8-weights", "openvino-compile-f32"),
         )
     )
     register(
@@ -236,6 +249,7 @@ def uniopt_register_candidates(register: Any) -> None:
             Requirements(
                 packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
             ),
+            _steps("int8-static", "openvino-compile-f32"),
         )
     )
     register(
@@ -248,5 +262,6 @@ def uniopt_register_candidates(register: Any) -> None:
             Requirements(
                 packages=(*needs, "nncf"), extra="openvino,nncf", precision="int8", setting="use_model_quantization"
             ),
+            _steps("int8-matmul", "openvino-compile-bf16"),  # bf16 and f32 compiles cost the same
         )
     )

@@ -31,7 +31,7 @@ from ..errors import NotApplicable, UniOptError
 from ..isolation import isolated_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
-from .candidate import BuildContext, Candidate, Requirements, Stage
+from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import ExportError, quiet_loggers, rebuild_on_failure, tracer_warnings
 from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
@@ -346,6 +346,14 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
     return build
 
 
+def _steps(variant: str, hint: str, frame: bool = False) -> tuple[BuildStep, ...]:
+    """The memory-checked steps of :func:`_builder`, for one graph (each graph runs the same ones)."""
+    convert = (BuildStep("openvino-convert-step"), *((BuildStep("openvino-convert-frame"),) if frame else ()))
+    if variant == "float":
+        return (*convert, BuildStep(f"openvino-compile-{hint}"))
+    return (*convert, BuildStep("nncf-weights"), BuildStep(f"openvino-compile-{hint}", "int8-file"))
+
+
 def _candidates() -> list[Candidate]:
     needs = ("openvino",)
     quantized = Requirements(
@@ -358,6 +366,7 @@ def _candidates() -> list[Candidate]:
             "OpenVINO stateful decode steps (caches as states), f32",
             _builder("float", "fp32", "openvino-stateful-f32"),
             Requirements(packages=needs, extra=_EXTRA),
+            _steps("float", "f32"),
         ),
         Candidate(
             "openvino-stateful-bf16",
@@ -365,6 +374,7 @@ def _candidates() -> list[Candidate]:
             "OpenVINO stateful decode steps, bf16 inference precision",
             _builder("float", "bf16", "openvino-stateful-bf16"),
             Requirements(packages=needs, extra=_EXTRA, cpu_flags_any=BF16_FLAGS, precision="bf16"),
+            _steps("float", "bf16"),
         ),
         Candidate(
             "openvino-stateful-int8",
@@ -372,6 +382,7 @@ def _candidates() -> list[Candidate]:
             "OpenVINO stateful decode steps, nncf int8 weights (one scale per output channel), f32 activations",
             _builder("int8", "fp32", "openvino-stateful-int8"),
             quantized,
+            _steps("int8", "f32"),
         ),
         Candidate(
             "openvino-stateful-int4",
@@ -379,6 +390,7 @@ def _candidates() -> list[Candidate]:
             "OpenVINO stateful decode steps, nncf int4 weights (groups of 128), f32 activations",
             _builder("int4", "fp32", "openvino-stateful-int4"),
             quantized,
+            _steps("int4", "f32"),  # an int4 file is smaller still: the int8 one bounds it
         ),
         Candidate(
             "openvino-stateful-frame-int8",
@@ -386,6 +398,7 @@ def _candidates() -> list[Candidate]:
             "OpenVINO stateful slow step, the fast decoder's codebook loop as one call per frame, nncf int8 weights",
             _builder("int8", "fp32", "openvino-stateful-frame-int8", frame=True),
             quantized,
+            _steps("int8", "f32", frame=True),
         ),
     ]
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import NotApplicable
 from ..tiers.cpu import BF16_FLAGS
-from .candidate import BuildContext, Candidate, Requirements, Stage
+from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .hookspecs import hookimpl
 from .memory_costs import memory_step
 
@@ -498,6 +498,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "dynamic int8 Linear layers (quantize_dynamic)",
             _build_int8({torch.nn.Linear}, "torch-int8"),
             Requirements(packages=("torch",), precision="int8", setting="use_model_quantization"),
+            (BuildStep("torch-int8"),),
         )
     )
     register(
@@ -507,6 +508,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "dynamic int8 Linear, LSTM and GRU layers",
             _build_int8({torch.nn.Linear, *_RNN_TYPES}, "torch-int8-rnn"),
             Requirements(packages=("torch",), precision="int8", setting="use_model_quantization"),
+            (BuildStep("torch-int8"),),
         )
     )
     register(
@@ -521,6 +523,7 @@ def uniopt_register_candidates(register: Any) -> None:
                 precision="int8",
                 setting="use_model_quantization",
             ),
+            (BuildStep("torch-int8-weights"),),
         )
     )
     register(
@@ -530,6 +533,7 @@ def uniopt_register_candidates(register: Any) -> None:
             "bf16 weights and activations in eager PyTorch",
             _build_bf16,
             Requirements(packages=("torch",), cpu_flags_any=BF16_FLAGS, precision="bf16"),
+            (BuildStep("torch-copy"),),
         )
     )
     register(
@@ -539,5 +543,6 @@ def uniopt_register_candidates(register: Any) -> None:
             "torch.compile with inductor; its cache lives in the component's cache entry",
             _build_compile,
             Requirements(packages=("torch",), min_memory_bytes=4 * 2**30, setting="use_model_compilation"),
+            (BuildStep("torch-compile"),),
         )
     )

@@ -9,7 +9,13 @@
 
 from uniopt.engines.diarization.clustering import cluster_embeddings, cluster_units
 from uniopt.engines.diarization.metrics import DiarizationScore, diarization_error
-from uniopt.engines.diarization.pipeline import Diarizer, Segment, bench_engine, postprocess_segments
+from uniopt.engines.diarization.pipeline import (
+    Diarizer,
+    Segment,
+    bench_engine,
+    bench_structure,
+    postprocess_segments,
+)
 from uniopt.engines.diarization.segmentation import PyanNet, load_segmentation_model, powerset_to_speakers
 from uniopt.engines.diarization.speaker_encoder import (
     SpeakerEncoder,
@@ -29,6 +35,7 @@ __all__ = [
     "SpeakerEncoder",
     "StreamingDiarizer",
     "bench_engine",
+    "bench_structure",
     "cluster_embeddings",
     "cluster_units",
     "diarization_error",

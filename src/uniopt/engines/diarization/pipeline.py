@@ -37,9 +37,10 @@ from torch import nn
 
 from uniopt.engines.audio import prepare_audio, speech_like_audio
 from uniopt.engines.diarization.clustering import cannot_link_matrix, cluster_units
-from uniopt.engines.diarization.segmentation import load_segmentation_model, powerset_to_speakers
+from uniopt.engines.diarization.segmentation import PyanNet, load_segmentation_model, powerset_to_speakers
 from uniopt.engines.diarization.speaker_encoder import (
     PARTIAL_FRAMES,
+    SpeakerEncoder,
     compute_partial_slices,
     load_speaker_encoder,
     mel_spectrograms,
@@ -66,7 +67,7 @@ from uniopt.optimizer.component import Component, Metric
 if TYPE_CHECKING:
     from uniopt.engines.diarization.streaming import StreamingDiarizer
 
-__all__ = ["SAMPLE_RATE", "Diarizer", "Segment", "bench_engine", "postprocess_segments"]
+__all__ = ["SAMPLE_RATE", "Diarizer", "Segment", "bench_engine", "bench_structure", "postprocess_segments"]
 
 SAMPLE_RATE = 16_000
 
@@ -518,3 +519,11 @@ class Diarizer:
 def bench_engine() -> Diarizer:
     """The diarizer with the pretrained segmentation and speaker-encoder weights."""
     return Diarizer()
+
+
+def bench_structure() -> Diarizer:
+    """:func:`bench_engine`'s networks, their pretrained topology without reading the weight files.
+
+    Built on the meta device, it sizes the engine without allocating it (``optimize doctor``).
+    """
+    return Diarizer(PyanNet(), SpeakerEncoder())

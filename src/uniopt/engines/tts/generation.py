@@ -131,7 +131,9 @@ class TokenGenerator(nn.Module):
             bias[eos_id] = 0.0
         self.register_buffer("logit_bias", bias, persistent=False)
         # Only these ids can be drawn (the rest have a bias of -inf): sampling looks at them alone.
-        self.register_buffer("allowed_ids", torch.isfinite(bias).nonzero().flatten(), persistent=False)
+        # Listed from the config, not from the bias' values, so the engine also builds on the meta device.
+        allowed = sorted({*range(c.semantic_begin_id, c.vocab_size), *((eos_id,) if allow_eos else ())})
+        self.register_buffer("allowed_ids", torch.tensor(allowed, dtype=torch.long), persistent=False)
         self.register_buffer("code_ids", torch.arange(c.codebook_size), persistent=False)
         self.register_buffer("fast_positions", torch.arange(c.num_codebooks), persistent=False)
         model.setup_caches(1, c.max_seq_len)
