@@ -1,7 +1,7 @@
 """Build steps in a forked child process, so that what they allocate and import goes back to the system.
 
-An ONNX export, an OpenVINO conversion, nncf compression or ORT quantization imports libraries
-(torch.onnx, onnx, nncf, onnxruntime.quantization: 10-70 MiB each) and leaves freed heap that a
+An ONNX export, an OpenVINO conversion or nncf compression imports libraries (torch.onnx,
+onnx, onnxscript, nncf: 10-70 MiB each) and leaves freed heap that a
 Python process rarely hands back: 70-95 MiB stayed resident after exporting the diarization or
 phoneme models in-process, although only the files are used afterwards. Run in a child forked
 from this process, the step sees the module exactly as it is (copy-on-write: nothing is pickled
@@ -16,12 +16,18 @@ The child:
 - sends back the step's return value and the memory steps it measured, or the exception it
   raised (pickled; as a ``RuntimeError`` naming its type when it does not pickle).
 
+ONNX Runtime is not used in a child: a session freed in a forked child of a process that has
+used ONNX Runtime hangs. Its steps (optimize, quantize, the export's check at other sizes) run in
+the engine's process, and the child never collects the parent's objects (``gc.freeze``; the
+parent collects its garbage just before forking).
+
 Where ``fork`` is missing (not Linux/macOS), CUDA is initialised (a forked child cannot use it) or
 ``UNIOPT_ISOLATE_BUILDS=false`` (``Settings.isolate_builds``), the step runs in this process.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -42,7 +48,7 @@ log = logging.getLogger("uniopt")
 T = TypeVar("T")
 
 #: A child that runs longer than this is killed and the step fails (a hang must not stop a start).
-DEFAULT_TIMEOUT_S = 1800.0
+DEFAULT_TIMEOUT_S = 900.0
 _POLL_S = 0.02
 
 
@@ -72,6 +78,7 @@ def run_isolated(step: Callable[[], T], what: str, timeout_s: float = DEFAULT_TI
     with tempfile.TemporaryFile() as channel:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        gc.collect()  # garbage of this process is freed here, where its backends' destructors are safe
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's code
             _child(step, channel)
@@ -126,6 +133,7 @@ def _wait(pid: int, what: str, timeout_s: float) -> int:
 def _child(step: Callable[[], Any], channel: Any) -> None:
     """Run ``step`` and write ``(ok, value or exception, peak bytes)`` to ``channel``; then exit at once."""
     code = 1
+    gc.freeze()  # what the parent left is never collected here (an ORT session freed in a child hangs)
     try:
         try:
             with open("/proc/self/oom_score_adj", "w") as adj:

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from ..cache.files import is_unwritable
 from ..errors import MemoryBudgetError, NotApplicable
-from ..isolation import isolated_build
+from ..isolation import run_isolated
 from ..optimizer.component import Metric
 from ..optimizer.guard import flatten_outputs, run_reference
 from .candidate import BuildContext
@@ -56,7 +56,11 @@ class OnnxExporter:
     SHAPE_RTOL: float = 1e-3
 
     def export(self, component: Any, path: Path, exporter: str) -> None:
-        """Write ``component`` as ONNX to ``path`` with ``exporter`` ("dynamo" or "legacy")."""
+        """Write ``component`` as ONNX to ``path`` with ``exporter`` ("dynamo" or "legacy") and check it."""
+        self.check_export(component, path, self.write(component, path, exporter))
+
+    def write(self, component: Any, path: Path, exporter: str) -> list[str]:
+        """Write ``component`` as ONNX to ``path`` with ``exporter``; return the legacy tracer's warnings."""
         _check_tensor_inputs(component)
         names = list(component.input_names)
         outputs = list(component.output_names) or None
@@ -103,7 +107,7 @@ class OnnxExporter:
                         dynamo=False,
                         do_constant_folding=True,
                     )
-        self.check_export(component, path, tracer_warnings(caught))
+        return tracer_warnings(caught)
 
     def check_export(self, component: Any, path: Path, warned: list[str]) -> None:
         """Raise :class:`ExportError` when the graph at ``path`` cannot take the component's dynamic sizes.
@@ -114,6 +118,10 @@ class OnnxExporter:
         run at other sizes (:func:`~uniopt.optimizer.shapes.shape_variants`) against eager.
         """
         check_dynamic_axes(component, path)
+        self.check_sizes(component, path, warned)
+
+    def check_sizes(self, component: Any, path: Path, warned: list[str]) -> None:
+        """After tracer warnings, run the graph at other sizes against eager (:func:`check_other_sizes`)."""
         if warned and component.dynamic_axes:
             check_other_sizes(component, path, warned, atol=self.SHAPE_ATOL, rtol=self.SHAPE_RTOL)
 
@@ -276,11 +284,19 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
 
     def build(directory: Path) -> dict[str, Any]:
         errors: list[str] = []
+        target = directory / "model.onnx"
         for name in order:
+
+            def written(name: str = name) -> list[str]:  # in a child: torch.onnx and onnx stay there
+                warned = exporter.write(component, target, name)
+                check_dynamic_axes(component, target)
+                _check_loadable(target)
+                return warned
+
             try:
                 with memory_step(f"onnx-export-{name}", component, context):
-                    exporter.export(component, directory / "model.onnx", name)
-                _check_loadable(directory / "model.onnx")
+                    warned = run_isolated(written, f"onnx-export-{name}", enabled=context.settings.isolate_builds)
+                exporter.check_sizes(component, target, warned)  # here: ONNX Runtime is not fork-safe
                 return {"exporter": name, "failed": errors}
             except MemoryBudgetError:
                 raise
@@ -295,12 +311,7 @@ def exported_onnx(component: Any, context: BuildContext, loaded: list[str] | Non
         raise RuntimeError("ONNX export failed with every exporter: " + " | ".join(errors))
 
     started = time.perf_counter()
-    entry, built = context.cache.get_or_build(
-        key,
-        isolated_build(build, context, f"ONNX export of {component.name}"),
-        kind="onnx-export",
-        description={"component": component.name},
-    )
+    entry, built = context.cache.get_or_build(key, build, kind="onnx-export", description={"component": component.name})
     seconds = time.perf_counter() - started
     if not built and loaded is not None:
         loaded.append(key)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..isolation import isolated_build
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
@@ -60,7 +59,7 @@ def _derived(
 
     entry, built = context.cache.get_or_build(
         key,
-        isolated_build(build, context, f"ONNX Runtime {variant} model of {component.name}"),
+        build,  # in this process: ONNX Runtime hangs in a forked child once the parent has used it
         kind=f"onnxruntime-{variant}",
         description={"from": export.key[:16]},
     )
