@@ -5,16 +5,18 @@
 Each variant runs in a fresh process (the peak RSS of one export does not hide the next's):
 
 * ``legacy-autograd``: the TorchScript exporter with autograd on;
-* ``legacy-nograd``: the same under ``torch.no_grad()`` (what uniopt's legacy export does);
+* ``legacy-nograd``: the same under ``torch.no_grad()`` (uniopt's legacy export);
 * ``legacy-inference``: the same under ``torch.inference_mode()``;
-* ``dynamo``: ``torch.onnx.export(dynamo=True)`` then ``program.save`` (uniopt's dynamo export);
+* ``dynamo``: ``torch.onnx.export(dynamo=True)`` then ``program.save``;
 * ``dynamo-external``: the dynamo exporter writing the file itself with ``external_data=True``
-  (the weights in a separate file, never one serialized protobuf in memory);
-* ``ov-onnx``: the component's ONNX export (its preferred exporter, as uniopt runs it) then
+  (the weights in a separate file, never one serialized protobuf in memory; uniopt's dynamo export);
+* ``ov-onnx``: the component's preferred exporter (``legacy-nograd`` or ``dynamo``) then
   ``openvino.convert_model`` of the file and ``save_model``: export and conversion together;
-* ``ov-onnx-external``: the ``dynamo-external`` export then the same conversion;
+* ``ov-onnx-external``: the ``dynamo-external`` export then the same conversion (uniopt's
+  OpenVINO path for a dynamo-exported component);
 * ``ov-module``: ``openvino.convert_model(module, example_input=...)`` under ``torch.no_grad()``
-  with the component's input shapes (dynamic axes left dynamic) and ``save_model``;
+  with the component's input shapes (dynamic axes left dynamic) and ``save_model`` (uniopt's
+  OpenVINO path for a legacy-exported component);
 * ``ov-module-inference``: the same under ``torch.inference_mode()``.
 
 Prints per variant: the peak RSS increase (MiB), the size of what was written, and the largest

@@ -662,8 +662,10 @@ def _conv_front_end() -> nn.Module:
     return nn.Sequential(conv, nn.GELU(), nn.Conv1d(16, 8, 1)).eval()
 
 
-def _frames_component(module: nn.Module, x: torch.Tensor, axis: int = 2, **spec: Any) -> Component:
-    others = [(x.repeat_interleave(3, dim=axis)[..., :29] if axis == 2 else x.repeat(1, 3, 1)[:, :29],)]
+def _frames_component(module: nn.Module, x: torch.Tensor, axis: int = 2) -> Component:
+    """A legacy-exported component over a dynamic frames axis, validated at 5 and 29 frames."""
+    from uniopt.optimizer.shapes import resized
+
     return Component(
         "model",
         module,
@@ -672,8 +674,7 @@ def _frames_component(module: nn.Module, x: torch.Tensor, axis: int = 2, **spec:
         output_names=("out",),
         dynamic_axes={"features": {axis: "frames"}},
         exporter="legacy",
-        validation_inputs=[(x[..., :5] if axis == 2 else x[:, :5],), *others],
-        **spec,
+        validation_inputs=[(resized(x, axis, 5),), (resized(x, axis, 29),)],
     )
 
 
