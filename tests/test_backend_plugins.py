@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -643,6 +644,94 @@ def test_openvino_precision_is_explicit(mlp2d: Any, shared_cache: Path, name: st
         assert diff > 1e-6, "bf16 inference should differ from fp32 somewhere"
 
 
+class LengthScaled(nn.Module):
+    """Scales by its input's length through a Python int: a tracer fixes that value at the example's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * torch.full((1,), float(int(x.shape[1])))
+
+
+def _conv_front_end() -> nn.Module:
+    """A weight-normed convolution (as wav2vec2's positional one) in front of a linear head, over frames."""
+    torch.manual_seed(3)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 16, 3, padding=1), dim=2)
+    return nn.Sequential(conv, nn.GELU(), nn.Conv1d(16, 8, 1)).eval()
+
+
+def _frames_component(module: nn.Module, x: torch.Tensor, axis: int = 2) -> Component:
+    """A legacy-exported component over a dynamic frames axis, validated at 5 and 29 frames."""
+    from uniopt.optimizer.shapes import resized
+
+    return Component(
+        "model",
+        module,
+        (x,),
+        input_names=("features",),
+        output_names=("out",),
+        dynamic_axes={"features": {axis: "frames"}},
+        exporter="legacy",
+        validation_inputs=[(resized(x, axis, 5),), (resized(x, axis, 29),)],
+    )
+
+
+def test_openvino_ir_of_a_legacy_component_is_converted_from_the_module(tmp_path: Path) -> None:
+    module = _conv_front_end()
+    x = torch.randn(1, 4, 12, generator=torch.Generator().manual_seed(1))
+    engine = types.SimpleNamespace(model=module)
+    engine.uniopt_components = lambda: [_frames_component(module, x)]
+    opt = optimize(engine, cache=tmp_path, allow=("openvino-f32",))
+    r = result(opt, "openvino-f32", "model")
+    assert r.accepted, r.reason
+    steps = [s["step"] for s in r.memory_steps]
+    assert "openvino-convert-module" in steps and "openvino-convert" not in steps, steps
+    assert not any(s.startswith("onnx-export") for s in steps), steps
+    kinds = [e.kind for e in ArtifactCache(tmp_path).entries()]
+    assert "onnx-export" not in kinds and "openvino-plain" in kinds, kinds
+    stage = build_stage(_frames_component(module, x), "openvino-f32", tmp_path)
+    assert stage.info["converted_from"] == "module" and stage.info["from_cache"], stage.info
+    for length in (12, 7, 40):  # the example's length and two others: the IR's frames axis is dynamic
+        other = torch.randn(1, 4, length)
+        with torch.inference_mode():
+            got, want = stage(other), module(other)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    opt.restore()
+
+
+def test_a_module_conversion_wrong_at_other_lengths_falls_back_to_the_onnx_export(tmp_path: Path) -> None:
+    module = LengthScaled().eval()
+    x = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(2))
+    stage = build_stage(_frames_component(module, x, axis=1), "openvino-f32", tmp_path)
+    assert stage.info["converted_from"] == "onnx", stage.info
+    assert "wrong at input shape" in stage.info["module_conversion_failed"], stage.info
+    # The legacy exporter fixes the length as well; the dynamo export is the one that stands.
+    assert stage.info["exporter"] == "dynamo"
+    kinds = sorted(e.kind for e in ArtifactCache(tmp_path).entries())
+    assert kinds == ["onnx-export", "openvino-plain"], "the failed conversion left an entry behind"
+    longer = torch.randn(1, 11, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(stage(longer), module(longer), atol=1e-4, rtol=1e-5)
+    # A warm start takes the IR made from the export without converting the module again.
+    again = build_stage(_frames_component(module, x, axis=1), "openvino-f32", tmp_path)
+    assert again.info["converted_from"] == "onnx" and again.info["from_cache"], again.info
+    assert again.info["module_conversion_failed"] == "converted from ONNX before"
+
+
+def test_a_dynamo_component_keeps_its_ir_from_the_onnx_export(mlp2d: Any, tmp_path: Path) -> None:
+    model, x = mlp2d
+    stage = build_stage(Component("module", model, (x,)), "openvino-f32", tmp_path)
+    assert stage.info["converted_from"] == "onnx" and stage.info["exporter"] == "dynamo"
+    (export,) = [e for e in ArtifactCache(tmp_path).entries() if e.kind == "onnx-export"]
+    assert sorted(p.name for p in export.path.iterdir() if p.name.startswith("model")) == [
+        "model.onnx",
+        "model.onnx.data",
+    ], "the dynamo export writes its weights to their own file"
+
+
 class ConvThenLinear(nn.Module):
     """A convolution front end and a linear head: what openvino-int8-matmul splits."""
 
@@ -776,9 +865,13 @@ def test_openvino_static_int8_is_calibrated_on_inputs_the_guard_does_not_check(t
         seen.extend(items)
         return real(items, transform)
 
+    # In this process, so that the recording sees the calls; nncf's module annotating with
+    # nncf.Dataset is imported before the patch.
+    import nncf.openvino.quantization.quantize_model  # noqa: F401
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(nncf, "Dataset", recording)
-        build_stage(component, "openvino-int8-static", tmp_path)
+        build_stage(component, "openvino-int8-static", tmp_path, isolate_builds=False)
     guarded = [t.numpy() for inputs in component.guarded_inputs() for t in inputs]
     assert [len(arrays) for arrays in seen] == [1]
     assert all(not (arrays[0] == g).all() for arrays in seen for g in guarded)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_engines import WideMlp
+from tiny_engines import WideMlp, WideMlpLegacy
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.errors import CacheError
@@ -100,6 +100,29 @@ def test_an_invalid_bundle_entry_is_passed_over_and_built_in_the_cache(bundle: P
     rebuilt = {e.kind for e in ArtifactCache(tmp_path / "cache").entries()}
     assert "onnx-export" in rebuilt, "the truncated bundled export was used or not rebuilt"
     assert len(model_file.read_bytes()) == 100, "the bundle itself was repaired in place"
+
+
+def test_a_bundle_holds_the_ir_converted_from_the_module(tmp_path: Path) -> None:
+    """A legacy-exported component: the bundle's IR is the one converted from the module, and the target loads it."""
+    from uniopt.prepare import prepare_bundle
+
+    model_cache.clear()
+    out = tmp_path / "bundle"
+    rows = prepare_bundle(["tiny_engines:WideMlpLegacy"], host_profile(), out, allow=["eager", "openvino-f32"])
+    (row,) = [r for r in rows if r.candidate == "openvino-f32"]
+    assert row.status == "built", row
+    irs = [e for e in ArtifactCache(out).entries() if e.kind == "openvino-plain"]
+    assert [e.description for e in irs] == [{"from": "module"}]
+    engine = WideMlpLegacy()
+    opt = UniversalOptimizer(
+        engine, mode="auto", allow=("eager", "openvino-f32"), cache_dir=str(tmp_path / "cache"), cache_bundle=str(out)
+    )
+    result = opt.report().component("module").candidate("openvino-f32")
+    assert result.accepted and result.from_cache, result.reason
+    assert not [s for s in result.memory_steps if s["step"].startswith(("openvino-convert", "onnx-export"))]
+    kinds = {e.kind for e in ArtifactCache(tmp_path / "cache").entries()}
+    assert not kinds & {"openvino-plain", "onnx-export"}, f"built again instead of loading the bundle: {kinds}"
+    opt.restore()
 
 
 def test_a_directory_that_is_no_bundle_is_refused(tmp_path: Path) -> None:

@@ -182,6 +182,50 @@ def test_a_doctor_profile_round_trips_and_a_changed_one_is_refused() -> None:
         HostProfile.from_dict({"cpu": {}})
 
 
+class CheckedBranch(torch.nn.Module):
+    """A Python branch on a tensor (as wav2vec2's attention has): the tracer warns, the graph is right anyway."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isfinite(x).all()):
+            return self.model(x)
+        return torch.zeros_like(x)
+
+
+def test_openvino_conversion_from_the_module_stays_within_its_estimate(tmp_path: Path) -> None:
+    """A legacy-exported component's IR, converted from the 25 MiB module and checked at another length."""
+    torch.manual_seed(5)
+    layers: list[torch.nn.Module] = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(1024, 1024), torch.nn.GELU()]
+    model = CheckedBranch(torch.nn.Sequential(*layers)).eval()
+    x = torch.randn(2, 16, 1024)
+    component = Component(
+        "model",
+        model,
+        (x,),
+        input_names=("x",),
+        dynamic_axes={"x": {1: "frames"}},
+        exporter="legacy",
+        validation_inputs=[(x[:, :8],), (x.repeat(1, 2, 1),)],
+    )
+    engine = types.SimpleNamespace(model=model, uniopt_components=lambda: [component])
+    opt = UniversalOptimizer(
+        engine, mode="auto", allow=("eager", "openvino-f32"), cache_dir=str(tmp_path), model_warmup_runs=1
+    )
+    result = opt.report().component("model").candidate("openvino-f32")
+    assert result.accepted, result.reason
+    steps = {step["step"]: step for step in result.memory_steps}
+    assert {"openvino-convert-module", "openvino-check-module", "openvino-compile-f32"} <= set(steps), steps
+    assert not [s for s in steps if s.startswith("onnx-export")], "the IR was converted from an ONNX export"
+    for step in steps.values():
+        assert step["peak_bytes"] <= step["estimated_bytes"], step
+    opt.restore()
+
+
 def test_each_kind_of_build_step_stays_within_its_estimate(tmp_path: Path) -> None:
     """Every kind of step, built for real on a 25 MiB model: the measured peak is within the estimate.
 

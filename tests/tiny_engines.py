@@ -36,6 +36,28 @@ class WideMlp:
         return [Component("module", self.module, self.example, calibration_inputs=self.calibration, metric=metric)]
 
 
+class WideMlpLegacy(WideMlp):
+    """:func:`wide_mlp` for the legacy exporter, over a dynamic length: its OpenVINO IR comes from the module."""
+
+    def uniopt_components(self) -> list:
+        from uniopt.optimizer import Component, Metric
+
+        x = self.example[0]
+        return [
+            Component(
+                "module",
+                self.module,
+                self.example,
+                input_names=("x",),
+                dynamic_axes={"x": {1: "length"}},
+                exporter="legacy",
+                metric=Metric("cosine", 0.995),
+                calibration_inputs=self.calibration,
+                validation_inputs=[(x[:, :5],), (x.repeat(1, 2, 1),)],
+            )
+        ]
+
+
 class TtsDecoderOnly:
     """The TTS engine at its test size (seeded weights: the same in every process), its decoder alone."""
 

@@ -65,7 +65,8 @@ def _export_advice(usable_memory: int) -> str:
     from .memory import format_bytes
     from .plugins.memory_costs import RESERVE_BYTES, SAFETY_FACTOR, STEP_COSTS
 
-    export = max(STEP_COSTS["onnx-export-legacy"], STEP_COSTS["onnx-export-dynamo"], key=lambda c: c.peak_factor)
+    exports = (STEP_COSTS["onnx-export-legacy"], STEP_COSTS["onnx-export-dynamo"])
+    export = max(exports, key=lambda c: c.peak_factor)
     largest = max(0, int(((usable_memory - RESERVE_BYTES) / SAFETY_FACTOR - export.fixed_bytes) / export.peak_factor))
     return (
         f"An ONNX export needs about {export.peak_factor:g}x the model's weights on top of the engine, so with "

@@ -54,22 +54,31 @@ class StepCost:
 
 #: Measured per kind of step (see the module docstring); keys are the step names builders use.
 #: wav2vec2-base (360 MiB of weights), peak / base measured: legacy export 3.96 with autograd, 3.36
-#: without (what runs); dynamo export 3.13; ORT optimize 2.10 (legacy graph) and 2.88 (dynamo graph);
-#: ORT quantize 4.01; ORT session 0.32 of the file; OpenVINO convert 1.21-1.93; compile 2.10 of the
-#: file in f32 and 1.08 in bf16 here, but 1.92 in bf16 in a 1.5 GiB cgroup (the IR's pages count
-#: there); a bf16 torch copy 0.26 and int8 Linear 0.22 (freed heap reused), but int8 Linear 0.72 on
-#: the TTS decoder (795 MiB; its embeddings are copied and its tied projection untied). Weight-only
-#: int8 Linear 0.23, and 0.61 on the TTS decoder (the same copies; the untied projection is a float
-#: copy until it is quantized). A stage's first calls are estimated from the peak of the eager
-#: reference calls (the base of "first-calls").
+#: without (what runs); dynamo export 3.13 through program.save, 0.36 (128 MiB) when the exporter
+#: writes the file with external data itself (what runs; 183 MiB on the codec's 32 MiB); ORT
+#: optimize 2.10 (legacy graph) and 2.88 (dynamo graph); ORT quantize 4.01; ORT session 0.32 of the
+#: file; OpenVINO convert 1.21-1.93 of the ONNX file, 0.52 (186 MiB) converting the module itself
+#: and 2.17 (782 MiB) for that IR's check after the tracer warned (an f32 compile and a 1 s call);
+#: compile 2.10 of the file in f32 and 1.08 in bf16 here, but 1.92 in bf16 in a 1.5 GiB cgroup (the
+#: IR's pages count there); a bf16 torch copy 0.26 and int8 Linear 0.22 (freed heap reused), but
+#: int8 Linear 0.72 on the TTS decoder (795 MiB; its embeddings are copied and its tied projection
+#: untied). Weight-only int8 Linear 0.23, and 0.61 on the TTS decoder (the same copies; the untied
+#: projection is a float copy until it is quantized). A stage's first calls are estimated from the
+#: peak of the eager reference calls (the base of "first-calls").
 STEP_COSTS: dict[str, StepCost] = {
     "onnx-export-legacy": StepCost(3.5, 96 * MiB, "torch.onnx.export, TorchScript tracer, without autograd"),
-    "onnx-export-dynamo": StepCost(3.3, 160 * MiB, "torch.onnx.export(dynamo=True) and program.save"),
+    "onnx-export-dynamo": StepCost(
+        0.5, 192 * MiB, "torch.onnx.export(dynamo=True) writing the weights to model.onnx.data itself"
+    ),
     "onnxruntime-optimize": StepCost(3.0, 96 * MiB, "ORT_ENABLE_ALL session writing the optimized model"),
     "onnxruntime-quantize": StepCost(4.2, 96 * MiB, "onnxruntime.quantization.quantize_dynamic"),
     "onnxruntime-fp16": StepCost(3.0, 96 * MiB, "onnxruntime.transformers float16 conversion"),
     "onnxruntime-session": StepCost(0.5, 96 * MiB, "loading the model file into an InferenceSession"),
     "openvino-convert": StepCost(2.0, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),
+    "openvino-convert-module": StepCost(0.8, 192 * MiB, "openvino.convert_model of the module itself, save_model"),
+    "openvino-check-module": StepCost(
+        2.5, 192 * MiB, "an IR converted from the module, compiled in f32 and run at other sizes (tracer warned)"
+    ),
     "openvino-convert-step": StepCost(2.0, 160 * MiB, "openvino.convert_model of a decode step module, save_model"),
     "openvino-convert-frame": StepCost(
         2.0, 192 * MiB, "openvino.convert_model of a frame graph (the fast decoder's codebooks unrolled), save_model"

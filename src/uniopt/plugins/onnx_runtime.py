@@ -34,6 +34,11 @@ def _session(path: Path, context: BuildContext, *, optimized_out: Path | None = 
     options.log_severity_level = 3
     if optimized_out is not None:
         options.optimized_model_filepath = str(optimized_out)
+        # A source with external data (a dynamo export) would otherwise be referenced from the
+        # optimized model by a relative path that does not exist next to it: its own file, here.
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", optimized_out.name + ".data"
+        )
     return ort.InferenceSession(str(path), options, providers=providers_for(ort.get_available_providers(), cuda))
 
 

@@ -1,32 +1,55 @@
 """OpenVINO candidates: f32 and bf16 with an explicit precision hint, and int8 through nncf.
 
 OpenVINO silently runs bf16 on CPUs with avx512_bf16 (MEASURED.md), so every compiled model gets
-``INFERENCE_PRECISION_HINT`` set explicitly. The IR is converted from the component's ONNX export
-and kept in the artifact cache; OpenVINO's own compiled-blob cache (``CACHE_DIR``) for an IR lives
-in that IR's entry (its ``runtime/`` folder), so it is counted, evicted and cleared with the IR,
-and an IR rebuilt under the same path starts without blobs.
+``INFERENCE_PRECISION_HINT`` set explicitly. The IR of a component the legacy exporter traces is
+converted from its module (the ONNX export is the fallback), the IR of a dynamo-exported one from
+its ONNX export (see :func:`_ir`); either is kept in the artifact cache under its own key.
+OpenVINO's own compiled-blob cache (``CACHE_DIR``) for an IR lives in that IR's entry (its
+``runtime/`` folder), so it is counted, evicted and cleared with the IR, and an IR rebuilt under
+the same path starts without blobs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotApplicable
+import torch
+from torch.utils import _pytree as pytree
+
+from ..cache.files import is_unwritable
+from ..errors import MemoryBudgetError, NotApplicable
 from ..isolation import isolated_build
+from ..optimizer.component import Metric
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
-from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
+from .export import (
+    ExportError,
+    exported_onnx,
+    exporter,
+    graph_stage_runner,
+    quiet_loggers,
+    rebuild_on_failure,
+    tracer_warnings,
+)
+from .fallback import first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 
-__all__ = ["compile_config"]
+__all__ = ["IrModel", "compile_config", "module_input_shapes", "module_model"]
+
+log = logging.getLogger("uniopt")
 
 _EXTRA = "openvino"
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+#: Version of the checks an IR converted from the module passes before it is kept.
+MODULE_CHECKS = 1
 _CONVOLUTIONS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
 
 
@@ -96,6 +119,35 @@ def _nncf_int8(model: Any, component: Any, variant: str, half_range: bool) -> An
     return nncf.quantize(model, dataset, subset_size=len(samples), advanced_parameters=advanced)
 
 
+def _port_types() -> dict[torch.dtype, Any]:
+    import openvino as ov
+
+    return {
+        torch.float32: ov.Type.f32,
+        torch.float16: ov.Type.f16,
+        torch.bfloat16: ov.Type.bf16,
+        torch.int64: ov.Type.i64,
+        torch.int32: ov.Type.i32,
+        torch.bool: ov.Type.boolean,
+    }
+
+
+_PORT_TYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
+
+
+def module_input_shapes(component: Any) -> list[tuple[Any, Any]]:
+    """Per input, its ``PartialShape`` (-1 on the declared dynamic axes) and element type, for ``convert_model``."""
+    import openvino as ov
+
+    types = _port_types()
+    shapes = []
+    for name, tensor in zip(component.input_names, component.example_inputs, strict=True):
+        dynamic = {axis % tensor.dim() for axis in component.dynamic_axes.get(name, {})}
+        dims = [-1 if i in dynamic else int(n) for i, n in enumerate(tensor.shape)]
+        shapes.append((ov.PartialShape(dims), types[tensor.dtype]))
+    return shapes
+
+
 def _ir_key(component: Any, export_key: str, variant: str, half_range: bool) -> str:
     """The cache key of an IR: its export, variant, versions, and for static int8 the calibration data."""
     from ..cache import cache_key, library_versions
@@ -113,27 +165,104 @@ def _ir_key(component: Any, export_key: str, variant: str, half_range: bool) -> 
     )
 
 
-def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> tuple[Path, bool, Any]:
-    """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached."""
+@dataclass(frozen=True)
+class IrModel:
+    """An IR in the cache and where it came from: ``source`` is "module" or the exporter of its ONNX file."""
+
+    path: Path
+    from_cache: bool
+    source: str
+    #: Why the IR was not converted from the module, when that was tried and failed.
+    fallback: str = ""
+
+
+def _save_ir(
+    model: Any, component: Any, context: BuildContext, variant: str, half_range: bool, directory: Path
+) -> dict[str, Any]:
+    """Save ``model`` as the IR of ``variant``: as it is (plain), or compressed by nncf first."""
     import openvino as ov
 
-    if variant in ("int8-static", "int8-matmul"):
-        _calibration_arrays(component)  # not applicable without held-out calibration inputs
-    export = exported_onnx(component, context, loaded)
-    half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
-
-    def build(directory: Path) -> dict[str, Any]:
-        with memory_step("openvino-convert", component, context):
-            model = ov.convert_model(str(export.path))
-            if variant == "plain":
-                ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
-                return {"variant": variant, "half_range": half_range}
+    if variant != "plain":
         step = "nncf-weights" if variant == "int8-weights" else "nncf-static"
         with memory_step(step, component, context):
             with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("nncf"):
                 model = _nncf_int8(model, component, variant, half_range)
             ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
         return {"variant": variant, "half_range": half_range}
+    ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+    return {"variant": variant, "half_range": half_range}
+
+
+def _module_ir_key(component: Any, variant: str, half_range: bool) -> str:
+    """The cache key of an IR converted from the module itself (no ONNX file in between)."""
+    from ..cache import cache_key, library_versions
+
+    calibrated = variant in ("int8-static", "int8-matmul")
+    return cache_key(
+        {
+            "artifact": f"openvino-{variant}",
+            "source": "module",
+            "component": component.key(),
+            "checks": MODULE_CHECKS,
+            "versions": library_versions(),
+            "half_range": half_range,
+            "calibration": component.calibration_key() if calibrated else None,
+            "calibrated_on": "held-out" if calibrated else None,
+        }
+    )
+
+
+def _ir_from_module(
+    component: Any, context: BuildContext, variant: str, half_range: bool, loaded: list[str]
+) -> IrModel:
+    """The IR of ``variant`` converted straight from the PyTorch module, cached."""
+
+    def build(directory: Path) -> dict[str, Any]:
+        import openvino as ov
+
+        converted = directory / ("model.xml" if variant == "plain" else "converted.xml")
+        with memory_step("openvino-convert-module", component, context):
+            model, warned = module_model(component)
+            ov.save_model(model, str(converted), compress_to_fp16=False)
+            del model
+        if warned and component.dynamic_axes:
+            # Checked from the saved file once the converted model is freed: the check's compile and
+            # calls never add to the conversion's peak.
+            with memory_step("openvino-check-module", component, context, file_bytes(converted.with_suffix(".bin"))):
+                _check_ir_sizes(component, converted, warned)
+        if variant == "plain":
+            return {"variant": variant, "half_range": half_range}
+        extra = _save_ir(ov.Core().read_model(str(converted)), component, context, variant, half_range, directory)
+        converted.unlink()
+        converted.with_suffix(".bin").unlink()
+        return extra
+
+    key = _module_ir_key(component, variant, half_range)
+    entry, built = context.cache.get_or_build(
+        key,
+        isolated_build(build, context, f"OpenVINO {variant} IR of {component.name} from the module"),
+        kind=f"openvino-{variant}",
+        description={"from": "module"},
+    )
+    if not built:
+        loaded.append(key)
+    return IrModel(entry.path / "model.xml", not built, "module")
+
+
+def _ir_from_onnx(
+    component: Any, context: BuildContext, variant: str, half_range: bool, loaded: list[str], fallback: str = ""
+) -> IrModel:
+    """The IR of ``variant`` converted from the component's ONNX export, cached."""
+    import openvino as ov
+
+    export = exported_onnx(component, context, loaded)
+
+    def build(directory: Path) -> dict[str, Any]:
+        with memory_step("openvino-convert", component, context):
+            model = ov.convert_model(str(export.path))
+            if variant == "plain":
+                return _save_ir(model, component, context, variant, half_range, directory)
+        return _save_ir(model, component, context, variant, half_range, directory)
 
     key = _ir_key(component, export.key, variant, half_range)
     entry, built = context.cache.get_or_build(
@@ -144,7 +273,134 @@ def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) 
     )
     if not built:
         loaded.append(key)
-    return entry.path / "model.xml", not built and export.from_cache, export
+    return IrModel(entry.path / "model.xml", not built and export.from_cache, export.exporter, fallback)
+
+
+def _ir(component: Any, context: BuildContext, variant: str, loaded: list[str]) -> IrModel:
+    """The OpenVINO IR for ``variant`` (plain, int8 weights, static int8), cached.
+
+    A component traced by the legacy exporter is converted from its module: on wav2vec2-base
+    ``benchmarks/export_memory.py`` measured 285 MiB peak against 1223 MiB for the legacy ONNX
+    export and its conversion, with the same outputs at three lengths. When that conversion fails
+    or differs from eager at another size, the IR is converted from the ONNX export instead (and
+    an IR of that kind already in the cache is used without trying the module again). A
+    dynamo-exported component keeps its ONNX export, which writes its weights straight to disk:
+    on the TTS codec that export and its conversion peak at 249 MiB, the conversion from the
+    module at 420 MiB.
+    """
+    if variant in ("int8-static", "int8-matmul"):
+        _calibration_arrays(component)  # not applicable without held-out calibration inputs
+    half_range = context.profile.cpu.int8_saturates and variant in ("int8-static", "int8-matmul")
+    if component.exporter != "legacy" or not _converts_from_module(component):
+        return _ir_from_onnx(component, context, variant, half_range, loaded)
+    if context.cache.get(_module_ir_key(component, variant, half_range)) is None and _onnx_ir_cached(
+        component, context, variant, half_range
+    ):
+        return _ir_from_onnx(component, context, variant, half_range, loaded, "converted from ONNX before")
+    try:
+        return _ir_from_module(component, context, variant, half_range, loaded)
+    except MemoryBudgetError:
+        raise
+    except Exception as exc:  # the PyTorch frontend's failures are many; the ONNX path may work
+        if is_unwritable(exc):
+            raise
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+        log.info(
+            "%s: OpenVINO conversion from the module failed (%s); converting the ONNX export", component.name, reason
+        )
+        return _ir_from_onnx(component, context, variant, half_range, loaded, reason)
+
+
+def _converts_from_module(component: Any) -> bool:
+    """Whether every input is a tensor of a type the IR's input ports can declare."""
+    return all(isinstance(t, torch.Tensor) and t.dtype in _PORT_TYPES for t in component.example_inputs)
+
+
+def _onnx_ir_cached(component: Any, context: BuildContext, variant: str, half_range: bool) -> bool:
+    from ..cache import cache_key
+    from .export import export_key
+
+    key = _ir_key(component, cache_key(export_key(component)), variant, half_range)
+    return context.cache.get(key) is not None
+
+
+def module_model(component: Any) -> tuple[Any, list[str]]:
+    """The component's module converted by OpenVINO's PyTorch frontend, its ports named as the component's.
+
+    Also returns the tracer's warnings (values it fixed: the model is then checked at other sizes).
+    Raises :class:`~uniopt.plugins.export.ExportError` when the ports do not match the component's.
+    """
+    import openvino as ov
+
+    names, outputs = list(component.input_names), list(component.output_names)
+    with (
+        torch.no_grad(),
+        contextlib.redirect_stdout(io.StringIO()),
+        quiet_loggers("openvino", "torch"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        model = ov.convert_model(
+            component.module.eval(), example_input=tuple(component.example_inputs), input=module_input_shapes(component)
+        )
+    if len(model.inputs) != len(names) or (outputs and len(model.outputs) != len(outputs)):
+        raise ExportError(
+            f"converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
+            f"expected {len(names)} / {len(outputs) or 'any'}"
+        )
+    for port, name in zip(model.inputs, names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, outputs, strict=False):
+        port.get_tensor().set_names({name})
+    return model, tracer_warnings(caught)
+
+
+def _elements(inputs: Any) -> int:
+    return sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
+
+
+def _smaller_variants(variants: list[Any], example: Any) -> list[Any]:
+    """The variants no larger than the example (else the smallest one).
+
+    A value the tracer fixed is wrong at every other size; a smaller one shows it without the
+    activations of the largest input (on wav2vec2-base a 20 s chunk adds ~600 MiB to the check).
+    The guard runs the stage at every variant afterwards.
+    """
+    smaller = [v for v in variants if _elements(v) <= _elements(example)]
+    return smaller or sorted(variants, key=_elements)[:1]
+
+
+def _check_ir_sizes(component: Any, path: Path, warned: list[str]) -> None:
+    """Run the IR in f32 at other sizes (:func:`_smaller_variants`); raise :class:`ExportError` where it differs."""
+    import openvino as ov
+
+    from ..optimizer.guard import check_outputs, flatten_outputs, run_reference
+    from ..optimizer.shapes import shape_variants
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for inputs in _smaller_variants(shape_variants(component), component.example_inputs):
+        try:
+            expected = run_reference(component.module, inputs)
+        except Exception:  # not a size this module takes: nothing to compare
+            continue
+        shape = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        try:
+            result = compiled([t.detach().cpu().numpy() for t in inputs])
+        except Exception as exc:
+            raise ExportError(f"the IR fails at input shape {shape} ({warned[0]}): {first_line(exc)}") from exc
+        leaves, spec = flatten_outputs(expected)
+        arrays = [result[port] for port in compiled.outputs]
+        got = pytree.tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
+        verdict = check_outputs(
+            expected,
+            got,
+            precision="fp32",
+            metric=Metric("allclose", 0.0),
+            atol=exporter.SHAPE_ATOL,
+            rtol=exporter.SHAPE_RTOL,
+        )
+        if not verdict.passed:
+            raise ExportError(f"the IR is wrong at input shape {shape} ({warned[0]}): {verdict.reason}")
 
 
 def _float_precision(profile: Any) -> str:
@@ -160,7 +416,8 @@ def _build(variant: str, precision: str, name: str) -> Any:
         import openvino as ov
 
         hint = _float_precision(context.profile) if precision == "host-float" else precision
-        path, cached, export = _ir(component, context, variant, loaded)
+        ir = _ir(component, context, variant, loaded)
+        path, cached = ir.path, ir.from_cache
         device = _device_for(context.profile, hint)
         ir_bytes = file_bytes(path, path.with_suffix(".bin"))
         with memory_step(f"openvino-compile-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
@@ -176,11 +433,14 @@ def _build(variant: str, precision: str, name: str) -> Any:
                 return [request.get_tensor(port).data.copy() for port in outputs]
 
         info = {
-            "exporter": export.exporter,
+            "exporter": ir.source,
+            "converted_from": "module" if ir.source == "module" else "onnx",
             "from_cache": cached,
             "precision_hint": _PRECISION_HINTS[hint],
             "device": device,
         }
+        if ir.fallback:
+            info["module_conversion_failed"] = ir.fallback
         return Stage(name, graph_stage_runner(component, run_arrays, context, name), info)
 
     return build
