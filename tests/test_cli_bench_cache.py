@@ -52,6 +52,16 @@ def test_bench_json_reports_every_candidate_against_eager(user_engine: str) -> N
     assert by_name["openvino-f32"]["reason"].startswith("not available: not in UNIOPT_ALLOW")
     assert component["chosen"] in {n for n, c in by_name.items() if c["accepted"]}
     assert not component["decision_from_cache"]  # bench always measures afresh
+    memory = engine["memory"]
+    # The export ran in a child process; its peak is counted on top of this process's RSS.
+    export_peak = max(s["peak_bytes"] for c in component["candidates"] for s in c["memory_steps"])
+    assert memory["peak_rss_bytes"] >= memory["engine_rss_bytes"] + export_peak > memory["engine_rss_bytes"]
+
+
+def test_bench_table_shows_the_memory_line(user_engine: str) -> None:
+    result = _bench(user_engine, "--budget", "10")
+    assert result.exit_code == 0, result.output
+    assert "peak while optimizing" in result.output and "child processes" in result.output
 
 
 def test_bench_table_marks_the_choice(user_engine: str) -> None:

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .engines.registry import load_engine
-from .memory import release_memory
+from .memory import measure_memory, release_memory, rss_bytes
 from .optimizer import UniversalOptimizer
 
 __all__ = ["run_bench"]
@@ -23,9 +23,18 @@ def run_bench(
         build_seconds = time.perf_counter() - started
         if budget_s is not None:
             settings["search_budget_s"] = budget_s
-        opt = UniversalOptimizer(engine, example_inputs, mode=mode, reuse_decisions=False, **settings)
+        engine_rss = rss_bytes()
+        with measure_memory() as use:
+            opt = UniversalOptimizer(engine, example_inputs, mode=mode, reuse_decisions=False, **settings)
         report = opt.report().to_dict()
         report.update(engine=name, engine_build_seconds=build_seconds)
+        # The peak counts the build steps' child processes (uniopt.isolation) on top of this one.
+        report["memory"] = {
+            "engine_rss_bytes": engine_rss,
+            "peak_rss_bytes": engine_rss + use.peak_increase_bytes,
+            "optimized_rss_bytes": rss_bytes(),
+            "method": use.method,
+        }
         info = getattr(engine, "info", None)
         if callable(info):
             report["engine_info"] = info()

@@ -200,6 +200,13 @@ def _print_bench(result: dict[str, Any]) -> None:
                 note,
             )
         console.print(table)
+    memory = result.get("memory")
+    if memory:
+        console.print(
+            f"RSS: engine {_mib(memory['engine_rss_bytes'])} MiB, peak while optimizing "
+            f"{_mib(memory['peak_rss_bytes'])} MiB (with the build steps' child processes), "
+            f"after {_mib(memory['optimized_rss_bytes'])} MiB"
+        )
 
 
 @app.command()
