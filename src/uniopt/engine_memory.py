@@ -279,15 +279,11 @@ def engine_facts(name: str, *, cache_dir: Path | str | None = None) -> list[Comp
     return facts
 
 
-def _resolved(step: str, facts: ComponentFacts) -> str:
-    return f"onnx-export-{facts.exporter}" if step == "onnx-export" else step
-
-
 def _applies(candidate: Candidate, facts: ComponentFacts) -> bool:
     """Whether the candidate's steps can run on the component (what its builder checks first)."""
     steps = {s.step for s in candidate.steps}
     return not (
-        ("onnx-export" in steps and facts.exporter == "none")
+        (steps & {"onnx-export", "openvino-ir"} and facts.exporter == "none")
         or ("openvino-convert-step" in steps and not facts.decode_steps)
         or ("openvino-convert-frame" in steps and not facts.frame_graph)
         or ("nncf-static" in steps and not facts.held_out_calibration)
@@ -299,11 +295,10 @@ def candidate_need(candidate: Candidate, facts: ComponentFacts) -> CandidateNeed
     """The largest of the candidate's build steps on this component; None when it declares none or cannot build it."""
     if not candidate.steps or not _applies(candidate, facts):
         return None
-    estimates = []
+    estimates: list[tuple[int, str]] = []
     for s in candidate.steps:
         base = facts.int8_file_bytes if s.base == "int8-file" else facts.weight_bytes
-        step = _resolved(s.step, facts)
-        estimates.append((estimate_step(step, base), step))
+        estimates.extend((estimate_step(step, base), step) for step in s.resolved(facts.exporter))
     estimated, step = max(estimates)
     return CandidateNeed(candidate.name, step, estimated, required_bytes(estimated))
 

@@ -41,13 +41,25 @@ class Requirements:
 class BuildStep:
     """A memory-checked step a candidate's build runs (see :mod:`uniopt.plugins.memory_costs`).
 
-    ``step`` is a key of ``STEP_COSTS``, or ``"onnx-export"`` for the component's exporter;
-    ``base`` is what its estimate is taken on: ``"weights"`` (the module, or a model file in float)
-    or ``"int8-file"`` (a model file whose Linear and embedding weights are int8).
+    ``step`` is a key of ``STEP_COSTS``, ``"onnx-export"`` for the component's exporter, or
+    ``"openvino-ir"`` for the conversion an OpenVINO IR is made by (from the module for a
+    component the legacy tracer exports, else from its ONNX export); ``base`` is what its estimate
+    is taken on: ``"weights"`` (the module, or a model file in float) or ``"int8-file"`` (a model
+    file whose Linear and embedding weights are int8).
     """
 
     step: str
     base: str = "weights"
+
+    def resolved(self, exporter: str) -> tuple[str, ...]:
+        """The ``STEP_COSTS`` keys this step runs as on a component with ``exporter``."""
+        if self.step == "onnx-export":
+            return (f"onnx-export-{exporter}",)
+        if self.step == "openvino-ir":
+            if exporter == "legacy":
+                return ("openvino-convert-module", "openvino-check-module")
+            return (f"onnx-export-{exporter}", "openvino-convert")
+        return (self.step,)
 
 
 @dataclass(frozen=True)

@@ -447,8 +447,8 @@ def _build(variant: str, precision: str, name: str) -> Any:
 
 
 def _steps(variant: str, compile_step: str) -> tuple[BuildStep, ...]:
-    """The memory-checked steps of :func:`_build` for ``variant``: export, convert, nncf, compile."""
-    converted = (BuildStep("onnx-export"), BuildStep("openvino-convert"))
+    """The memory-checked steps of :func:`_build` for ``variant``: conversion (see :func:`_ir`), nncf, compile."""
+    converted = (BuildStep("openvino-ir"),)
     if variant == "plain":
         return (*converted, BuildStep(compile_step))
     nncf = BuildStep("nncf-weights" if variant == "int8-weights" else "nncf-static")
