@@ -16,10 +16,11 @@ The child:
 - sends back the step's return value and the memory steps it measured, or the exception it
   raised (pickled; as a ``RuntimeError`` naming its type when it does not pickle).
 
-ONNX Runtime is not used in a child: a session freed in a forked child of a process that has
-used ONNX Runtime hangs. Its steps (optimize, quantize, the export's check at other sizes) run in
-the engine's process, and the child never collects the parent's objects (``gc.freeze``; the
-parent collects its garbage just before forking).
+No ONNX Runtime session is made in a child: a session freed in a forked child of a process that
+has used ONNX Runtime hangs. The steps that make one (ORT optimization, the export's check at
+other sizes) run in the engine's process; ORT quantization, which edits the ONNX file only, runs
+in a child. The child never collects the parent's objects (``gc.freeze``; the parent collects its
+garbage just before forking), so no session of the parent's is freed there either.
 
 Where ``fork`` is missing (not Linux/macOS), CUDA is initialised (a forked child cannot use it) or
 ``UNIOPT_ISOLATE_BUILDS=false`` (``Settings.isolate_builds``), the step runs in this process.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..isolation import run_isolated
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import exported_onnx, graph_stage_runner, quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
@@ -60,11 +61,16 @@ def _derived(
 
     def build(directory: Path) -> None:
         with memory_step(step, component, context):
-            make(export.path, directory / "model.onnx")
+            if variant == "fp32":  # an ORT session writes it: here, as sessions hang in a forked child
+                make(export.path, directory / "model.onnx")
+            else:  # onnx and onnxruntime.quantization only: in a child, where they stay
+                what = f"{step} of {component.name}"
+                run_isolated(lambda: make(export.path, directory / "model.onnx"), what, enabled=isolate)
 
+    isolate = context.settings.isolate_builds
     entry, built = context.cache.get_or_build(
         key,
-        build,  # in this process: ONNX Runtime hangs in a forked child once the parent has used it
+        build,
         kind=f"onnxruntime-{variant}",
         description={"from": export.key[:16]},
     )
@@ -116,13 +122,12 @@ def _build_fp32(component: Any, context: BuildContext, loaded: list[str]) -> Sta
 
 @rebuild_on_failure
 def _build_int8(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     export = exported_onnx(component, context, loaded)
     reduce_range = context.profile.cpu.int8_saturates
 
     def quantize(source: Path, target: Path) -> None:
         import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # The dynamo exporter's value_info can disagree with ORT's shape inference after
         # quantization ("Inferred shape and existing shape differ"); shapes are re-inferred anyway.
