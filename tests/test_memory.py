@@ -19,6 +19,7 @@ from uniopt.cache import ArtifactCache
 from uniopt.memory import MemoryHeadroom, measure_memory, memory_headroom, module_bytes
 from uniopt.optimizer import Component
 from uniopt.plugins import Candidate, Requirements, Stage, candidates, memory_costs, plugin_manager
+from uniopt.plugins.candidate import BuildStep
 from uniopt.tiers import HostProfile, host_profile
 from uniopt.tiers.cgroup import read_cgroup_memory
 
@@ -174,6 +175,33 @@ def test_auto_mode_keeps_at_most_two_built_stages_alive(fake_plugins: Any, tmp_p
     assert all(report.candidate(f"c{i}").speedup for i in range(5)), "every survivor was timed against eager"
     gc.collect()
     assert len(_Tracked.alive) == 1, "losers are released once the search is over"
+
+
+def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: Any, tmp_path: Any) -> None:  # noqa: F811
+    """A challenger whose build needs more than the best holds is built alone; the best comes back to be timed."""
+    alive: weakref.WeakSet[Any] = weakref.WeakSet()
+    built_beside: list[tuple[str, list[str]]] = []
+
+    def large(name: str, seconds: float) -> Candidate:
+        inner = _fake(name, seconds)
+
+        def build(component: Any, context: Any) -> Stage:
+            gc.collect()
+            built_beside.append((name, sorted(s.candidate for s in alive)))
+            stage = inner.build(component, context)
+            alive.add(stage)
+            return stage
+
+        # torch-compile's estimate (512 MiB and more) is far above what these stages hold.
+        return Candidate(name, "fake", f"large {name}", build, Requirements(), steps=(BuildStep("torch-compile"),))
+
+    fake_plugins(large("c0", 0.004), large("c1", 0.002), large("c2", 0.001))
+    opt = _optimize(SlowNet(), tmp_path, search_budget_s=60)
+    report = opt.report().component("module")
+    assert report.chosen == "c2"
+    assert all(report.candidate(f"c{i}").speedup for i in range(3)), "every survivor was timed"
+    # Each challenger was built with no other stage alive; the best so far was rebuilt beside it to be timed.
+    assert built_beside == [("c0", []), ("c1", []), ("c0", ["c1"]), ("c2", []), ("c1", ["c2"])]
 
 
 # -- host profiles for another machine -------------------------------------------------------------

@@ -5,6 +5,9 @@ is available, builds and passes the guard. ``auto`` mode builds the available ca
 time, validates each against the FP32 reference, and times each survivor interleaved with eager and
 the best one so far; the slower of the two is released at once, so no more than two built stages
 are alive at a time. The best is kept if it beats eager by ``min_speedup``; otherwise eager stays.
+While a challenger whose build needs more memory than the best so far holds is built, the best is
+released and rebuilt from its cached artifacts for the next timing, so the peak is eager plus the
+larger of the two.
 Every candidate's peak and resident memory are measured; a build step that would not fit the
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
 artifact cache, keyed by host fingerprint, tier, component and every setting that changes the
@@ -114,6 +117,9 @@ class _Selector:
         self._references: list[Reference] | None = None
         self.call_bytes = 0
         self._shape_references: list[Reference] | None = None
+        #: The best so far, released while a challenger that needs more memory than it holds is built.
+        self.set_aside: Candidate | None = None
+        self._facts: Any = None
 
     def references(self, shapes: bool = False) -> list[Reference]:
         """FP32 outputs for the example and the first calibration input, computed once, on demand.
@@ -135,6 +141,43 @@ class _Selector:
         # What a call of the module needs beyond its weights: a stage's first calls need about as much.
         self.call_bytes = max(self.call_bytes, call_bytes)
         return found
+
+    def build_beside_best(self, cand: Candidate) -> bool:
+        """Whether ``cand`` is built with the best so far alive: unless its build needs more than the best holds.
+
+        Otherwise the best is released while ``cand`` is built and rebuilt from its cached artifacts
+        when it is timed again (:meth:`bring_back_best`), so the peak is eager plus the larger of the
+        two, not their sum.
+        """
+        if self.best == "eager" or self.set_aside is not None:
+            return True
+        from ..engine_memory import candidate_need, component_facts
+
+        if self._facts is None:
+            self._facts = component_facts(self.component)
+        need = candidate_need(cand, self._facts)
+        held = _result(self, self.best).resident_memory_bytes or 0
+        return need is None or need.estimated_bytes <= held
+
+    def put_best_aside(self, candidates: dict[str, Candidate]) -> None:
+        log.debug("%s: releasing %s while a larger build runs", self.component.name, self.best)
+        self.set_aside = candidates[self.best]
+        del self.stages[self.best]
+        release_memory()
+
+    def bring_back_best(self) -> None:
+        """Rebuild the best so far from its cached artifacts, when it was put aside; eager is best if it fails."""
+        cand, self.set_aside = self.set_aside, None
+        if cand is None:
+            return
+        built = self._build(cand)
+        if isinstance(built, BuildFailure):
+            log.warning("%s: %s did not build again (%s)", self.component.name, cand.name, built.reason)
+            _result(self, cand.name).reason = f"did not build again after a larger build: {built.reason}"
+            self.best = "eager"
+            return
+        self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
+        self.stages[cand.name] = built
 
     def reject(self, name: str, reason: str, **figures: Any) -> None:
         self.results.append(CandidateResult(name, accepted=False, reason=reason, **figures))
@@ -495,6 +538,8 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
                 selector.reject(cand.name, "search budget spent")
                 continue
             advance(cand.name)
+            if context.settings.mode == "auto" and not selector.build_beside_best(cand):
+                selector.put_best_aside({c.name: c for c in usable})
             stage = selector.try_candidate(cand)
             if stage is None:
                 continue
@@ -503,9 +548,11 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
             selector.stages[cand.name] = stage
             del stage  # the selector alone holds it, so a loser is freed as soon as it loses
             if cand.name != "eager":
+                selector.bring_back_best()
                 _duel(selector, cand.name)
     if context.settings.mode == "tier":
         raise AssertionError("eager always passes its own guard")
+    selector.bring_back_best()
     if selector.best == "eager":
         _duel(selector, None)
     chosen = _winner(selector)
