@@ -135,7 +135,10 @@ def test_cold_run_exports_and_decides(cold_warm: ColdWarm) -> None:
         r = cold.candidate(name)
         assert r["accepted"], r["reason"]
         assert r["from_cache"] is False
-    assert cold.built("onnx-export") == [True, False], "exported once, then reused by the second candidate"
+    # Exported once, then reused: by the second candidate, and when the first is rebuilt to be timed
+    # against it (auto mode releases the best so far while a larger build runs).
+    exports = cold.built("onnx-export")
+    assert exports[0] is True and len(exports) >= 2 and not any(exports[1:]), exports
     kinds = sorted(e.kind for e in cold_warm.before_warm.values())
     # Two sets of reference outputs: the guarded inputs, and the other sizes graph stages are checked at.
     assert kinds == ["decision", "onnx-export", "onnxruntime-fp32", "openvino-plain", "reference", "reference"]
