@@ -53,9 +53,9 @@ def test_bench_json_reports_every_candidate_against_eager(user_engine: str) -> N
     assert component["chosen"] in {n for n, c in by_name.items() if c["accepted"]}
     assert not component["decision_from_cache"]  # bench always measures afresh
     memory = engine["memory"]
-    # The export ran in a child process; its peak is counted on top of this process's RSS.
-    export_peak = max(s["peak_bytes"] for c in component["candidates"] for s in c["memory_steps"])
-    assert memory["peak_rss_bytes"] >= memory["engine_rss_bytes"] + export_peak > memory["engine_rss_bytes"]
+    # The figures of the whole optimization (the child's peak is folded in: tests/test_isolation.py).
+    assert memory["peak_rss_bytes"] >= memory["engine_rss_bytes"] > 0 and memory["optimized_rss_bytes"] > 0
+    assert any(s["step"].startswith("onnx-export") for c in component["candidates"] for s in c["memory_steps"])
 
 
 def test_bench_table_shows_the_memory_line(user_engine: str) -> None:

@@ -105,7 +105,7 @@ def test_module_without_example_inputs() -> None:
 
 def test_every_error_is_a_uniopt_error() -> None:
     classes = [getattr(uniopt.errors, name) for name in uniopt.errors.__all__]
-    assert len(classes) == 10
+    assert len(classes) == 11
     for cls in classes:
         assert issubclass(cls, UniOptError), cls
         assert cls.__name__ in uniopt.errors.__doc__, f"{cls.__name__} missing from the tree"

@@ -40,6 +40,7 @@ FIELDS: dict[str, tuple[str, str, Any, str | None]] = {
     "model_warmup_runs": ("MODEL_WARMUP_RUNS", "0", 0, "-1"),
     "enable_performance_logging": ("ENABLE_PERFORMANCE_LOGGING", "yes", True, "y"),
     "fallback_on_optimization_error": ("FALLBACK_ON_OPTIMIZATION_ERROR", "FALSE", False, "ture"),
+    "isolate_builds": ("UNIOPT_ISOLATE_BUILDS", "false", False, "sandboxed"),
 }
 
 

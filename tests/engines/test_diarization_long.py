@@ -25,7 +25,9 @@ from .test_diarization_der import FIXTURES, load, pytestmark  # noqa: F401 - the
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "diarization"
 SR = 16_000
-MAX_PEAK_MB = 600
+MAX_PEAK_MB = 700
+#: Ten minutes of audio held at once used to add about 1.1 GB; a batch at a time adds about 200 MB.
+MAX_DIARIZE_INCREASE_MB = 300
 
 #: Diarize ``argv[2]`` seconds of the fixtures (argv[1]) tiled; print the peak RSS (MB) before and after.
 _LONG_AUDIO = """
@@ -115,4 +117,7 @@ def test_ten_minutes_stay_under_600_mb() -> None:
     before, peak, segments, speakers = result.stdout.split()
     print(f"10 min of audio: peak RSS {float(peak):.0f} MB ({float(before):.0f} MB before diarize)")
     assert int(segments) > 100 and int(speakers) >= 4
+    # What diarize itself holds at its peak, and the process's peak. The process's baseline depends
+    # on the install (a fresh CI venv measured 392 MB before diarize where a used one has 331).
+    assert float(peak) - float(before) < MAX_DIARIZE_INCREASE_MB, f"diarize added {float(peak) - float(before):.0f} MB"
     assert float(peak) < MAX_PEAK_MB, f"peak RSS {float(peak):.0f} MB"
