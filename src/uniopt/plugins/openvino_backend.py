@@ -42,7 +42,7 @@ from .fallback import first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 
-__all__ = ["IrModel", "compile_config", "module_input_shapes", "module_model"]
+__all__ = ["IrModel", "compile_config", "converted_model", "module_input_shapes", "module_model"]
 
 log = logging.getLogger("uniopt")
 
@@ -332,9 +332,32 @@ def module_model(component: Any) -> tuple[Any, list[str]]:
     Also returns the tracer's warnings (values it fixed: the model is then checked at other sizes).
     Raises :class:`~uniopt.plugins.export.ExportError` when the ports do not match the component's.
     """
+    return converted_model(
+        component.module.eval(),
+        tuple(component.example_inputs),
+        list(component.input_names),
+        list(component.output_names),
+        input_shapes=module_input_shapes(component),
+    )
+
+
+def converted_model(
+    module: torch.nn.Module,
+    example: tuple[Any, ...],
+    input_names: list[str] | tuple[str, ...],
+    output_names: list[str] | tuple[str, ...],
+    *,
+    what: str = "",
+    input_shapes: Any = None,
+) -> tuple[Any, list[str]]:
+    """``module`` converted by OpenVINO's PyTorch frontend at ``example``, its ports named; and the tracer's warnings.
+
+    No ``output_names`` leaves the outputs unnamed, of any number. ``what`` names the graph in errors.
+    """
     import openvino as ov
 
-    names, outputs = list(component.input_names), list(component.output_names)
+    names, outputs = list(input_names), list(output_names)
+    shapes = {} if input_shapes is None else {"input": input_shapes}
     with (
         torch.no_grad(),
         contextlib.redirect_stdout(io.StringIO()),
@@ -342,12 +365,10 @@ def module_model(component: Any) -> tuple[Any, list[str]]:
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        model = ov.convert_model(
-            component.module.eval(), example_input=tuple(component.example_inputs), input=module_input_shapes(component)
-        )
+        model = ov.convert_model(module, example_input=example, **shapes)
     if len(model.inputs) != len(names) or (outputs and len(model.outputs) != len(outputs)):
         raise ExportError(
-            f"converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
+            f"{what + ' ' if what else ''}converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
             f"expected {len(names)} / {len(outputs) or 'any'}"
         )
     for port, name in zip(model.inputs, names, strict=True):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from ..isolation import isolated_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
-from .export import ExportError, quiet_loggers, rebuild_on_failure, tracer_warnings
+from .export import ExportError, quiet_loggers, rebuild_on_failure
 from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
-from .openvino_backend import compile_config
+from .openvino_backend import compile_config, converted_model
 
 __all__ = ["FrameRunner", "StatefulDecode", "StatefulStep", "StepOrderError"]
 
@@ -147,23 +146,9 @@ def _named_model(
 
     ``what`` names the graph in errors ("slow step", "frame graph").
     """
-    import openvino as ov
-
-    with torch.no_grad(), quiet_loggers("openvino"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = ov.convert_model(module, example_input=example)
-    fixed = tracer_warnings(caught)
+    model, fixed = converted_model(module, example, input_names, output_names, what=what)
     if fixed:  # a value turned into a constant is wrong at every other position, length or frame
         raise ExportError(f"{what}: the tracer fixed a value that changes between calls: {fixed[0]}")
-    if len(model.inputs) != len(input_names) or len(model.outputs) != len(output_names):
-        raise RuntimeError(
-            f"{what} converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
-            f"expected {len(input_names)} / {len(output_names)}"
-        )
-    for port, name in zip(model.inputs, input_names, strict=True):
-        port.get_tensor().set_names({name})
-    for port, name in zip(model.outputs, output_names, strict=True):
-        port.get_tensor().set_names({name})
     return model
 
 
