@@ -201,6 +201,33 @@ def _slow_first(fake_plugins: Any) -> None:
     fake_plugins(Candidate("first", "fake", "slow to build", build), _fake("second", 0.001))
 
 
+def test_a_candidate_the_budget_left_cannot_hold_is_not_started(fake_plugins: Any, tmp_path: Any) -> None:
+    slow_build = _fake("first", 0.001)
+
+    def build(component: Any, context: Any) -> Stage:
+        time.sleep(1.5)
+        return slow_build.build(component, context)
+
+    fake_plugins(Candidate("first", "fake", "slow to build", build), _fake("second", 0.001))
+    gc.collect()
+    report = _optimize(SlowNet(), tmp_path, search_budget_s=2.5).report().component("module")
+    assert report.candidate("first").accepted
+    # ~1 s of the budget is left after the first took ~1.5 s: the second is predicted not to fit
+    reason = report.candidate("second").reason
+    assert reason.startswith("search budget:") and "the last candidate took" in reason, reason
+    assert report.search_cut_short
+
+
+def test_the_reference_calls_warm_eager_up(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("fast", 0.001))
+    once = _optimize(SlowNet(), tmp_path / "once", model_warmup_runs=1).report().component("module")
+    assert once.candidate("eager").warmup_seconds < EAGER_SLEEP  # no call: its reference call was its first
+    model_cache.clear()
+    twice = _optimize(SlowNet(), tmp_path / "twice", model_warmup_runs=2).report().component("module")
+    assert twice.candidate("eager").warmup_seconds >= EAGER_SLEEP  # one warm-up call left to make
+    assert twice.candidate("fast").accepted and once.candidate("fast").accepted
+
+
 def _decision_file(cache: Any) -> dict[str, Any]:
     from uniopt.cache import ArtifactCache
 
@@ -334,6 +361,24 @@ def test_interleaving_respects_the_budget() -> None:
 
     timings = measure_interleaved({"a": run, "b": run}, budget_s=15.0, min_rounds=5, clock=lambda: now[0])
     assert len(timings["a"].samples) == 1  # one round always runs, then the budget is spent
+
+
+def test_a_decisive_ranking_stops_after_two_rounds() -> None:
+    now = [0.0]
+    cost = {"eager": 10.0, "fast": 2.0}
+
+    def call(name: str) -> Any:
+        def run() -> None:
+            now[0] += cost[name]
+
+        return run
+
+    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, clock=lambda: now[0])
+    assert len(timings["eager"].samples) == len(timings["fast"].samples) == 2  # 5x apart: no round changes it
+    close = measure_interleaved(
+        {n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, decisive_factor=6.0, clock=lambda: now[0]
+    )
+    assert len(close["fast"].samples) == 5  # less apart than the factor: min_rounds as before
 
 
 def test_clearly_slower_candidates_leave_the_rotation_but_eager_stays() -> None:

@@ -189,7 +189,7 @@ class Settings:
         "UNIOPT_SEARCH_BUDGET",
         _positive_float,
         300.0,
-        "seconds auto mode may spend measuring one component",
+        "seconds auto mode may spend on one component, builds included",
         "a positive number of seconds",
     )
     compile_mode: str = _setting(

@@ -45,21 +45,22 @@ class Reference(NamedTuple):
 
 def compute_references(
     component: Component, input_sets: Sequence[tuple[Any, ...]], context: BuildContext, skip_failing: bool = False
-) -> tuple[list[Reference], int]:
-    """The references for ``input_sets`` (from the cache when kept there) and the peak bytes a reference call needed.
+) -> tuple[list[Reference], int, bool]:
+    """The references for ``input_sets`` (from the cache when kept there), the peak bytes a reference
+    call needed, and whether the module ran for them in this process (False: loaded from the cache).
 
     With ``skip_failing``, input sets the module raises on are left out; otherwise that is an
     :class:`~uniopt.errors.InputError`.
     """
     cache = context.cache
     if cache is None:
-        return _measured(component, input_sets, skip_failing)
+        return (*_measured(component, input_sets, skip_failing), True)
     key = _key(component, input_sets, context, skip_failing)
     entry = cache.get(key)
     if entry is not None:
         loaded = _load(entry.path / FILE, component, input_sets)
         if loaded is not None:
-            return loaded, int(entry.extra.get("call_bytes", 0))
+            return loaded, int(entry.extra.get("call_bytes", 0)), False
         cache.remove(key)  # written again below
     references, call_bytes = _measured(component, input_sets, skip_failing)
     if _keepable(references):
@@ -71,7 +72,7 @@ def compute_references(
             return {"call_bytes": call_bytes}
 
         cache.get_or_build(key, write, kind=KIND, description={"component": component.name, "sets": len(input_sets)})
-    return references, call_bytes
+    return references, call_bytes, True
 
 
 def _measured(

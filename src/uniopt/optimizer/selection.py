@@ -15,7 +15,9 @@ outcome, so the next process applies it without timing anything (the chosen stag
 again when it is applied, against the FP32 reference outputs the cache keeps:
 :mod:`uniopt.optimizer.references`).
 
-The search budget is recorded in the decision instead of its key: a search that finished within
+The search budget bounds the whole search, builds included: a candidate is started only while
+the budget left holds what the last candidate that built and was checked took. It is recorded
+in the decision instead of its key: a search that finished within
 its budget is reused at any budget; one cut short by its budget is stored as partial, and is
 searched again by a process with a larger budget. Several processes starting cold on one cache
 take a lock per decision key: one measures, the others wait for its decision (at most the search
@@ -115,8 +117,12 @@ class _Selector:
         self.started = time.perf_counter()
         component.module.eval()
         self._references: list[Reference] | None = None
+        #: Whether the eager module itself ran on the guarded inputs for the references (not loaded).
+        self.module_ran_guarded = False
         self.call_bytes = 0
         self._shape_references: list[Reference] | None = None
+        #: Seconds the last candidate that built and was checked took (build, check, timing).
+        self.last_cost_s: float | None = None
         #: The best so far, released while a challenger that needs more memory than it holds is built.
         self.set_aside: Candidate | None = None
         self._facts: Any = None
@@ -128,19 +134,21 @@ class _Selector:
         """
         component = self.component
         if self._references is None:
-            self._references = self._reference_list(component.guarded_inputs())
+            self._references, self.module_ran_guarded = self._reference_list(component.guarded_inputs())
         if not shapes:
             return self._references
         if self._shape_references is None:  # derived sizes the module does not take are left out
             derived = not component.validation_inputs
-            self._shape_references = self._reference_list(shape_variants(component), skip_failing=derived)
+            self._shape_references, _ = self._reference_list(shape_variants(component), skip_failing=derived)
         return [*self._references, *self._shape_references]
 
-    def _reference_list(self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False) -> list[Reference]:
-        found, call_bytes = compute_references(self.component, input_sets, self.context, skip_failing)
+    def _reference_list(
+        self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False
+    ) -> tuple[list[Reference], bool]:
+        found, call_bytes, ran = compute_references(self.component, input_sets, self.context, skip_failing)
         # What a call of the module needs beyond its weights: a stage's first calls need about as much.
         self.call_bytes = max(self.call_bytes, call_bytes)
-        return found
+        return found, ran
 
     def build_beside_best(self, cand: Candidate) -> bool:
         """Whether ``cand`` is built with the best so far alive: unless its build needs more than the best holds.
@@ -188,8 +196,10 @@ class _Selector:
         What fails is released before this returns.
         """
         steps = len(self.context.memory_steps)
-        if cand.name != "eager":
-            self.references()  # the FP32 reference outputs are the search's, not this candidate's memory
+        if cand.name != "eager" or self.context.settings.mode == "auto":
+            # The FP32 reference outputs are the search's, not this candidate's memory. In auto
+            # mode every challenger needs them, and computing them first warms eager up.
+            self.references()
         with measure_memory() as use:
             stage = self._build_and_check(cand)
         result = self.results[-1]
@@ -235,6 +245,8 @@ class _Selector:
             return None
         try:
             if built.run is self.component.module:  # eager: the engine's own calls, never refused
+                if self.module_ran_guarded:  # the reference calls were its first calls on the warm-up's inputs
+                    built.info.setdefault("warm_calls", 1)
                 verdict = self.validate(cand, built)
             else:
                 with memory_step("first-calls", self.component, self.context, self.call_bytes):
@@ -333,9 +345,22 @@ class _Selector:
     def over_budget(self) -> bool:
         return time.perf_counter() - self.started > self.context.settings.search_budget_s
 
+    def budget_refusal(self) -> str | None:
+        """Why the next candidate is not started, if the budget cannot hold it; None when it can.
+
+        The cost of the last candidate that built and was checked predicts the next one's, so a
+        search ends within its budget instead of starting a build it cannot afford.
+        """
+        left = self.context.settings.search_budget_s - (time.perf_counter() - self.started)
+        if left <= 0:
+            return "search budget spent"
+        if self.last_cost_s is not None and left < self.last_cost_s:
+            return f"search budget: {left:.0f} s left, the last candidate took {self.last_cost_s:.0f} s"
+        return None
+
     def cut_short(self) -> bool:
         """Whether the search ran over its budget: a candidate skipped, or a timing stopped by it."""
-        return self.over_budget() or any(r.reason == "search budget spent" for r in self.results)
+        return self.over_budget() or any(r.reason.startswith("search budget") for r in self.results)
 
 
 def _result(selector: _Selector, name: str) -> CandidateResult:
@@ -534,14 +559,18 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
     selector.started = time.perf_counter()  # the budget is the search's, not a wait for another's decision
     with _progress(len(usable), f"optimizing {component.name}") as advance:
         for cand in usable:
-            if context.settings.mode == "auto" and cand.name != "eager" and selector.over_budget():
-                selector.reject(cand.name, "search budget spent")
+            refusal = selector.budget_refusal() if context.settings.mode == "auto" and cand.name != "eager" else None
+            if refusal is not None:
+                selector.reject(cand.name, refusal)
                 continue
             advance(cand.name)
             if context.settings.mode == "auto" and not selector.build_beside_best(cand):
                 selector.put_best_aside({c.name: c for c in usable})
+            started = time.perf_counter()
             stage = selector.try_candidate(cand)
             if stage is None:
+                if selector.results[-1].reason.startswith(("guard:", "first call failed")):
+                    selector.last_cost_s = time.perf_counter() - started
                 continue
             if context.settings.mode == "tier":
                 return ComponentReport(component.name, cand.name, selector.results, stage=stage)
@@ -550,6 +579,7 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
             if cand.name != "eager":
                 selector.bring_back_best()
                 _duel(selector, cand.name)
+                selector.last_cost_s = time.perf_counter() - started
     if context.settings.mode == "tier":
         raise AssertionError("eager always passes its own guard")
     selector.bring_back_best()

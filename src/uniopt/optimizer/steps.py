@@ -76,7 +76,8 @@ class StepGraph:
 class FrameGraph:
     """A module that runs a whole inner loop of one decode step (its caches inside, no state between calls).
 
-    ``module(*example_inputs)`` returns the tensors named ``output_names``.
+    ``module(*example_inputs)`` returns the tensors named ``output_names``. ``replaces`` names the
+    step graph whose every call the frame takes over when it serves: that graph is not built beside it.
     """
 
     name: str
@@ -84,6 +85,7 @@ class FrameGraph:
     example_inputs: tuple[torch.Tensor, ...]
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    replaces: str | None = None
 
 
 class StepRunner(Protocol):

@@ -30,6 +30,13 @@ def _ranking(timings: Mapping[str, Timing]) -> list[str]:
     return sorted(timings, key=lambda name: timings[name].p50)
 
 
+def _decisive(timings: Mapping[str, Timing], ranking: list[str], factor: float) -> bool:
+    return len(ranking) > 1 and all(
+        max(timings[faster].samples) * factor <= min(timings[slower].samples)
+        for faster, slower in zip(ranking, ranking[1:], strict=False)
+    )
+
+
 def measure_interleaved(
     calls: Mapping[str, Callable[[], Any]],
     *,
@@ -39,12 +46,15 @@ def measure_interleaved(
     stable_rounds: int = 2,
     keep: tuple[str, ...] = ("eager",),
     prune_factor: float | None = 2.0,
+    decisive_factor: float | None = 2.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time every call once per round, rotating the order, until the ranking holds or time runs out.
 
     Stops after ``min_rounds`` once the ranking by median has not changed for ``stable_rounds``
-    rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs).
+    rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs);
+    after two rounds already when the ranking is decisive: each call's slowest sample at least
+    ``decisive_factor`` times faster than the next one's fastest (no more rounds can change it).
     From the second round on, a call whose median is ``prune_factor`` times the best one's leaves
     the rotation (its samples are kept), except the ``keep`` calls every ratio is taken against.
     """
@@ -64,6 +74,8 @@ def measure_interleaved(
         unchanged = unchanged + 1 if ranking == previous else 0
         previous = ranking
         if round_index + 1 >= min_rounds and unchanged >= stable_rounds:
+            break
+        if decisive_factor is not None and round_index >= 1 and _decisive(active, ranking, decisive_factor):
             break
         if clock() - started >= budget_s:
             break

@@ -116,7 +116,9 @@ class StatefulDecode(EagerFallback):
         self._component = component
         self._steps = steps
         self._compiled = dict(compiled)
-        runners: dict[str, StepRunner] = {g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs}
+        runners: dict[str, StepRunner] = {
+            g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs if g.name in compiled
+        }
         if steps.frame is not None and steps.frame.name in compiled:
             runners[steps.frame.name] = FrameRunner(compiled[steps.frame.name], steps.frame)
         self._loop = steps.install(runners)
@@ -312,8 +314,8 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         core = ov.Core()
         compiled, cached = {}, []
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
-        if frame and steps.frame is not None:
-            graphs.append(steps.frame)
+        if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
+            graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
         for graph in graphs:
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)

@@ -1,4 +1,4 @@
-"""Warm-up: ``MODEL_WARMUP_RUNS`` calls with the example inputs before a stage serves or is timed."""
+"""Warm-up: ``MODEL_WARMUP_RUNS`` calls with the inputs the guard checks before a stage serves or is timed."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def uniopt_stage_ready(component: Any, stage: Any, context: Any) -> None:
-    runs = context.settings.model_warmup_runs
-    if runs == 0 or stage.info.get("warmed_up"):
+    """Warm ``stage`` up on the inputs the guard checks, less the calls already made with them (``warm_calls``)."""
+    if context.settings.model_warmup_runs == 0 or stage.info.get("warmed_up"):
         return
-    inputs_per_shape = [component.example_inputs, *component.calibration_inputs[:1]]
+    runs = max(0, context.settings.model_warmup_runs - int(stage.info.get("warm_calls", 0)))
+    inputs_per_shape = component.guarded_inputs()
     started = time.perf_counter()
     with torch.inference_mode():
         for inputs in inputs_per_shape:

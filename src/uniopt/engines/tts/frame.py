@@ -94,7 +94,10 @@ def frame_inputs(parts: DualARParts, limit: int, window: int) -> tuple[Tensor, .
 
 
 def frame_graph(parts: DualARParts, limit: int, window: int) -> FrameGraph:
-    """:class:`FastFrame` over ``parts`` as the frame graph of the decode steps (named ``frame``)."""
+    """:class:`FastFrame` over ``parts`` as the frame graph of the decode steps (named ``frame``).
+
+    It runs every fast-decoder step of a frame, so it replaces the ``fast`` step graph.
+    """
     return FrameGraph(
         name="frame",
         module=FastFrame(parts, limit),
@@ -111,4 +114,5 @@ def frame_graph(parts: DualARParts, limit: int, window: int) -> FrameGraph:
             "use_forced",
         ),
         output_names=("codes", "logits"),
+        replaces="fast",
     )

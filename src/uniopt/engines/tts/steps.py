@@ -131,12 +131,18 @@ class FastStep(nn.Module):
         return (model.fast_output(model.fast_norm(x)), *present)
 
 
+class NoRunnerError(RuntimeError):
+    """A step was called that no runner serves (the frame runner took over the fast decoder)."""
+
+
 class StepModel(nn.Module):
     """The model as the engine's decode loop sees it, with its cached steps served by step runners.
 
     ``forward_generate`` / ``forward_generate_fast`` run the ``slow`` and ``fast`` runners (which
     keep the caches); ``frame_runner``, when given, runs a frame's whole codebook loop in one call
-    (a :class:`~uniopt.engines.tts.frame.FastFrame`); every other attribute is the model's own.
+    (a :class:`~uniopt.engines.tts.frame.FastFrame`), and ``fast`` may then be None (a call of
+    ``forward_generate_fast`` raises :class:`NoRunnerError`, which the backend's fallback turns into
+    an eager call); every other attribute is the model's own.
     ``wrap_slow(logits, hidden)`` shapes the slow step's result as the model returns it (a tuple,
     or ``fish_speech``'s result object).
     """
@@ -145,7 +151,7 @@ class StepModel(nn.Module):
         self,
         model: nn.Module,
         slow: StepRunner,
-        fast: StepRunner,
+        fast: StepRunner | None,
         wrap_slow: Callable[[Tensor, Tensor], Any] = lambda logits, hidden: (logits, hidden),
         frame: StepRunner | None = None,
     ) -> None:
@@ -167,6 +173,8 @@ class StepModel(nn.Module):
         return self._wrap_slow(logits, hidden)
 
     def forward_generate_fast(self, x: Tensor, input_pos: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._fast is None:
+            raise NoRunnerError("the fast decoder's steps are served by the frame runner only")
         return self._fast(x.reshape(x.shape[0], 1, -1).float(), input_pos)[0]
 
     def reset_caches(self) -> None:
@@ -225,7 +233,7 @@ def dual_ar_decode_steps(
         loop = twin(generator)  # never the forward an installation put on the engine's module
         loop.__dict__["_modules"] = {
             **generator._modules,
-            "model": StepModel(parts.model, runners["slow"], runners["fast"], frame=runners.get("frame"), **extra),
+            "model": StepModel(parts.model, runners["slow"], runners.get("fast"), frame=runners.get("frame"), **extra),
         }
         return loop
 
