@@ -351,9 +351,9 @@ class _Selector:
         The cost of the last candidate that built and was checked predicts the next one's, so a
         search ends within its budget instead of starting a build it cannot afford.
         """
-        left = self.context.settings.search_budget_s - (time.perf_counter() - self.started)
-        if left <= 0:
+        if self.over_budget():
             return "search budget spent"
+        left = self.context.settings.search_budget_s - (time.perf_counter() - self.started)
         if self.last_cost_s is not None and left < self.last_cost_s:
             return f"search budget: {left:.0f} s left, the last candidate took {self.last_cost_s:.0f} s"
         return None
