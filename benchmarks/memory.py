@@ -1,11 +1,15 @@
 """Memory of optimizing each engine: eager RSS, optimized RSS, peak during optimization, on this host and a small VM.
 
-    python benchmarks/memory.py [ENGINE ...] [--mode tier|auto ...] [--small-vm] [--host] [--json FILE]
+    python benchmarks/memory.py [ENGINE ...] [--mode tier|auto ...] [--small-vm] [--host] [--bundle] [--json FILE]
 
 Each (engine, mode, place) runs in a fresh process with an empty cache: it builds the engine, runs
 its main method once eager (``extract_phonemes`` on 8 s, ``synthesize``, ``diarize`` on 30 s), wraps
 it with ``UniversalOptimizer(mode=...)``, runs the main method again, and reports RSS figures.
-``--small-vm`` runs inside a 1.3 CPU / 1.5 GiB cgroup (root; ``scripts/small_vm.py``).
+``--small-vm`` runs inside a 1.3 CPU / 1.5 GiB cgroup (root; ``scripts/small_vm.py``). ``--bundle``
+adds rows where the cgroup's processes load a bundle: ``optimize doctor --json`` run in the
+cgroup gives its profile, ``optimize prepare ENGINE --for`` that profile builds the bundle on this
+host, and both the cold and the warm process run with ``UNIOPT_CACHE_BUNDLE`` set to it (and
+their own empty ``UNIOPT_CACHE_DIR``).
 
 The chosen stages' own size is what they add to a process that runs the engine: a second fresh
 process on the cache the first one filled (a warm start, which builds and exports nothing) does
@@ -92,13 +96,38 @@ def _failure(proc: subprocess.CompletedProcess, oom: int) -> str:
     return "killed by the OOM killer" if oom else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def run(engine: str, mode: str, small_vm: bool) -> dict:
+def _optimize_cli() -> list[str]:
+    return [sys.executable, "-c", "from uniopt.cli import main; main()"]
+
+
+def prepare_bundle(engine: str, out: Path) -> None:
+    """A bundle for ``engine`` built on this host for the small VM's profile (its doctor run inside the cgroup)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with _small_vm().small_vm() as vm:  # type: ignore[attr-defined]
+        doctor = subprocess.run(
+            vm.command([*_optimize_cli(), "doctor", "--json"]), capture_output=True, text=True, env=env, check=True
+        )
+    profile = out.with_suffix(".json")
+    profile.write_text(doctor.stdout)
+    subprocess.run(
+        [*_optimize_cli(), "prepare", engine, "--for", str(profile), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+
+
+def run(engine: str, mode: str, small_vm: bool, bundle: Path | None = None) -> dict:
     """A cold process on an empty cache, then a warm one on what it left (see the module docstring)."""
     fixture = ROOT / "tests" / "data" / "diarization" / "two_speakers.wav"
     argv = [sys.executable, "-c", WORKER, engine, mode, str(fixture)]
-    row = {"engine": engine, "mode": mode, "place": "1.3 CPU / 1.5 GiB cgroup" if small_vm else "host", "limit": None}
+    place = ("1.3 CPU / 1.5 GiB cgroup" if small_vm else "host") + (", bundle" if bundle else "")
+    row = {"engine": engine, "mode": mode, "place": place, "limit": None}
     with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         env = {**os.environ, "UNIOPT_CACHE_DIR": cache, "PYTHONPATH": str(ROOT / "src")}
+        if bundle is not None:
+            env["UNIOPT_CACHE_BUNDLE"] = str(bundle)
         command, oom_kills = argv, lambda: 0
         if small_vm:
             vm_module = _small_vm()
@@ -142,6 +171,7 @@ def main() -> None:
     parser.add_argument("--mode", action="append", choices=("tier", "auto"))
     parser.add_argument("--small-vm", action="store_true", help="run inside a 1.3 CPU / 1.5 GiB cgroup")
     parser.add_argument("--host", action="store_true", help="run on the host (the default without --small-vm)")
+    parser.add_argument("--bundle", action="store_true", help="add cgroup rows that load a bundle made on this host")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     places = [p for p, on in (("host", args.host or not args.small_vm), ("vm", args.small_vm)) if on]
@@ -151,10 +181,17 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
+    bundles = tempfile.TemporaryDirectory()
+    if args.bundle:
+        places.append("vm+bundle")
     for place in places:
         for engine in args.engines:
+            bundle = None
+            if place == "vm+bundle":
+                bundle = Path(bundles.name) / engine
+                prepare_bundle(engine, bundle)
             for mode in args.mode or ("tier", "auto"):
-                row = run(engine, mode, place == "vm")
+                row = run(engine, mode, place != "host", bundle)
                 rows.append(row)
                 print(_fmt(row), flush=True)
                 for reason in row.get("refused", []):

@@ -260,6 +260,13 @@ class Settings:
         "run artifact-building steps (exports, conversions, compression) in a forked child process",
         "true or false",
     )
+    trial_processes: bool = _setting(
+        "UNIOPT_TRIAL_PROCESSES",
+        _bool,
+        True,
+        "in auto mode, compile and time OpenVINO candidates in a process of their own (a loser leaves nothing)",
+        "true or false",
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

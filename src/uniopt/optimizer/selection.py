@@ -44,6 +44,7 @@ from filelock import Timeout
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
+from ..plugins.candidate import TRIAL_PROCESS
 from ..plugins.fallback import NOT_APPLICABLE
 from ..plugins.memory_costs import memory_step
 from ..plugins.model_cache import model_cache, stage_key
@@ -170,7 +171,7 @@ class _Selector:
     def put_best_aside(self, candidates: dict[str, Candidate]) -> None:
         log.debug("%s: releasing %s while a larger build runs", self.component.name, self.best)
         self.set_aside = candidates[self.best]
-        del self.stages[self.best]
+        _close_trial(self.stages.pop(self.best))
         release_memory()
 
     def bring_back_best(self) -> None:
@@ -178,7 +179,7 @@ class _Selector:
         cand, self.set_aside = self.set_aside, None
         if cand is None:
             return
-        built = self._build(cand)
+        built = self._build(cand, trial=True)
         if isinstance(built, BuildFailure):
             log.warning("%s: %s did not build again (%s)", self.component.name, cand.name, built.reason)
             _result(self, cand.name).reason = f"did not build again after a larger build: {built.reason}"
@@ -187,13 +188,44 @@ class _Selector:
         self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
         self.stages[cand.name] = built
 
+    def install_trial_winner(self, cand: Candidate) -> str:
+        """Build the winner that ran in a trial process again in this process, and check it again.
+
+        Its trial process ends first, so the two are never alive together. Returns the name of the
+        stage that is chosen: ``cand``'s, or eager when it does not build or pass here.
+        """
+        _close_trial(self.stages.pop(cand.name))
+        release_memory()
+        result = _result(self, cand.name)
+        steps = len(self.context.memory_steps)
+        with measure_memory() as use:
+            built = self._build(cand)
+            failure = built.reason if isinstance(built, BuildFailure) else None
+            if not isinstance(built, BuildFailure):
+                try:
+                    verdict = self.validate(cand, built)
+                    failure = None if verdict.passed else f"guard: {verdict.reason}"
+                except Exception as exc:
+                    failure = f"first call failed: {type(exc).__name__}: {str(exc)[:200]}"
+        result.memory_steps = [*(result.memory_steps or []), *self.context.memory_steps[steps:]]
+        if failure is not None:
+            log.warning("%s: %s won its trial but failed in this process: %s", self.component.name, cand.name, failure)
+            result.reason = f"won in its trial process, failed in the engine's process: {failure}"
+            release_memory()
+            return "eager"
+        assert isinstance(built, Stage)
+        self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
+        result.resident_memory_bytes = use.resident_increase_bytes
+        self.stages[cand.name] = built
+        return cand.name
+
     def reject(self, name: str, reason: str, **figures: Any) -> None:
         self.results.append(CandidateResult(name, accepted=False, reason=reason, **figures))
 
-    def try_candidate(self, cand: Candidate) -> Stage | None:
+    def try_candidate(self, cand: Candidate, trial: bool = False) -> Stage | None:
         """Build and validate one candidate, measuring its memory; record and return None when it fails.
 
-        What fails is released before this returns.
+        What fails is released before this returns. ``trial``: see :meth:`_build`.
         """
         steps = len(self.context.memory_steps)
         if cand.name != "eager" or self.context.settings.mode == "auto":
@@ -201,27 +233,29 @@ class _Selector:
             # mode every challenger needs them, and computing them first warms eager up.
             self.references()
         with measure_memory() as use:
-            stage = self._build_and_check(cand)
+            stage = self._build_and_check(cand, trial)
         result = self.results[-1]
         ran = self.context.memory_steps[steps:]
         result.peak_memory_bytes = use.peak_increase_bytes
-        result.resident_memory_bytes = use.resident_increase_bytes if stage is not None else None
+        result.resident_memory_bytes = _resident_bytes(stage, use.resident_increase_bytes)
         result.estimated_peak_bytes = max((s["estimated_bytes"] for s in ran), default=None)
         result.memory_steps = list(ran)
         if stage is None:
             release_memory()
         return stage
 
-    def _build(self, cand: Candidate) -> Stage | BuildFailure:
+    def _build(self, cand: Candidate, trial: bool = False) -> Stage | BuildFailure:
         """Build ``cand``, holding the cache entries it reads until it is built; then trim the cache.
 
         Trimming after the build counts what the build's runtimes wrote into its entries (compiled
-        blobs); the entries still held are passed over.
+        blobs); the entries still held are passed over. With ``trial``, the plugin may build it in
+        a process of its own (:attr:`BuildContext.trial`).
         """
-        cache, key = self.context.cache, stage_key(cand, self.component, self.context)
+        context = dataclasses.replace(self.context, trial=trial) if trial else self.context
+        cache, key = context.cache, stage_key(cand, self.component, context)
 
         def build() -> Any:
-            return self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=self.context)
+            return self.pm.hook.uniopt_build_stage(candidate=cand, component=self.component, context=context)
 
         if cache is None:
             return model_cache.get_or_build(key, build)
@@ -230,9 +264,9 @@ class _Selector:
             cache.evict()
         return built
 
-    def _build_and_check(self, cand: Candidate) -> Stage | None:
+    def _build_and_check(self, cand: Candidate, trial: bool = False) -> Stage | None:
         started = time.perf_counter()
-        built = self._build(cand)
+        built = self._build(cand, trial)
         build_seconds = time.perf_counter() - started
         if isinstance(built, BuildFailure):
             if isinstance(built.error, MemoryBudgetError):
@@ -258,7 +292,7 @@ class _Selector:
             raise
         except Exception as exc:
             if self._drop_corrupt_artifacts(cand, built):
-                return self._build_and_check(cand)
+                return self._build_and_check(cand, trial)
             if not self.context.settings.fallback_on_optimization_error:
                 raise OptimizationError(self.component.name, cand.name, f"first call failed: {exc}") from exc
             self.reject(
@@ -269,7 +303,7 @@ class _Selector:
             return None
         if not verdict.passed:
             if self._drop_corrupt_artifacts(cand, built):
-                return self._build_and_check(cand)
+                return self._build_and_check(cand, trial)
             if not self.context.settings.fallback_on_optimization_error:
                 raise ValidationError(self.component.name, cand.name, verdict.reason)
             self.reject(
@@ -308,7 +342,8 @@ class _Selector:
         log.warning("%s for %s: cached artifacts are corrupt; rebuilding them", cand.name, self.component.name)
         for key in corrupt:
             cache.remove(key)
-        model_cache.discard(stage_key(cand, self.component, self.context))
+        for context in (self.context, dataclasses.replace(self.context, trial=True)):
+            model_cache.discard(stage_key(cand, self.component, context))
         return True
 
     def validate(self, cand: Candidate, stage: Stage) -> Any:
@@ -363,6 +398,20 @@ class _Selector:
         return self.over_budget() or any(r.reason.startswith("search budget") for r in self.results)
 
 
+def _close_trial(stage: Stage) -> None:
+    trial = stage.info.get(TRIAL_PROCESS)
+    if trial is not None:
+        trial.close()
+
+
+def _resident_bytes(stage: Stage | None, increase_bytes: int) -> int | None:
+    """What a built stage holds: this process's increase, plus its trial process if it has one."""
+    if stage is None:
+        return None
+    trial = stage.info.get(TRIAL_PROCESS)
+    return increase_bytes + (trial.rss_bytes() if trial is not None else 0)
+
+
 def _result(selector: _Selector, name: str) -> CandidateResult:
     return next(r for r in selector.results if r.name == name and r.accepted)
 
@@ -386,7 +435,7 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     else:
         loser = challenger
     if loser != "eager":
-        del selector.stages[loser]
+        _close_trial(selector.stages.pop(loser))
         release_memory()
 
 
@@ -567,7 +616,7 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
             if context.settings.mode == "auto" and not selector.build_beside_best(cand):
                 selector.put_best_aside({c.name: c for c in usable})
             started = time.perf_counter()
-            stage = selector.try_candidate(cand)
+            stage = selector.try_candidate(cand, trial=context.settings.mode == "auto" and cand.name != "eager")
             if stage is None:
                 if selector.results[-1].reason.startswith(("guard:", "first call failed")):
                     selector.last_cost_s = time.perf_counter() - started
@@ -586,6 +635,10 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
     if selector.best == "eager":
         _duel(selector, None)
     chosen = _winner(selector)
+    for name in [n for n in selector.stages if n not in ("eager", chosen)]:
+        _close_trial(selector.stages.pop(name))
+    if TRIAL_PROCESS in selector.stages[chosen].info:
+        chosen = selector.install_trial_winner({c.name: c for c in usable}[chosen])
     report = ComponentReport(
         component.name, chosen, selector.results, stage=selector.stages[chosen], search_cut_short=selector.cut_short()
     )

@@ -13,7 +13,20 @@ if TYPE_CHECKING:
     from ..threads import ThreadBudget
     from ..tiers import HostProfile, Tier
 
-__all__ = ["BuildContext", "BuildFailure", "BuildStep", "Candidate", "Requirements", "Stage", "availability"]
+__all__ = [
+    "TRIAL_PROCESS",
+    "BuildContext",
+    "BuildFailure",
+    "BuildStep",
+    "Candidate",
+    "Requirements",
+    "Stage",
+    "availability",
+]
+
+#: ``Stage.info`` key of a stage that runs in a trial process of its own (an object with ``close()``):
+#: the optimizer builds it again in the engine's process if it wins (see ``BuildContext.trial``).
+TRIAL_PROCESS = "trial_process"
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,10 @@ class BuildContext:
     events: list[str] = field(default_factory=list)
     #: Every memory-measured build step that ran: ``{"step", "estimated_bytes", "peak_bytes"}``.
     memory_steps: list[dict[str, Any]] = field(default_factory=list)
+    #: The stage is built to be judged against others (auto mode's challengers): a plugin may run
+    #: it in a process of its own (``Stage.info[TRIAL_PROCESS]``), so that a loser leaves nothing
+    #: resident; the winner is built again with ``trial`` false.
+    trial: bool = False
 
 
 @dataclass(frozen=True)

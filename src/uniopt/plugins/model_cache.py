@@ -68,7 +68,7 @@ model_cache = ModelCache()
 
 
 def stage_key(candidate: Any, component: Any, context: Any) -> str:
-    """What makes two builds the same: component, candidate, tier, threads, tolerances and compile mode."""
+    """What makes two builds the same: component, candidate, tier, threads, tolerances, compile mode, trial."""
     s = context.settings
     parts = [
         component.key(),
@@ -79,4 +79,6 @@ def stage_key(candidate: Any, component: Any, context: Any) -> str:
         str(s.rtol),
         s.compile_mode,
     ]
+    if getattr(context, "trial", False):
+        parts.append("trial")
     return "|".join(parts)

@@ -24,11 +24,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..cache.files import is_unwritable
-from ..errors import MemoryBudgetError, NotApplicable
+from ..errors import MemoryBudgetError, NotApplicable, StepKilledError
 from ..isolation import isolated_build
 from ..optimizer.component import Metric
 from ..tiers.cpu import BF16_FLAGS
-from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
+from .candidate import TRIAL_PROCESS, BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import (
     ExportError,
     exported_onnx,
@@ -41,6 +41,7 @@ from .export import (
 from .fallback import first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
+from .openvino_trial import TrialProcess, trial_wanted
 
 __all__ = ["IrModel", "compile_config", "converted_model", "module_input_shapes", "module_model"]
 
@@ -61,10 +62,9 @@ def _device_for(profile: Any, precision: str) -> str:
     return next((name for name, caps in devices if "FP16" in caps), "CPU")
 
 
-def _check_precision(compiled: Any, device: str, precision: str) -> None:
+def _check_precision(actual: str, device: str, precision: str) -> None:
     """OpenVINO may quietly run another precision than asked (f16 becomes bf16 on CPUs without FP16)."""
     wanted = _PRECISION_HINTS[precision]
-    actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if actual != wanted:
         raise RuntimeError(f"OpenVINO {device} runs {actual} when asked for {wanted}")
 
@@ -426,6 +426,27 @@ def _check_ir_sizes(component: Any, path: Path, warned: list[str]) -> None:
             raise ExportError(f"the IR is wrong at input shape {shape} ({warned[0]}): {verdict.reason}")
 
 
+def _in_process(
+    path: Path, device: str, hint: str, config: dict[str, str], ir_bytes: int, component: Any, context: BuildContext
+) -> Any:
+    """``run_arrays`` of the IR at ``path`` compiled in this process."""
+    import openvino as ov
+
+    with memory_step(f"openvino-compile-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
+        compiled = ov.Core().compile_model(str(path), device, config)
+    _check_precision(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(), device, hint)
+    request = compiled.create_infer_request()
+    lock = threading.Lock()
+    outputs = list(compiled.outputs)
+
+    def run_arrays(arrays: list[Any]) -> list[Any]:
+        with lock:  # one infer request per stage; stages are shared across threads
+            request.infer(arrays)
+            return [request.get_tensor(port).data.copy() for port in outputs]
+
+    return run_arrays
+
+
 def _float_precision(profile: Any) -> str:
     """The precision for what static int8 leaves in float: bf16 where the CPU computes it."""
     return "bf16" if profile.cpu.computes_bf16 else "fp32"
@@ -436,32 +457,35 @@ def _build(variant: str, precision: str, name: str) -> Any:
 
     @rebuild_on_failure
     def build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
-        import openvino as ov
-
         hint = _float_precision(context.profile) if precision == "host-float" else precision
         ir = _ir(component, context, variant, loaded)
         path, cached = ir.path, ir.from_cache
         device = _device_for(context.profile, hint)
         ir_bytes = file_bytes(path, path.with_suffix(".bin"))
-        with memory_step(f"openvino-compile-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
-            compiled = ov.Core().compile_model(str(path), device, compile_config(context, hint, path))
-        _check_precision(compiled, device, hint)
-        request = compiled.create_infer_request()
-        lock = threading.Lock()
-        outputs = list(compiled.outputs)
+        config = compile_config(context, hint, path)
+        run_arrays, trial = None, None
+        if trial_wanted(context):
+            try:
+                with memory_step(f"openvino-trial-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
+                    trial = TrialProcess(path, device, config, f"{name} of {component.name}")
+                run_arrays = trial.run_arrays
+                _check_precision(trial.precision, device, hint)
+            except MemoryBudgetError as exc:
+                if isinstance(exc, StepKilledError):
+                    raise
+                log.info("%s: %s in the engine's process (%s)", component.name, name, exc)
+        if run_arrays is None:
+            run_arrays = _in_process(path, device, hint, config, ir_bytes, component, context)
 
-        def run_arrays(arrays: list[Any]) -> list[Any]:
-            with lock:  # one infer request per stage; stages are shared across threads
-                request.infer(arrays)
-                return [request.get_tensor(port).data.copy() for port in outputs]
-
-        info = {
+        info: dict[str, Any] = {
             "exporter": ir.source,
             "converted_from": "module" if ir.source == "module" else "onnx",
             "from_cache": cached,
             "precision_hint": _PRECISION_HINTS[hint],
             "device": device,
         }
+        if trial is not None:
+            info[TRIAL_PROCESS] = trial
         if ir.fallback:
             info["module_conversion_failed"] = ir.fallback
         return Stage(name, graph_stage_runner(component, run_arrays, context, name), info)
@@ -474,13 +498,17 @@ _STATIC_INT8 = ("int8-static", "int8-matmul")
 
 
 def _steps(variant: str, compile_step: str) -> tuple[BuildStep, ...]:
-    """The memory-checked steps of :func:`_build` for ``variant``: conversion (see :func:`_ir`), nncf, compile."""
+    """The memory-checked steps of :func:`_build` for ``variant``: conversion (see :func:`_ir`), nncf, compile.
+
+    In auto mode the model is compiled in a trial process first, and again in the engine's process if it wins.
+    """
     static = variant in _STATIC_INT8
     converted = (BuildStep("onnx-export"), BuildStep("openvino-convert")) if static else (BuildStep("openvino-ir"),)
+    trial_step = compile_step.replace("openvino-compile-", "openvino-trial-")
     if variant == "plain":
-        return (*converted, BuildStep(compile_step))
+        return (*converted, BuildStep(trial_step), BuildStep(compile_step))
     nncf = BuildStep("nncf-weights" if variant == "int8-weights" else "nncf-static")
-    return (*converted, nncf, BuildStep(compile_step, "int8-file"))
+    return (*converted, nncf, BuildStep(trial_step, "int8-file"), BuildStep(compile_step, "int8-file"))
 
 
 @hookimpl

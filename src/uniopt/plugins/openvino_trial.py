@@ -1,0 +1,163 @@
+"""OpenVINO candidates tried in a process of their own, so that one that loses leaves nothing resident.
+
+Compiling an OpenVINO model loads its CPU plugin and fills oneDNN's JIT-kernel cache and the
+plugin's heap, and none of that goes back to the system when the compiled model is freed: on
+diarization in auto mode the engine's process held 592 MiB after the search, against 401 MiB
+for a warm start that loads only the chosen stages and 428 MiB with OpenVINO left out
+(``python benchmarks/memory.py diarization --mode auto``, 2-vCPU Zen 4).
+
+So in auto mode (``BuildContext.trial``) an OpenVINO challenger is compiled and run in a trial
+process (:mod:`uniopt.plugins.openvino_worker`, started with ``sys.executable``; it imports only
+OpenVINO and numpy). The guard and the interleaved timing call it through a connection; the
+arrays go through a shared buffer (a memfd) where ``os.memfd_create`` exists, else pickled. The
+round trip is part of the candidate's timing, a small bias against it: about 0.2 ms per call
+(``python benchmarks/trial_overhead.py``). The optimizer compiles the winner again in the
+engine's process (from the cached IR and OpenVINO's blob cache) and checks it again; a loser ends
+with its process. The trial process asks the kernel to kill it first under a memory limit;
+killed, it is a refusal for memory (:class:`~uniopt.errors.StepKilledError`).
+``UNIOPT_TRIAL_PROCESSES=false`` compiles every candidate in the engine's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from ..errors import StepKilledError
+from ..memory import note_child_peak
+from .openvino_worker import SharedArrays
+
+__all__ = ["TrialProcess", "TrialTimeout", "trial_wanted"]
+
+log = logging.getLogger("uniopt")
+
+WORKER = Path(__file__).with_name("openvino_worker.py")
+#: A compile or a call that takes longer than this ends the trial process (a hang must not stop a start).
+TIMEOUT_S = 900.0
+
+
+class TrialTimeout(RuntimeError):
+    """The trial process did not answer within its time limit and was killed."""
+
+
+def trial_wanted(context: Any) -> bool:
+    """Whether this build is a trial (auto mode's challengers) and trial processes are allowed."""
+    return bool(getattr(context, "trial", False)) and context.settings.trial_processes and bool(sys.executable)
+
+
+def _stop(proc: subprocess.Popen[bytes], conn: Any, shared: SharedArrays | None) -> None:
+    try:
+        conn.send(("exit",))
+    except (OSError, ValueError):
+        pass
+    conn.close()
+    if shared is not None:
+        shared.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TrialProcess:
+    """One IR compiled and served by a process of its own; :meth:`run_arrays` runs it there.
+
+    The process ends when this object is closed or garbage-collected. ``what`` names it in errors.
+    """
+
+    def __init__(self, xml: Path, device: str, config: dict[str, str], what: str, timeout_s: float = TIMEOUT_S):
+        self.what = what
+        self.timeout_s = timeout_s
+        ours, theirs = multiprocessing.Pipe()
+        fds = [theirs.fileno()]
+        self._shared = SharedArrays(os.memfd_create("uniopt-trial")) if hasattr(os, "memfd_create") else None
+        if self._shared is not None:
+            fds.append(self._shared.fd)
+        self._proc = subprocess.Popen(
+            [sys.executable, str(WORKER), *map(str, fds)],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = ours
+        self._lock = threading.Lock()
+        self._close = weakref.finalize(self, _stop, self._proc, ours, self._shared)
+        self.pid = self._proc.pid
+        try:
+            #: The precision OpenVINO runs the model in, as it reports it (``f32``, ``bf16``, ...).
+            with self._lock:
+                self.precision: str = self._ask(("compile", list(sys.path), str(xml), device, config))
+        finally:
+            note_child_peak(self.peak_bytes())
+
+    def run_arrays(self, arrays: list[Any]) -> list[Any]:
+        """The model's outputs for ``arrays``, computed in the trial process."""
+        with self._lock:  # one request at a time (the buffer is the request's); stages are shared across threads
+            self._check_open()
+            if self._shared is None:
+                return self._ask(("infer", arrays))  # type: ignore[no-any-return]
+            places = self._ask(("infer", self._shared.put(arrays)))
+            return self._shared.get(places, copy=True)
+
+    def peak_bytes(self) -> int:
+        """The trial process's peak resident memory so far (all of it is beside the engine's process)."""
+        return _status_bytes(self.pid, "VmHWM")
+
+    def rss_bytes(self) -> int:
+        """What the trial process holds now: the compiled model, its runtime and an interpreter."""
+        return _status_bytes(self.pid, "VmRSS")
+
+    def close(self) -> None:
+        self._close()
+
+    def _check_open(self) -> None:
+        if not self._close.alive:
+            raise RuntimeError(f"{self.what}: the trial process was closed")
+
+    def _ask(self, message: tuple[Any, ...]) -> Any:
+        self._check_open()
+        try:
+            self._conn.send(message)
+            if not self._conn.poll(self.timeout_s):
+                self._proc.kill()
+                self.close()
+                raise TrialTimeout(f"{self.what}: no answer in {self.timeout_s:.0f} s; its process was killed")
+            reply = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+        if reply[0] in ("ok", "shared"):
+            return reply[1]
+        _, kind, text = reply
+        raise RuntimeError(f"{kind}: {text}")
+
+    def _died(self) -> Exception:
+        code = self._proc.wait()
+        self.close()
+        if code == -signal.SIGKILL:
+            return StepKilledError(self.what)
+        if code < 0:
+            return RuntimeError(f"{self.what}: the trial process died of signal {signal.Signals(-code).name}")
+        return RuntimeError(f"{self.what}: the trial process exited with status {code}")
+
+    def __repr__(self) -> str:
+        return f"TrialProcess({self.what!r}, pid={self.pid}, open={self._close.alive})"
