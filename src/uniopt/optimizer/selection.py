@@ -6,8 +6,9 @@ time, validates each against the FP32 reference, and times each survivor interle
 the best one so far; the slower of the two is released at once, so no more than two built stages
 are alive at a time. The best is kept if it beats eager by ``min_speedup``; otherwise eager stays.
 While a challenger whose build needs more memory than the best so far holds is built, the best is
-released and rebuilt from its cached artifacts for the next timing, so the peak is eager plus the
-larger of the two.
+released; the challenger is then timed against eager alone and their speed-ups over eager are
+compared, and the best is rebuilt from its cached artifacts only if it still wins at the end, so
+the peak is eager plus the larger of the two.
 Every candidate's peak and resident memory are measured; a build step that would not fit the
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
 artifact cache, keyed by host fingerprint, tier, component and every setting that changes the
@@ -42,7 +43,7 @@ import torch
 from filelock import Timeout
 
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
-from ..memory import measure_memory, release_memory
+from ..memory import measure_memory, memory_headroom, release_memory
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
 from ..plugins.candidate import TRIAL_PROCESS
 from ..plugins.fallback import NOT_APPLICABLE
@@ -152,11 +153,11 @@ class _Selector:
         return found, ran
 
     def build_beside_best(self, cand: Candidate) -> bool:
-        """Whether ``cand`` is built with the best so far alive: unless its build needs more than the best holds.
+        """Whether ``cand`` is built with the best so far alive.
 
-        Otherwise the best is released while ``cand`` is built and rebuilt from its cached artifacts
-        when it is timed again (:meth:`bring_back_best`), so the peak is eager plus the larger of the
-        two, not their sum.
+        Not when its build needs more than the best holds, nor when it would not fit the memory left
+        beside the best but would without it. Then the best is released while ``cand`` is built
+        (see :func:`_duel`), so the peak is eager plus the larger of the two, not their sum.
         """
         if self.best == "eager" or self.set_aside is not None:
             return True
@@ -165,8 +166,13 @@ class _Selector:
         if self._facts is None:
             self._facts = component_facts(self.component)
         need = candidate_need(cand, self._facts)
+        if need is None:
+            return True
         held = _result(self, self.best).resident_memory_bytes or 0
-        return need is None or need.estimated_bytes <= held
+        if need.estimated_bytes > held:
+            return False
+        left = memory_headroom().available_bytes
+        return need.required_bytes <= left or need.required_bytes > left + held
 
     def put_best_aside(self, candidates: dict[str, Candidate]) -> None:
         log.debug("%s: releasing %s while a larger build runs", self.component.name, self.best)
@@ -420,9 +426,14 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     """Time eager, the best so far and ``challenger`` interleaved; keep the faster of the last two.
 
     The slower one is released at once, so at most two built stages (besides the eager module)
-    are ever alive. ``challenger=None`` times eager alone (nothing else passed the guard).
+    are ever alive. ``challenger=None`` times eager alone (nothing else passed the guard). When
+    the best so far is set aside (the challenger's build needed its memory), the challenger is
+    timed against eager alone and the two speed-ups over eager are compared: the best is rebuilt
+    only if it is still the best when the search ends, never beside the challenger.
     """
-    names = list(dict.fromkeys(n for n in ("eager", selector.best, challenger) if n is not None))
+    aside = selector.set_aside
+    best = None if aside is not None else selector.best
+    names = list(dict.fromkeys(n for n in ("eager", best, challenger) if n is not None))
     inputs = selector.component.example_inputs
     calls = {name: _call(selector.stages[name], inputs) for name in names}
     remaining = max(1.0, selector.context.settings.search_budget_s - (time.perf_counter() - selector.started))
@@ -430,7 +441,12 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     _record_timings(selector, timings)
     if challenger is None or challenger == "eager":
         return
-    if selector.best == "eager" or timings[challenger].p50 < timings[selector.best].p50:
+    if aside is not None:
+        faster = (_result(selector, challenger).speedup or 0.0) > (_result(selector, aside.name).speedup or 0.0)
+        loser = "eager" if faster else challenger
+        if faster:
+            selector.best, selector.set_aside = challenger, None
+    elif selector.best == "eager" or timings[challenger].p50 < timings[selector.best].p50:
         loser, selector.best = selector.best, challenger
     else:
         loser = challenger
@@ -626,7 +642,6 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
             selector.stages[cand.name] = stage
             del stage  # the selector alone holds it, so a loser is freed as soon as it loses
             if cand.name != "eager":
-                selector.bring_back_best()
                 _duel(selector, cand.name)
                 selector.last_cost_s = time.perf_counter() - started
     if context.settings.mode == "tier":

@@ -500,15 +500,15 @@ _STATIC_INT8 = ("int8-static", "int8-matmul")
 def _steps(variant: str, compile_step: str) -> tuple[BuildStep, ...]:
     """The memory-checked steps of :func:`_build` for ``variant``: conversion (see :func:`_ir`), nncf, compile.
 
-    In auto mode the model is compiled in a trial process first, and again in the engine's process if it wins.
+    Auto mode's compile in a trial process (``openvino-trial-*``) is not declared: where it does not
+    fit, the model is compiled in the engine's process, so the compile step is what a build needs.
     """
     static = variant in _STATIC_INT8
     converted = (BuildStep("onnx-export"), BuildStep("openvino-convert")) if static else (BuildStep("openvino-ir"),)
-    trial_step = compile_step.replace("openvino-compile-", "openvino-trial-")
     if variant == "plain":
-        return (*converted, BuildStep(trial_step), BuildStep(compile_step))
+        return (*converted, BuildStep(compile_step))
     nncf = BuildStep("nncf-weights" if variant == "int8-weights" else "nncf-static")
-    return (*converted, nncf, BuildStep(trial_step, "int8-file"), BuildStep(compile_step, "int8-file"))
+    return (*converted, nncf, BuildStep(compile_step, "int8-file"))
 
 
 @hookimpl

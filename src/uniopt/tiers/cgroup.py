@@ -128,17 +128,34 @@ def read_cgroup_limits(root: Path | str = "/") -> CgroupLimits:
     return CgroupLimits(version=None, cpu_quota=None, memory_limit_bytes=None)
 
 
-def _working_set(directory: Path, usage_file: str, inactive_field: str) -> int | None:
-    """Usage less the inactive page cache the kernel reclaims before it kills (as ``docker stats`` counts)."""
+#: ``memory.stat`` fields per cgroup version: page cache on the file LRU lists, and the part of it
+#: the kernel cannot drop at once (mapped into a process, dirty, under writeback).
+_FILE_CACHE = {
+    1: (("total_active_file", "total_inactive_file"), ("total_mapped_file", "total_dirty", "total_writeback")),
+    2: (("active_file", "inactive_file"), ("file_mapped", "file_dirty", "file_writeback")),
+}
+
+
+def _working_set(directory: Path, usage_file: str, version: int) -> int | None:
+    """Usage less the page cache the kernel drops before it kills: clean, unmapped file pages.
+
+    Active file pages count too: model files read once to be hashed or loaded stay on the active
+    list, yet the kernel reclaims them under the limit like inactive ones. Pages mapped by a process
+    (an IR's weights during a compile) and dirty pages are counted as used. Shared memory (tmpfs,
+    memfd) is on the anonymous lists and counted as used.
+    """
     usage = _read(directory / usage_file)
     if not usage:
         return None
-    inactive = 0
+    stat: dict[str, int] = {}
     for line in (_read(directory / "memory.stat") or "").splitlines():
         name, _, value = line.partition(" ")
-        if name == inactive_field:
-            inactive = int(value)
-    return max(0, int(usage) - inactive)
+        if value.strip().isdigit():
+            stat[name] = int(value)
+    cache_fields, pinned_fields = _FILE_CACHE[version]
+    cache = sum(stat.get(f, 0) for f in cache_fields)
+    reclaimable = max(0, cache - sum(stat.get(f, 0) for f in pinned_fields))
+    return max(0, int(usage) - reclaimable)
 
 
 def read_cgroup_memory(root: Path | str = "/") -> tuple[int, int] | None:
@@ -153,15 +170,10 @@ def read_cgroup_memory(root: Path | str = "/") -> tuple[int, int] | None:
     v1, v2 = _parse_proc_cgroup(text)
     unified = root / "sys/fs/cgroup"
     if v2 is not None and (unified / "cgroup.controllers").exists():
-        dirs, limit_file, usage_file, inactive = (
-            _candidate_dirs(unified, v2),
-            "memory.max",
-            "memory.current",
-            "inactive_file",
-        )
+        dirs, limit_file, usage_file, version = _candidate_dirs(unified, v2), "memory.max", "memory.current", 2
     elif v1:
         dirs = _v1_dirs(root, v1, "memory")
-        limit_file, usage_file, inactive = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+        limit_file, usage_file, version = "memory.limit_in_bytes", "memory.usage_in_bytes", 1
     else:
         return None
     tightest: tuple[int, int] | None = None
@@ -169,7 +181,7 @@ def read_cgroup_memory(root: Path | str = "/") -> tuple[int, int] | None:
         text = _read(d / limit_file)
         if not text or text == "max" or int(text) >= _V1_UNLIMITED_BYTES:
             continue
-        used = _working_set(d, usage_file, inactive)
+        used = _working_set(d, usage_file, version)
         if used is None:
             continue
         if tightest is None or int(text) - used < tightest[0] - tightest[1]:
