@@ -74,12 +74,16 @@ stage_bytes = sum(
 )
 refused = [f"{c.component}/{r.name}: {r.reason}" for c in report.components for r in c.candidates
            if r.reason.startswith("refused for memory")]
+over = [f"{c.component}/{r.name}: {m['step']} estimated {m['estimated_bytes'] >> 20} MiB, "
+        f"peak {m['peak_bytes'] >> 20} MiB"
+        for c in report.components for r in c.candidates for m in r.memory_steps
+        if m["peak_bytes"] > m["estimated_bytes"]]
 entries = ArtifactCache(os.environ["UNIOPT_CACHE_DIR"]).entries()
 built = sorted({e.kind for e in entries})
 built_now = sorted({e.kind for e in entries if e.key not in known})
 print(json.dumps({"built": built, "built_now": built_now, "eager_rss": eager_rss, "optimized_rss": rss_bytes(),
                   "peak": eager_rss + use.peak_increase_bytes, "stage_bytes": stage_bytes, "chosen": chosen,
-                  "refused": refused, "setup_s": setup}))
+                  "refused": refused, "over_estimate": over, "setup_s": setup}))
 """
 
 
@@ -196,6 +200,8 @@ def main() -> None:
                 print(_fmt(row), flush=True)
                 for reason in row.get("refused", []):
                     print(f"|   | refused | {reason} | | | | | | | | | |", flush=True)
+                for step in row.get("over_estimate", []):
+                    print(f"|   | over its estimate | {step} | | | | | | | | | |", flush=True)
                 if "built" in row:
                     built, again = ", ".join(row["built"]) or "nothing", ", ".join(row["warm_built"]) or "nothing"
                     line = f"|   | built in the cache | {built}; warm start built {again} |"

@@ -225,23 +225,37 @@ def test_auto_mode_keeps_at_most_two_built_stages_alive(fake_plugins: Any, tmp_p
     assert len(_Tracked.alive) == 1, "losers are released once the search is over"
 
 
-def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: Any, tmp_path: Any) -> None:  # noqa: F811
-    """A challenger whose build needs more than the best holds is built alone and compared by speed-up over eager."""
-    alive: weakref.WeakSet[Any] = weakref.WeakSet()
-    built_beside: list[tuple[str, list[str]]] = []
+class _BuildLog:
+    """Fake candidates that record, for each build, which other stages were alive beside it."""
 
-    def large(name: str, seconds: float) -> Candidate:
+    def __init__(self) -> None:
+        self.alive: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.built_beside: list[tuple[str, list[str]]] = []
+
+    def candidate(self, name: str, seconds: float, step: str, holds: int = 0) -> Candidate:
+        """A fake whose build declares ``step`` and whose stage holds ``holds`` bytes of fresh pages."""
         inner = _fake(name, seconds)
 
         def build(component: Any, context: Any) -> Stage:
             gc.collect()
-            built_beside.append((name, sorted(s.candidate for s in alive)))
+            self.built_beside.append((name, sorted(s.candidate for s in self.alive)))
             stage = inner.build(component, context)
-            alive.add(stage)
+            if holds:
+                stage.info["weights"] = _resident_block(holds)
+            self.alive.add(stage)
             return stage
 
+        return Candidate(name, "fake", f"logged {name}", build, Requirements(), steps=(BuildStep(step),))
+
+
+def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: Any, tmp_path: Any) -> None:  # noqa: F811
+    """A challenger whose build needs more than the best holds is built alone and compared by speed-up over eager."""
+    log = _BuildLog()
+    built_beside = log.built_beside
+
+    def large(name: str, seconds: float) -> Candidate:
         # torch-compile's estimate (512 MiB and more) is far above what these stages hold.
-        return Candidate(name, "fake", f"large {name}", build, Requirements(), steps=(BuildStep("torch-compile"),))
+        return log.candidate(name, seconds, "torch-compile")
 
     fake_plugins(large("c0", 0.004), large("c1", 0.002), large("c2", 0.001))
     opt = _optimize(SlowNet(), tmp_path, search_budget_s=60)
@@ -250,14 +264,15 @@ def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: 
     assert all(report.candidate(f"c{i}").speedup for i in range(3)), "every survivor was timed"
     # Each challenger was built with no other stage alive, and beat the one set aside by its speed-up.
     assert built_beside == [("c0", []), ("c1", []), ("c2", [])]
-    alive.clear()
-    built_beside.clear()
+    log, again = _BuildLog(), "torch-compile"
     model_cache.clear()
-    fake_plugins(large("d0", 0.001), large("d1", 0.004), large("d2", 0.002))
+    fake_plugins(
+        log.candidate("d0", 0.001, again), log.candidate("d1", 0.004, again), log.candidate("d2", 0.002, again)
+    )
     report = _optimize(SlowNet(), tmp_path / "again", search_budget_s=60).report().component("module")
     assert report.chosen == "d0"
     # d0 stayed the best while set aside; it is rebuilt once, alone, when the search ends.
-    assert built_beside == [("d0", []), ("d1", []), ("d2", []), ("d0", [])]
+    assert log.built_beside == [("d0", []), ("d1", []), ("d2", []), ("d0", [])]
 
 
 # -- host profiles for another machine -------------------------------------------------------------
@@ -390,24 +405,9 @@ def test_a_build_that_fits_only_without_the_best_runs_with_the_best_released(
     """The best holds 64 MiB, the challenger's build needs ~100 MiB with margins: built beside it only if that fits."""
     from uniopt.optimizer import selection
 
-    built_beside: list[tuple[str, list[str]]] = []
-    alive: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def holding(name: str, seconds: float) -> Candidate:
-        inner = _fake(name, seconds)
-
-        def build(component: Any, context: Any) -> Stage:
-            gc.collect()
-            built_beside.append((name, sorted(s.candidate for s in alive)))
-            stage = inner.build(component, context)
-            stage.info["weights"] = _resident_block(64 * MiB)  # what the stage holds
-            alive.add(stage)
-            return stage
-
-        return Candidate(name, "fake", f"holding {name}", build, Requirements(), steps=(BuildStep("torch-copy"),))
-
+    log = _BuildLog()
     monkeypatch.setattr(selection, "memory_headroom", lambda: MemoryHeadroom(left_mib * MiB, None, None))
-    fake_plugins(holding("e0", 0.001), holding("e1", 0.004))
+    fake_plugins(log.candidate("e0", 0.001, "torch-copy", 64 * MiB), log.candidate("e1", 0.004, "torch-copy", 64 * MiB))
     report = _optimize(SlowNet(), tmp_path, search_budget_s=60).report().component("module")
     assert report.chosen == "e0"
-    assert built_beside[:2] == [("e0", []), ("e1", ["e0"] if beside else [])]
+    assert log.built_beside[:2] == [("e0", []), ("e1", ["e0"] if beside else [])]
