@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import torch
 from uniopt import UniversalOptimizer
 from uniopt.errors import StepKilledError
 from uniopt.optimizer import Component
+from uniopt.plugins import openvino_trial
 from uniopt.plugins.openvino_backend import module_model
-from uniopt.plugins.openvino_trial import TrialProcess, TrialTimeout
+from uniopt.plugins.openvino_trial import TrialProcess, TrialTimeout, TrialUnavailable
 from uniopt.plugins.openvino_worker import SharedArrays
 
 ov = pytest.importorskip("openvino")
@@ -180,3 +182,26 @@ def test_trial_processes_off_compiles_in_the_engines_process(tmp_path: Path) -> 
     opt = _optimize(engine, tmp_path, min_speedup=1000.0, trial_processes=False)
     steps = [s["step"] for s in opt.report().component("model").candidate("openvino-f32").memory_steps]
     assert "openvino-compile-f32" in steps and "openvino-trial-f32" not in steps, steps
+
+
+def test_a_trial_process_that_cannot_start_is_unavailable_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = _ir(tmp_path)
+    monkeypatch.setattr(openvino_trial, "WORKER", tmp_path / "missing_worker.py")  # the interpreter exits with 2
+    with pytest.raises(TrialUnavailable, match="exited with status 2"):
+        TrialProcess(path, "CPU", F32, "no worker")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # sys.executable is the application itself
+    with pytest.raises(TrialUnavailable, match="frozen"):
+        TrialProcess(path, "CPU", F32, "frozen app")
+
+
+def test_without_a_trial_process_auto_mode_compiles_openvino_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(openvino_trial, "WORKER", tmp_path / "missing_worker.py")
+    torch.manual_seed(4)
+    engine, _ = _engine(TwoOutputs().eval())
+    result = _optimize(engine, tmp_path, min_speedup=1000.0).report().component("model").candidate("openvino-f32")
+    assert result.accepted, result.reason
+    assert "openvino-compile-f32" in [s["step"] for s in result.memory_steps]

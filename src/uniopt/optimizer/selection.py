@@ -8,7 +8,9 @@ are alive at a time. The best is kept if it beats eager by ``min_speedup``; othe
 While a challenger whose build needs more memory than the best so far holds is built, the best is
 released; the challenger is then timed against eager alone and their speed-ups over eager are
 compared, and the best is rebuilt from its cached artifacts only if it still wins at the end, so
-the peak is eager plus the larger of the two.
+the peak is eager plus the larger of the two. Challengers are built with ``BuildContext.trial``: an
+OpenVINO one runs in a trial process of its own (:mod:`uniopt.plugins.openvino_trial`), and the
+chosen stage is then built in this process and checked again (:meth:`_Selector.install_in_process`).
 Every candidate's peak and resident memory are measured; a build step that would not fit the
 memory left is refused before it runs (``plugins.memory_costs``). The decision is stored in the
 artifact cache, keyed by host fingerprint, tier, component and every setting that changes the
@@ -180,27 +182,17 @@ class _Selector:
         _close_trial(self.stages.pop(self.best))
         release_memory()
 
-    def bring_back_best(self) -> None:
-        """Rebuild the best so far from its cached artifacts, when it was put aside; eager is best if it fails."""
-        cand, self.set_aside = self.set_aside, None
-        if cand is None:
-            return
-        built = self._build(cand, trial=True)
-        if isinstance(built, BuildFailure):
-            log.warning("%s: %s did not build again (%s)", self.component.name, cand.name, built.reason)
-            _result(self, cand.name).reason = f"did not build again after a larger build: {built.reason}"
-            self.best = "eager"
-            return
-        self.pm.hook.uniopt_stage_ready(component=self.component, stage=built, context=self.context)
-        self.stages[cand.name] = built
-
-    def install_trial_winner(self, cand: Candidate) -> str:
-        """Build the winner that ran in a trial process again in this process, and check it again.
+    def install_in_process(self, cand: Candidate) -> str:
+        """Build the chosen ``cand`` in this process and check it again: it ran in a trial process, or was set aside.
 
         Its trial process ends first, so the two are never alive together. Returns the name of the
-        stage that is chosen: ``cand``'s, or eager when it does not build or pass here.
+        stage that is chosen: ``cand``'s, or eager when it does not build or pass here (raised
+        instead when fallback is off).
         """
-        _close_trial(self.stages.pop(cand.name))
+        held = self.stages.pop(cand.name, None)
+        if held is not None:
+            _close_trial(held)
+        del held
         release_memory()
         result = _result(self, cand.name)
         steps = len(self.context.memory_steps)
@@ -215,8 +207,10 @@ class _Selector:
                     failure = f"first call failed: {type(exc).__name__}: {str(exc)[:200]}"
         result.memory_steps = [*(result.memory_steps or []), *self.context.memory_steps[steps:]]
         if failure is not None:
-            log.warning("%s: %s won its trial but failed in this process: %s", self.component.name, cand.name, failure)
-            result.reason = f"won in its trial process, failed in the engine's process: {failure}"
+            if not self.context.settings.fallback_on_optimization_error:
+                raise OptimizationError(self.component.name, cand.name, f"failed in the engine's process: {failure}")
+            log.warning("%s: %s was chosen but failed in this process: %s", self.component.name, cand.name, failure)
+            result.reason = f"chosen, then failed when built in the engine's process: {failure}"
             release_memory()
             return "eager"
         assert isinstance(built, Stage)
@@ -646,14 +640,14 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
                 selector.last_cost_s = time.perf_counter() - started
     if context.settings.mode == "tier":
         raise AssertionError("eager always passes its own guard")
-    selector.bring_back_best()
     if selector.best == "eager":
         _duel(selector, None)
     chosen = _winner(selector)
     for name in [n for n in selector.stages if n not in ("eager", chosen)]:
         _close_trial(selector.stages.pop(name))
-    if TRIAL_PROCESS in selector.stages[chosen].info:
-        chosen = selector.install_trial_winner({c.name: c for c in usable}[chosen])
+    selector.set_aside = None  # when it is the one chosen, it is built here below
+    if chosen != "eager" and (chosen not in selector.stages or TRIAL_PROCESS in selector.stages[chosen].info):
+        chosen = selector.install_in_process({c.name: c for c in usable}[chosen])
     report = ComponentReport(
         component.name, chosen, selector.results, stage=selector.stages[chosen], search_cut_short=selector.cut_short()
     )

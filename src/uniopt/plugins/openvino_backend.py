@@ -41,7 +41,7 @@ from .export import (
 from .fallback import first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
-from .openvino_trial import TrialProcess, trial_wanted
+from .openvino_trial import TrialProcess, TrialUnavailable, trial_wanted
 
 __all__ = ["IrModel", "compile_config", "converted_model", "module_input_shapes", "module_model"]
 
@@ -469,11 +469,16 @@ def _build(variant: str, precision: str, name: str) -> Any:
                 with memory_step(f"openvino-trial-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
                     trial = TrialProcess(path, device, config, f"{name} of {component.name}")
                 run_arrays = trial.run_arrays
-                _check_precision(trial.precision, device, hint)
-            except MemoryBudgetError as exc:
+            except (MemoryBudgetError, TrialUnavailable) as exc:
                 if isinstance(exc, StepKilledError):
                     raise
                 log.info("%s: %s in the engine's process (%s)", component.name, name, exc)
+        if trial is not None:
+            try:
+                _check_precision(trial.precision, device, hint)
+            except BaseException:
+                trial.close()
+                raise
         if run_arrays is None:
             run_arrays = _in_process(path, device, hint, config, ir_bytes, component, context)
 

@@ -35,7 +35,7 @@ from ..errors import StepKilledError
 from ..memory import note_child_peak
 from .openvino_worker import SharedArrays
 
-__all__ = ["TrialProcess", "TrialTimeout", "trial_wanted"]
+__all__ = ["TrialProcess", "TrialTimeout", "TrialUnavailable", "trial_wanted"]
 
 log = logging.getLogger("uniopt")
 
@@ -46,6 +46,22 @@ TIMEOUT_S = 900.0
 
 class TrialTimeout(RuntimeError):
     """The trial process did not answer within its time limit and was killed."""
+
+
+class TrialUnavailable(RuntimeError):
+    """The trial process did not start, or exited on its own (not by a signal): the model itself is not to blame.
+
+    The builder then compiles the candidate in the engine's process. A process killed by a signal
+    while compiling is not this: the same compile could take the engine down.
+    """
+
+
+def _shared_buffer() -> SharedArrays | None:
+    """A buffer both processes map (a memfd); None where there is none (arrays are pickled then)."""
+    try:
+        return SharedArrays(os.memfd_create("uniopt-trial"))
+    except (AttributeError, OSError):  # no memfd_create here, or a sandbox refuses it
+        return None
 
 
 def trial_wanted(context: Any) -> bool:
@@ -88,27 +104,37 @@ class TrialProcess:
         self.what = what
         self.timeout_s = timeout_s
         ours, theirs = multiprocessing.Pipe()
-        fds = [theirs.fileno()]
-        self._shared = SharedArrays(os.memfd_create("uniopt-trial")) if hasattr(os, "memfd_create") else None
-        if self._shared is not None:
-            fds.append(self._shared.fd)
-        self._proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *map(str, fds)],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
+        self._shared = _shared_buffer()
+        fds = [theirs.fileno(), *([self._shared.fd] if self._shared is not None else [])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        try:
+            if getattr(sys, "frozen", False):  # sys.executable is the application, not a Python interpreter
+                raise OSError("this is a frozen application")
+            self._proc = subprocess.Popen(
+                [sys.executable, str(WORKER), *map(str, fds)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            for end in (ours, theirs, self._shared):
+                if end is not None:
+                    end.close()
+            raise TrialUnavailable(f"{what}: the trial process did not start: {exc}") from exc
         theirs.close()
         self._conn = ours
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._close = weakref.finalize(self, _stop, self._proc, ours, self._shared)
         self.pid = self._proc.pid
         try:
-            #: The precision OpenVINO runs the model in, as it reports it (``f32``, ``bf16``, ...).
             with self._lock:
-                self.precision: str = self._ask(("compile", list(sys.path), str(xml), device, config))
-        finally:
-            note_child_peak(self.peak_bytes())
+                #: The precision OpenVINO runs the model in, as it reports it (``f32``, ``bf16``, ...).
+                self.precision: str = self._ask(("compile", str(xml), device, config))
+                note_child_peak(self.peak_bytes())
+        except BaseException:
+            self.close()
+            raise
 
     def run_arrays(self, arrays: list[Any]) -> list[Any]:
         """The model's outputs for ``arrays``, computed in the trial process."""
@@ -128,7 +154,9 @@ class TrialProcess:
         return _status_bytes(self.pid, "VmRSS")
 
     def close(self) -> None:
-        self._close()
+        """End the process; a call running in another thread finishes first (the buffer is its until then)."""
+        with self._lock:
+            self._close()
 
     def _check_open(self) -> None:
         if not self._close.alive:
@@ -157,7 +185,7 @@ class TrialProcess:
             return StepKilledError(self.what)
         if code < 0:
             return RuntimeError(f"{self.what}: the trial process died of signal {signal.Signals(-code).name}")
-        return RuntimeError(f"{self.what}: the trial process exited with status {code}")
+        return TrialUnavailable(f"{self.what}: the trial process exited with status {code}")
 
     def __repr__(self) -> str:
         return f"TrialProcess({self.what!r}, pid={self.pid}, open={self._close.alive})"

@@ -5,7 +5,7 @@ OpenVINO and numpy only, so a candidate that loses takes OpenVINO's CPU plugin, 
 and its heap with it when this process ends. It talks over the connection whose file descriptor
 is its first argument, in pickled tuples:
 
-- ``("compile", sys_path, xml, device, config)`` -> ``("ok", precision)`` or ``("error", type, message)``
+- ``("compile", xml, device, config)`` -> ``("ok", precision)`` or ``("error", type, message)``
 - ``("infer", arrays)`` -> ``("ok", outputs)`` or ``("error", type, message)``
 - ``("exit",)`` or the connection closed: the process ends.
 
@@ -17,13 +17,17 @@ Pickled through the connection, a 4 MB array took 6.5 ms each way on a 2-vCPU VM
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
-from multiprocessing.connection import Connection
-from typing import Any
 
-import numpy as np
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # run by path: uniopt's plugin modules must not shadow top-level ones
+
+import mmap  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 
 def _error(exc: BaseException) -> tuple[str, str, str]:
@@ -31,8 +35,7 @@ def _error(exc: BaseException) -> tuple[str, str, str]:
 
 
 def _compile(message: tuple[Any, ...]) -> tuple[Any, Any]:
-    _, sys_path, xml, device, config = message
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    _, xml, device, config = message
     import openvino as ov
 
     compiled = ov.Core().compile_model(xml, device, config)
@@ -101,7 +104,8 @@ def serve(conn: Connection, shared: SharedArrays | None = None) -> None:
                 reply: tuple[Any, ...] = ("ok", precision)
             elif message[0] == "infer" and request is not None:
                 arrays = message[1] if shared is None else shared.get(message[1], copy=False)
-                request.infer(arrays)
+                request.infer(arrays)  # copies its inputs (share_inputs=False): the buffer is free again
+                del arrays
                 results = [request.get_tensor(port).data for port in outputs]
                 if shared is None:
                     reply = ("ok", [r.copy() for r in results])
