@@ -27,6 +27,7 @@ __all__ = [
     "memory_headroom",
     "format_bytes",
     "module_bytes",
+    "process_status_bytes",
     "release_memory",
     "rss_bytes",
 ]
@@ -36,9 +37,11 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _SAMPLE_SECONDS = 0.005
 
 
-def _status_kib(field: str) -> int | None:
+def process_status_bytes(field: str, pid: int | None = None) -> int | None:
+    """A memory field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``) in bytes: this process's by default."""
+    status = _STATUS if pid is None else Path(f"/proc/{pid}/status")
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -48,7 +51,7 @@ def _status_kib(field: str) -> int | None:
 
 def rss_bytes() -> int:
     """This process's resident set size now."""
-    rss = _status_kib("VmRSS")
+    rss = process_status_bytes("VmRSS")
     if rss is not None:
         return rss
     import psutil
@@ -57,7 +60,7 @@ def rss_bytes() -> int:
 
 
 def _hwm() -> int | None:
-    return _status_kib("VmHWM")
+    return process_status_bytes("VmHWM")
 
 
 def _reset_peak() -> bool:

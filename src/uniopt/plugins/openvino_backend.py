@@ -469,9 +469,9 @@ def _build(variant: str, precision: str, name: str) -> Any:
                 with memory_step(f"openvino-trial-{_PRECISION_HINTS[hint]}", component, context, ir_bytes):
                     trial = TrialProcess(path, device, config, f"{name} of {component.name}")
                 run_arrays = trial.run_arrays
-            except (MemoryBudgetError, TrialUnavailable) as exc:
-                if isinstance(exc, StepKilledError):
-                    raise
+            except StepKilledError:
+                raise
+            except (MemoryBudgetError, TrialUnavailable) as exc:  # compiled in this process instead
                 log.info("%s: %s in the engine's process (%s)", component.name, name, exc)
         if trial is not None:
             try:

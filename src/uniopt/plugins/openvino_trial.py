@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepKilledError
-from ..memory import note_child_peak
+from ..memory import note_child_peak, process_status_bytes
 from .openvino_worker import SharedArrays
 
 __all__ = ["TrialProcess", "TrialTimeout", "TrialUnavailable", "trial_wanted"]
@@ -66,7 +66,7 @@ def _shared_buffer() -> SharedArrays | None:
 
 def trial_wanted(context: Any) -> bool:
     """Whether this build is a trial (auto mode's challengers) and trial processes are allowed."""
-    return bool(getattr(context, "trial", False)) and context.settings.trial_processes and bool(sys.executable)
+    return bool(getattr(context, "trial", False)) and context.settings.trial_processes
 
 
 def _stop(proc: subprocess.Popen[bytes], conn: Any, shared: SharedArrays | None) -> None:
@@ -84,16 +84,6 @@ def _stop(proc: subprocess.Popen[bytes], conn: Any, shared: SharedArrays | None)
         proc.wait()
 
 
-def _status_bytes(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 class TrialProcess:
     """One IR compiled and served by a process of its own; :meth:`run_arrays` runs it there.
 
@@ -108,8 +98,8 @@ class TrialProcess:
         fds = [theirs.fileno(), *([self._shared.fd] if self._shared is not None else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
         try:
-            if getattr(sys, "frozen", False):  # sys.executable is the application, not a Python interpreter
-                raise OSError("this is a frozen application")
+            if not sys.executable or getattr(sys, "frozen", False):  # no interpreter, or it is the application
+                raise OSError("no Python interpreter to start (sys.executable is empty or a frozen application)")
             self._proc = subprocess.Popen(
                 [sys.executable, str(WORKER), *map(str, fds)],
                 pass_fds=fds,
@@ -147,11 +137,11 @@ class TrialProcess:
 
     def peak_bytes(self) -> int:
         """The trial process's peak resident memory so far (all of it is beside the engine's process)."""
-        return _status_bytes(self.pid, "VmHWM")
+        return process_status_bytes("VmHWM", self.pid) or 0
 
     def rss_bytes(self) -> int:
         """What the trial process holds now: the compiled model, its runtime and an interpreter."""
-        return _status_bytes(self.pid, "VmRSS")
+        return process_status_bytes("VmRSS", self.pid) or 0
 
     def close(self) -> None:
         """End the process; a call running in another thread finishes first (the buffer is its until then)."""
