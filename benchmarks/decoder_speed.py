@@ -7,8 +7,11 @@ Builds the default Fish-Speech-style engine (12 slow layers, d=1024, GQA 16/4, r
 auto mode does (stateful OpenVINO steps, PyTorch int8/bf16), and times the greedy decode loop
 interleaved with eager. Per candidate it prints ms per frame, x eager, x the int8-weight floor
 (the bytes one frame must read with int8 weights: the slow decoder's weights once, the fast one's
-once as they stay in cache across its passes, over the memory read bandwidth that
-``optimize doctor`` measures), and what auto mode's guard judges by: the agreement of each choice
+once as they stay in cache across its passes, over the memory read bandwidth, measured again in
+this run as ``optimize doctor`` measures it, and its cached value replaced: the figure moves by 2x
+between runs on shared hosts), the matrix-vector rate PyTorch reaches on a matrix larger than the
+last-level cache (what a decode step's matmuls can stream at best with the host's kernels), and
+what auto mode's guard judges by: the agreement of each choice
 under teacher forcing (eager's frames replayed) on the steps where eager's top two logits are at
 least 0.05 nats apart. With random weights the logits are flat, so agreement says little about
 a trained model; the speed is real.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -51,6 +55,26 @@ def int8_frame_bytes(engine: FishSpeechEngine) -> int:
     return sum(w.numel() for w in matrices) + model.embeddings.weight.numel()  # + the tied output projection
 
 
+def matvec_bytes_per_s(threads: int, megabytes: int = 256) -> float:
+    """Bytes per second bf16 ``F.linear`` streams at one row of activations, over a matrix larger than the cache."""
+    weight = torch.ones(megabytes * 2**20 // 2 // 1024, 1024, dtype=torch.bfloat16)
+    x = torch.ones(1, 1024, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.nn.functional.linear(x, weight)
+        best = min(_seconds(lambda: torch.nn.functional.linear(x, weight)) for _ in range(5))
+    finally:
+        torch.set_num_threads(previous)
+    return weight.numel() * 2 / best
+
+
+def _seconds(call: Any) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=32)
@@ -81,6 +105,8 @@ def main() -> None:
             print(f"{name}: {built.reason}")
             continue
         runs[name] = built
+        for graph, choice in built.info.get("compile_options", {}).items():
+            print(f"{name}: {graph} compiled with {choice['options']} (median ms raced: {choice.get('median_ms')})")
     with torch.inference_mode():
         reference = runs["eager"](*inputs)
         forced = component.teacher_forcing(inputs, reference)
@@ -90,13 +116,15 @@ def main() -> None:
         timings = measure_interleaved(
             stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None
         )
-    probe = memory_bandwidth(threads.intra_op)
+    probe = memory_bandwidth(threads.intra_op, refresh=True)
+    matvec = matvec_bytes_per_s(threads.intra_op)
     floor_ms = int8_frame_bytes(engine) / probe.read_bytes_per_s * 1e3
     base = timings["eager"].p50
     print(
         f"{profile.cpu.model} ({', '.join(f for f, on in profile.cpu.flags if on)}); {threads.intra_op} threads;"
         f" memory read {probe.read_bytes_per_s / 1e9:.1f} GB/s; "
-        f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB)"
+        f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB); "
+        f"bf16 matrix-vector product {matvec / 1e9:.1f} GB/s"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
     header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"

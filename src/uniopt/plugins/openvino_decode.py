@@ -36,6 +36,7 @@ from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step
 from .openvino_backend import compile_config, converted_model
+from .openvino_step_options import compile_fastest
 
 __all__ = ["FrameRunner", "StatefulDecode", "StatefulStep", "StepOrderError"]
 
@@ -312,7 +313,7 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         if frame and steps.frame is None:
             raise NotApplicable(f"component {component.name!r} declares no frame graph")
         core = ov.Core()
-        compiled, cached = {}, []
+        compiled, cached, options = {}, [], {}
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
@@ -320,14 +321,20 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
-            ir_bytes = file_bytes(path, path.with_suffix(".bin"))
             config = compile_config(context, precision, path)
             if isinstance(graph, StepGraph):  # the caches in the precision the step computes in
                 config["KV_CACHE_PRECISION"] = hint
-            with memory_step(f"openvino-compile-{hint}", component, context, ir_bytes):
-                compiled[graph.name] = core.compile_model(str(path), "CPU", config)
+            step = f"openvino-compile-{hint}"
+            if variant == "float":  # dynamic quantization applies to compressed weights only: nothing to race
+                with memory_step(step, component, context, file_bytes(path, path.with_suffix(".bin"))):
+                    compiled[graph.name] = core.compile_model(str(path), "CPU", config)
+                continue
+            compiled[graph.name], choice = compile_fastest(core, path, config, graph, component, context, step)
+            options[graph.name] = choice.to_info()
         allowed = context.settings.fallback_on_optimization_error
         info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}
+        if options:
+            info["compile_options"] = options
         return Stage(name, StatefulDecode(component, steps, compiled, name, allowed), info)
 
     return build

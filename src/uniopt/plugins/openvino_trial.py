@@ -135,6 +135,12 @@ class TrialProcess:
             places = self._ask(("infer", self._shared.put(arrays)))
             return self._shared.get(places, copy=True)
 
+    def run_calls(self, calls: list[tuple[bool, list[Any]]]) -> float:
+        """Seconds the trial process took to run ``calls`` (``(reset states first, arrays)`` each) in turn."""
+        with self._lock:
+            self._check_open()
+            return float(self._ask(("run", calls)))
+
     def peak_bytes(self) -> int:
         """The trial process's peak resident memory so far (all of it is beside the engine's process)."""
         return process_status_bytes("VmHWM", self.pid) or 0

@@ -7,6 +7,9 @@ is its first argument, in pickled tuples:
 
 - ``("compile", xml, device, config)`` -> ``("ok", precision)`` or ``("error", type, message)``
 - ``("infer", arrays)`` -> ``("ok", outputs)`` or ``("error", type, message)``
+- ``("run", calls)`` -> ``("ok", seconds)``: each call ``(reset, arrays)`` (pickled) runs in
+  turn, the model's states reset first where ``reset`` is true; ``seconds`` is what they took
+  here, without the messages' round trip (for timing a decode loop's steps)
 - ``("exit",)`` or the connection closed: the process ends.
 
 Arrays travel through a shared buffer when the parent passes one (a memfd, the second argument):
@@ -24,6 +27,7 @@ if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os
     del sys.path[0]  # run by path: uniopt's plugin modules must not shadow top-level ones
 
 import mmap  # noqa: E402
+import time  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -111,6 +115,13 @@ def serve(conn: Connection, shared: SharedArrays | None = None) -> None:
                     reply = ("ok", [r.copy() for r in results])
                 else:
                     reply = ("shared", shared.put(results))
+            elif message[0] == "run" and request is not None:
+                started = time.perf_counter()
+                for reset, arrays in message[1]:
+                    if reset:
+                        request.reset_state()
+                    request.infer(arrays)
+                reply = ("ok", time.perf_counter() - started)
             else:
                 reply = ("error", "RuntimeError", f"unexpected message {message[0]!r}")
         except Exception as exc:  # sent to the parent, which raises it there

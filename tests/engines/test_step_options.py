@@ -1,0 +1,141 @@
+"""Compile options of the compressed step models, raced on this host once and then read from the cache.
+
+Runs on :meth:`FishSpeechConfig.tiny`; which option set wins there is timing, so the tests check
+what is raced, recorded, reused and refused, not the winner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniopt.cache import ArtifactCache
+from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+from uniopt.errors import MemoryBudgetError
+from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
+from uniopt.plugins import openvino_step_options as step_options
+from uniopt.plugins.model_cache import model_cache
+from uniopt.settings import resolve_settings
+from uniopt.threads import thread_budget
+from uniopt.tiers import host_profile
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+FRAME_INT8 = "openvino-stateful-frame-int8"
+
+
+@pytest.fixture(scope="module")
+def engine() -> FishSpeechEngine:
+    return FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=6), seed=3)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module: each model file is made once; each test forgets the recorded choices."""
+    return tmp_path_factory.mktemp("step-options")
+
+
+@pytest.fixture()
+def cache(shared_cache: Path) -> Path:
+    store = ArtifactCache(shared_cache)
+    for entry in store.entries():
+        if entry.kind == step_options.CACHE_KIND:
+            store.remove(entry.key)
+    return shared_cache
+
+
+def _build(engine: FishSpeechEngine, cache: Path, name: str = FRAME_INT8, **options: object) -> Stage:
+    model_cache.clear()  # each build as a new process would: nothing built in memory
+    profile = host_profile()
+    settings, tier = resolve_settings({"cache_dir": str(cache), **options}, profile)
+    threads = thread_budget(profile.usable_cpus, settings.threads)
+    context = BuildContext(settings, profile, tier.tier, threads, cache=ArtifactCache(settings.cache_dir))
+    pm = plugin_manager(settings.plugins)
+    component = engine.uniopt_components()[0]
+    built = pm.hook.uniopt_build_stage(candidate=candidates(pm)[name], component=component, context=context)
+    assert not isinstance(built, BuildFailure), built.reason
+    return built
+
+
+def _records(cache: Path) -> dict[str, dict]:
+    entries = ArtifactCache(cache).entries()
+    return {e.extra["graph"]: e.extra for e in entries if e.kind == step_options.CACHE_KIND}
+
+
+def _decode(stage: Stage, engine: FishSpeechEngine) -> torch.Tensor:
+    inputs = engine.uniopt_components()[0].example_inputs
+    with torch.inference_mode():
+        return stage.run(*inputs)
+
+
+def test_each_compressed_model_races_its_options_once_and_a_warm_build_reads_the_choice(
+    engine: FishSpeechEngine, cache: Path
+) -> None:
+    cold = _build(engine, cache)
+    raced = cold.info["compile_options"]
+    assert set(raced) == {"slow", "frame"}  # the frame replaces the fast step: two models
+    for info in raced.values():
+        assert not info["from_cache"]
+        assert info["options"] in step_options.OPTION_SETS
+        assert set(info["median_ms"]) == set(step_options.OPTION_SETS)
+        assert all(ms > 0 for ms in info["median_ms"].values())
+    records = _records(cache)
+    assert {graph: r["options"] for graph, r in records.items()} == {g: i["options"] for g, i in raced.items()}
+
+    warm = _build(engine, cache)
+    for graph, info in warm.info["compile_options"].items():
+        assert info == {"options": raced[graph]["options"], "from_cache": True}  # nothing raced
+    assert torch.equal(_decode(warm, engine), _decode(cold, engine))
+
+
+def test_float_step_models_are_not_raced(engine: FishSpeechEngine, cache: Path) -> None:
+    stage = _build(engine, cache, "openvino-stateful-f32")
+    assert "compile_options" not in stage.info
+    assert _records(cache) == {}
+
+
+def test_a_record_that_names_no_option_set_is_raced_again(engine: FishSpeechEngine, cache: Path) -> None:
+    _build(engine, cache)
+    for entry in ArtifactCache(cache).entries():
+        if entry.kind == step_options.CACHE_KIND:
+            manifest = entry.path / "manifest.json"
+            data = json.loads(manifest.read_text())
+            data["extra"]["options"] = "unheard-of"
+            manifest.write_text(json.dumps(data))
+    again = _build(engine, cache)
+    for info in again.info["compile_options"].values():
+        assert not info["from_cache"] and info["options"] in step_options.OPTION_SETS
+    assert all(r["options"] in step_options.OPTION_SETS for r in _records(cache).values())
+
+
+def test_a_race_that_does_not_fit_keeps_the_defaults_and_records_nothing(
+    engine: FishSpeechEngine, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = step_options.memory_step
+    refused: list[str] = []
+
+    def no_room_for_trials(step: str, component: object, context: object, base: int | None = None):  # type: ignore[no-untyped-def]
+        if "-trial-" in step:
+            refused.append(step)
+            raise MemoryBudgetError(step, 2**40, "1 MiB available (test)")
+        return real_step(step, component, context, base)
+
+    monkeypatch.setattr(step_options, "memory_step", no_room_for_trials)
+    stage = _build(engine, cache)
+    assert refused == ["openvino-trial-f32", "openvino-trial-f32"]  # the first trial of each model
+    for info in stage.info["compile_options"].values():
+        assert info["options"] == "default" and not info["from_cache"] and "median_ms" not in info
+        assert info["note"].startswith("not raced: ") and "openvino-trial-f32" in info["note"]
+    assert _records(cache) == {}  # not a measurement: the next build races
+    assert _decode(stage, engine).shape[-1] == engine.config.decode_steps
+
+
+def test_without_trial_processes_nothing_is_raced(engine: FishSpeechEngine, cache: Path) -> None:
+    stage = _build(engine, cache, trial_processes=False)
+    for info in stage.info["compile_options"].values():
+        assert info == {"options": "default", "from_cache": False, "note": "not raced: UNIOPT_TRIAL_PROCESSES is off"}
+    assert _records(cache) == {}
