@@ -39,6 +39,7 @@ from uniopt.tiers.bandwidth import memory_bandwidth
 DEFAULT = (
     "openvino-stateful-int8",
     "openvino-stateful-frame-int8",
+    "openvino-stateful-frame-int4",
     "openvino-stateful-int4",
     "openvino-stateful-f32",
     "openvino-stateful-bf16",

@@ -59,6 +59,15 @@ def main() -> None:
             for c in rep["components"]
         )
         print(f"{label:8} {rep['optimize_seconds']:10.2f} {rep['process_seconds']:10.2f}  {chosen}")
+    for component in cold["components"]:
+        results = {r["name"]: r for r in component["candidates"]}
+        speedup = results.get(component["chosen"], {}).get("speedup")
+        timed = [name for name, r in results.items() if r.get("p50_ms") is not None and name != "eager"]
+        print(
+            f"cold {component['component']}: {component['chosen']}"
+            f"{f' at {speedup:.2f}x eager' if speedup else ''}; timed against eager: {', '.join(timed) or 'none'}"
+            f"{'; search cut short by its budget' if component['search_cut_short'] else ''}"
+        )
     ratio = warm["optimize_seconds"] / cold["optimize_seconds"]
     print(f"warm / cold optimize time: {ratio:.3f} ({'within' if ratio <= 0.2 else 'ABOVE'} the 1/5 target)")
 

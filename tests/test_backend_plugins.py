@@ -934,6 +934,7 @@ def test_missing_openvino_is_a_recorded_fallback(without_openvino: dict[str, Any
         "openvino-int8-weights",
         "openvino-stateful-bf16",
         "openvino-stateful-f32",
+        "openvino-stateful-frame-int4",
         "openvino-stateful-frame-int8",
         "openvino-stateful-int4",
         "openvino-stateful-int8",

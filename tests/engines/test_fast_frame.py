@@ -169,3 +169,17 @@ def test_the_real_dual_ar_transformer_runs_a_frame_in_one_call(tmp_path: Path) -
         tokens = adapter.generate_tokens(prompt)
     assert tokens.shape == reference.shape and decode.fallbacks.calls == 0
     assert float((tokens == reference).float().mean()) >= 0.9
+
+
+def test_int4_frame_candidate_serves_a_frame_in_one_call_and_passes_the_guard(tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    name = "openvino-stateful-frame-int4"
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1)
+    options = {"allow": [name], "cache_dir": str(tmp_path), "model_warmup_runs": 0, "min_speedup": 0.01}
+    report = UniversalOptimizer(engine, **options).report().component("decoder")
+    result = report.candidate(name)
+    assert result.accepted, result.reason
+    assert result.metric == "token_agreement" and result.metric_value >= 0.9
+    decode = report.stage.run
+    assert decode._loop.model.frame_runner is not None and decode._loop.model._fast is None
+    assert report.stage.info["weights"] == "int4" and set(report.stage.info["compile_options"]) == {"slow", "frame"}

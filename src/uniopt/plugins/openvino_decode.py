@@ -394,6 +394,14 @@ def _candidates() -> list[Candidate]:
             quantized,
             _steps("int8", "f32", frame=True),
         ),
+        Candidate(
+            "openvino-stateful-frame-int4",
+            "openvino",
+            "OpenVINO stateful slow step, the codebook loop as one call per frame, nncf int4 weights (groups of 128)",
+            _builder("int4", "fp32", "openvino-stateful-frame-int4", frame=True),
+            quantized,
+            _steps("int4", "f32", frame=True),
+        ),
     ]
 
 
