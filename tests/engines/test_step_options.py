@@ -6,6 +6,7 @@ what is raced, recorded, reused and refused, not the winner.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from uniopt.plugins import openvino_step_options as step_options
 from uniopt.plugins.model_cache import model_cache
 from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
-from uniopt.tiers import host_profile
+from uniopt.tiers import HostProfile, host_profile
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -48,9 +49,11 @@ def cache(shared_cache: Path) -> Path:
     return shared_cache
 
 
-def _build(engine: FishSpeechEngine, cache: Path, name: str = FRAME_INT8, **options: object) -> Stage:
+def _build(
+    engine: FishSpeechEngine, cache: Path, name: str = FRAME_INT8, profile: HostProfile | None = None, **options: object
+) -> Stage:
     model_cache.clear()  # each build as a new process would: nothing built in memory
-    profile = host_profile()
+    profile = profile or host_profile()
     settings, tier = resolve_settings({"cache_dir": str(cache), **options}, profile)
     threads = thread_budget(profile.usable_cpus, settings.threads)
     context = BuildContext(settings, profile, tier.tier, threads, cache=ArtifactCache(settings.cache_dir))
@@ -138,4 +141,14 @@ def test_without_trial_processes_nothing_is_raced(engine: FishSpeechEngine, cach
     stage = _build(engine, cache, trial_processes=False)
     for info in stage.info["compile_options"].values():
         assert info == {"options": "default", "from_cache": False, "note": "not raced: UNIOPT_TRIAL_PROCESSES is off"}
+    assert _records(cache) == {}
+
+
+def test_a_build_for_another_host_races_nothing(engine: FishSpeechEngine, cache: Path) -> None:
+    """``optimize prepare`` builds with the target's profile: a race here would time this host."""
+    target = dataclasses.replace(host_profile(), usable_cpus=1.3)
+    stage = _build(engine, cache, profile=target)
+    for info in stage.info["compile_options"].values():
+        assert info["options"] == "default" and "median_ms" not in info
+        assert info["note"] == "not raced: built for another host, which races them itself"
     assert _records(cache) == {}

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import MemoryBudgetError
 from ..optimizer.steps import FrameGraph, StepGraph
+from ..tiers import host_profile
 from .candidate import BuildContext
 from .fallback import first_line
 from .memory_costs import file_bytes, memory_step
@@ -113,7 +114,8 @@ def compile_fastest(
     process of its own (:class:`~uniopt.plugins.openvino_trial.TrialProcess`: a model freed in
     this process would break OpenVINO in the children later forked from it, and the loser leaves
     nothing here), and the defaults are kept when the race cannot run (trial processes off or
-    unavailable, a set that does not fit the memory left or fails to compile).
+    unavailable, a set that does not fit the memory left or fails to compile, a build for another
+    host's bundle).
     """
     key = _key(path, config, context)
     name = _cached_choice(context, key)
@@ -137,6 +139,8 @@ def _race(
 
     if not context.settings.trial_processes:
         return OptionChoice("default", {}, False, "not raced: UNIOPT_TRIAL_PROCESSES is off")
+    if context.profile.fingerprint != host_profile().fingerprint:  # optimize prepare: built for another host
+        return OptionChoice("default", {}, False, "not raced: built for another host, which races them itself")
     # No blob cache in a trial: a warm start compiles the chosen set with it here.
     uncached = {k: v for k, v in config.items() if k != "CACHE_DIR"}
     trials: dict[str, TrialProcess] = {}
@@ -191,7 +195,10 @@ def _cached_choice(context: BuildContext, key: str) -> str | None:
     name = None if entry is None else entry.extra.get("options")
     if entry is not None and name not in OPTION_SETS:
         log.warning("cached compile options %s are not an option set; racing again", entry.path)
-        context.cache.remove(key)
+        try:
+            context.cache.remove(key)
+        except OSError as exc:
+            log.warning("compile options record not removed (%s)", exc)
         return None
     return name
 
