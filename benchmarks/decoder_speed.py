@@ -107,7 +107,8 @@ def main() -> None:
             continue
         runs[name] = built
         for graph, choice in built.info.get("compile_options", {}).items():
-            print(f"{name}: {graph} compiled with {choice['options']} (median ms raced: {choice.get('median_ms')})")
+            raced = f"race ms {choice.get('race_ms')}, trial MiB {choice.get('trial_resident_mib')}"
+            print(f"{name}: {graph} compiled with {choice['options']} ({raced})")
     with torch.inference_mode():
         reference = runs["eager"](*inputs)
         forced = component.teacher_forcing(inputs, reference)

@@ -84,8 +84,10 @@ def test_each_compressed_model_races_its_options_once_and_a_warm_build_reads_the
     for info in raced.values():
         assert not info["from_cache"]
         assert info["options"] in step_options.OPTION_SETS
-        assert set(info["median_ms"]) == set(step_options.OPTION_SETS)
-        assert all(ms > 0 for ms in info["median_ms"].values())
+        assert set(info["race_ms"]) == set(step_options.OPTION_SETS)
+        assert all(ms > 0 for ms in info["race_ms"].values())
+        assert set(info["trial_resident_mib"]) == set(step_options.OPTION_SETS)
+        assert all(mib > 50 for mib in info["trial_resident_mib"].values())  # an interpreter and OpenVINO's runtime
     records = _records(cache)
     assert {graph: r["options"] for graph, r in records.items()} == {g: i["options"] for g, i in raced.items()}
 
@@ -131,7 +133,7 @@ def test_a_race_that_does_not_fit_keeps_the_defaults_and_records_nothing(
     stage = _build(engine, cache)
     assert refused == ["openvino-trial-f32", "openvino-trial-f32"]  # the first trial of each model
     for info in stage.info["compile_options"].values():
-        assert info["options"] == "default" and not info["from_cache"] and "median_ms" not in info
+        assert info["options"] == "default" and not info["from_cache"] and "race_ms" not in info
         assert info["note"].startswith("not raced: ") and "openvino-trial-f32" in info["note"]
     assert _records(cache) == {}  # not a measurement: the next build races
     assert _decode(stage, engine).shape[-1] == engine.config.decode_steps
@@ -149,6 +151,6 @@ def test_a_build_for_another_host_races_nothing(engine: FishSpeechEngine, cache:
     target = dataclasses.replace(host_profile(), usable_cpus=1.3)
     stage = _build(engine, cache, profile=target)
     for info in stage.info["compile_options"].values():
-        assert info["options"] == "default" and "median_ms" not in info
+        assert info["options"] == "default" and "race_ms" not in info
         assert info["note"] == "not raced: built for another host, which races them itself"
     assert _records(cache) == {}

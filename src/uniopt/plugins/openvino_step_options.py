@@ -6,9 +6,11 @@ depends on the graph: on the 2-vCPU Zen 4 host it made the TTS decoder's slow st
 int8 weights, streamed from memory every step) about 2 ms slower and its frame graph (a small
 decoder run ten times a call, its weights in cache) about 2 ms faster. So a model with compressed
 weights is compiled with each of :data:`OPTION_SETS`, each in a trial process of its own, each is
-timed there on the graph's own calls (interleaved rounds, the median), and the faster is compiled
-here. The choice is a cache entry keyed by the model file, the host and the compile config: a warm
-start compiles the chosen set only.
+timed there on the graph's own calls (a step graph: a prompt's prefill, then single steps, scored
+as one prefill and many steps; interleaved rounds, the median), and the faster is compiled here.
+What each set's trial process holds is reported beside its time: with dynamic quantization off,
+the slow step holds 146 MiB more after a prefill. The choice is a cache entry keyed by the model
+file, the host and the compile config: a warm start compiles the chosen set only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +41,21 @@ OPTION_SETS: Mapping[str, Mapping[str, str]] = {
     "default": {},
     "no-dynamic-quantization": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
 }
-#: Interleaved rounds of the race; the median of each option set's rounds counts.
+#: Interleaved rounds of the race; the median of each option set's rounds counts (for a step graph
+#: a round's score is its prefill plus :data:`STEPS_PER_PREFILL` steps, from the steps it timed).
 ROUNDS = 5
 #: Another option set replaces the defaults only when at least this much faster (noise stays default).
 MIN_GAIN = 0.03
 #: Single steps timed after the prefill of a step graph (fewer when its caches end sooner).
 STEPS = 16
+#: Decode steps a step graph's sequence takes per prefill, in the race's score (prefill seconds plus
+#: this many steps' seconds): a decode loop runs many steps per prompt (the TTS engine 64 frames a call).
+STEPS_PER_PREFILL = 64
+#: Positions of the prefill a race starts a step graph's sequence with, where its inputs take any
+#: length: a prompt's worth. A prefill of this size is what shows what an option set holds for
+#: many rows at once (with dynamic quantization off, 139 MiB more for the TTS decoder's slow step
+#: after a 24-position prefill, none after 3).
+PREFILL = 32
 #: The cache entry's kind, and the version of its layout (a new version is a new key).
 CACHE_KIND = "openvino-step-options"
 CACHE_SCHEMA = 1
@@ -52,19 +63,25 @@ CACHE_SCHEMA = 1
 
 @dataclass(frozen=True)
 class OptionChoice:
-    """The option set a model was compiled with: its ``name`` in :data:`OPTION_SETS`, the median
-    seconds of each set raced (none when nothing was raced), and whether the cache held the choice."""
+    """The option set a model was compiled with: its ``name`` in :data:`OPTION_SETS`, each raced
+    set's median score in seconds (a step graph: one prefill and :data:`STEPS_PER_PREFILL` steps; a
+    frame graph: three calls; none when nothing was raced), and whether the cache held the choice."""
 
     name: str
     seconds: Mapping[str, float]
     from_cache: bool
     note: str = ""
+    #: Each raced set's trial process's resident memory after its timed calls (the compiled model
+    #: and OpenVINO's runtime): what the sets cost, for the report.
+    resident_bytes: Mapping[str, int] = field(default_factory=dict)
 
     def to_info(self) -> dict[str, Any]:
         """As plain data for a stage's info."""
         info: dict[str, Any] = {"options": self.name, "from_cache": self.from_cache}
         if self.seconds:
-            info["median_ms"] = {name: round(s * 1e3, 3) for name, s in self.seconds.items()}
+            info["race_ms"] = {name: round(s * 1e3, 3) for name, s in self.seconds.items()}
+        if self.resident_bytes:
+            info["trial_resident_mib"] = {name: round(b / 2**20) for name, b in self.resident_bytes.items()}
         if self.note:
             info["note"] = self.note
         return info
@@ -73,29 +90,42 @@ class OptionChoice:
 def exercise_calls(graph: StepGraph | FrameGraph) -> list[tuple[bool, list[np.ndarray]]]:
     """The calls that run ``graph``'s model as a decode loop does, as ``(reset states first, arrays)``.
 
-    A step graph starts a sequence (its example inputs at positions 0..L-1, its states reset) and
-    then takes single steps; a frame graph runs its example inputs three times.
+    A step graph starts a sequence, its states reset: a prefill of :data:`PREFILL` positions where
+    its inputs have a free length axis (the example inputs repeated along it), else its example's
+    length. Then it takes single steps. A frame graph runs its example inputs three times.
     """
     if isinstance(graph, FrameGraph):
         arrays = [t.numpy() for t in graph.example_inputs]
         return [(False, arrays)] * 3
     position = graph.input_names.index(graph.position_input)
-    prefill = list(graph.example_inputs)
-    length = prefill[position].shape[0]
+    axes = [_free_axis(shape) for shape in graph.input_shapes]
+    lengthened = any(axis is not None for index, axis in enumerate(axes) if index != position)
+    length = graph.example_inputs[position].shape[0]
+    if lengthened:
+        length = max(1, min(PREFILL, graph.max_positions - 1 - STEPS))
+    prefill = [
+        t if axis is None or index == position else _repeated(t, axis, length)
+        for index, (t, axis) in enumerate(zip(graph.example_inputs, axes, strict=True))
+    ]
     prefill[position] = torch.arange(length)
     beam = np.zeros(1, dtype=np.int32)  # the step models' last input (beam_idx): row 0 of the caches
-    calls = [(True, [*(t.numpy() for t in prefill), beam])]
-    step = [_last_position(t, shape) for t, shape in zip(prefill, graph.input_shapes, strict=True)]
+    calls = [(True, [*(t.contiguous().numpy() for t in prefill), beam])]
+    step = [t if axis is None else t.narrow(axis, t.shape[axis] - 1, 1) for t, axis in zip(prefill, axes, strict=True)]
     for index in range(max(1, min(STEPS, graph.max_positions - length))):
         step[position] = torch.tensor([length + index])
         calls.append((False, [*(t.contiguous().numpy() for t in step), beam]))
     return calls
 
 
-def _last_position(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``tensor`` cut to its last position along the axis ``shape`` leaves free (-1), if any."""
-    free = [axis for axis, size in enumerate(shape) if size == -1]
-    return tensor.narrow(free[0], tensor.shape[free[0]] - 1, 1) if free else tensor
+def _free_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis ``shape`` leaves free (-1): the positions' axis of a step input, if it has one."""
+    return next((axis for axis, size in enumerate(shape) if size == -1), None)
+
+
+def _repeated(tensor: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    """``tensor`` repeated along ``axis`` and cut to ``length`` there."""
+    times = -(-length // tensor.shape[axis])
+    return torch.cat([tensor] * times, dim=axis).narrow(axis, 0, length)
 
 
 def compile_fastest(
@@ -134,7 +164,11 @@ def _race(
     context: BuildContext,
     step: str,
 ) -> OptionChoice:
-    """Each option set compiled in a trial process and timed on the graph's calls, in interleaved rounds."""
+    """Each option set compiled in a trial process and timed on the graph's calls, in interleaved rounds.
+
+    A step graph's prefill and single steps are timed apart and scored as one prefill and
+    :data:`STEPS_PER_PREFILL` steps: a decode loop's prompt is prefilled once for many steps.
+    """
     from .openvino_trial import TrialProcess, TrialUnavailable
 
     if not context.settings.trial_processes:
@@ -150,12 +184,16 @@ def _race(
             with memory_step(step.replace("-compile-", "-trial-"), component, context, ir_bytes):
                 trials[name] = TrialProcess(path, "CPU", {**uncached, **options}, f"{graph.name} with {name} options")
         calls = exercise_calls(graph)
+        first, rest = (calls[:1], calls[1:]) if isinstance(graph, StepGraph) else ([], calls)
+        weight = STEPS_PER_PREFILL / len(rest) if first else 1.0
         samples: dict[str, list[float]] = {name: [] for name in trials}
         for trial in trials.values():  # warm-up
             trial.run_calls(calls)
         for _ in range(ROUNDS):
             for name, trial in trials.items():
-                samples[name].append(trial.run_calls(calls))
+                prefill = trial.run_calls(first) if first else 0.0
+                samples[name].append(prefill + weight * trial.run_calls(rest))
+        resident = {name: trial.rss_bytes() for name, trial in trials.items()}
     except (MemoryBudgetError, TrialUnavailable, RuntimeError) as exc:
         return OptionChoice("default", {}, False, f"not raced: {first_line(exc)}")
     finally:
@@ -165,7 +203,7 @@ def _race(
     fastest = min(seconds, key=seconds.__getitem__)
     chosen = fastest if seconds[fastest] < seconds["default"] * (1 - MIN_GAIN) else "default"
     log.debug("%s of %s: %s (%s)", graph.name, component.name, chosen, seconds)
-    return OptionChoice(chosen, seconds, False)
+    return OptionChoice(chosen, seconds, False, resident_bytes=resident)
 
 
 def _key(path: Path, config: Mapping[str, str], context: BuildContext) -> str:
