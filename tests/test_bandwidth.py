@@ -159,6 +159,6 @@ def test_the_buffer_shrinks_with_the_memory_left(monkeypatch: pytest.MonkeyPatch
 def test_floor_seconds_and_describe() -> None:
     probe = BandwidthProbe(23.4e9, 2, 256 * MiB, 0.4, True, 0.0)
     assert floor_seconds(117 * 10**6, probe) == pytest.approx(0.005)
-    assert probe.describe() == "23.4 GB/s at 2 threads (cached)"
+    assert probe.describe() == "23.4 GB/s at 2 threads (cached, measured 1970-01-01 00:00 UTC)"
     single = BandwidthProbe(9.96e9, 1, 256 * MiB, 0.4, False, 0.0)
     assert single.describe() == "10.0 GB/s at 1 thread (measured now)"

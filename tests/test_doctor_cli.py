@@ -135,7 +135,9 @@ def test_doctor_measures_the_bandwidth_once(runner: CliRunner, monkeypatch: pyte
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     threads = first["threads"]
-    expected = f"{first['read_bytes_per_s'] / 1e9:.1f} GB/s at {threads} thread{'s' * (threads != 1)} (cached)"
+    expected = (
+        f"{first['read_bytes_per_s'] / 1e9:.1f} GB/s at {threads} thread{'s' * (threads != 1)} (cached, measured "
+    )
     assert re.search(r"memory read bandwidth\s*│\s*" + re.escape(expected), result.output)
     assert json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]["read_bandwidth"] == {
         **first,
@@ -244,3 +246,12 @@ def test_small_host_advice_depends_on_mode(make_profile) -> None:
     profile = make_profile(usable_cpus=1.3)
     assert "UNIOPT_MODE=tier" in advice(profile, "low-resource")
     assert "UNIOPT_MODE=tier" not in advice(profile, "low-resource", mode="tier")
+
+
+def test_doctor_measures_the_bandwidth_again_when_asked(runner: CliRunner) -> None:
+    first = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]["read_bandwidth"]
+    again = json.loads(runner.invoke(app, ["doctor", "--json", "--measure-bandwidth"]).stdout)["memory"]
+    assert again["read_bandwidth"]["from_cache"] is False
+    assert again["read_bandwidth"]["measured_at"] > first["measured_at"]
+    cached = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["memory"]["read_bandwidth"]
+    assert cached == {**again["read_bandwidth"], "from_cache": True}  # the new measurement replaced the old

@@ -137,12 +137,17 @@ def _engines_table(engines: list[dict[str, Any]]) -> Table:
 
 
 @app.command()
-def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    measure_bandwidth: bool = typer.Option(
+        False, "--measure-bandwidth", help="Measure the memory read bandwidth again and replace the cached value."
+    ),
+) -> None:
     """Print the hardware report, the tier, what each backend can do here, and advice."""
     from .doctor import doctor_report
 
     try:
-        data = doctor_report().to_dict()
+        data = doctor_report(measure_bandwidth=measure_bandwidth).to_dict()
     except UniOptError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc

@@ -63,8 +63,13 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def doctor_report(overrides: dict[str, Any] | None = None, available_bytes: int | None = None) -> DoctorReport:
+def doctor_report(
+    overrides: dict[str, Any] | None = None, available_bytes: int | None = None, measure_bandwidth: bool = False
+) -> DoctorReport:
     """Build the doctor report for this process.
+
+    ``measure_bandwidth`` measures the memory read bandwidth again and replaces the cached value
+    (on a shared host it moves by 2x from one hour to the next).
 
     ``available_bytes`` is the memory an optimizing process may use in all, which the engines'
     rows are judged against; by default the memory left now plus this process's own RSS (it
@@ -99,7 +104,9 @@ def doctor_report(overrides: dict[str, Any] | None = None, available_bytes: int 
     pm.hook.uniopt_doctor_advice(profile=profile, tier=choice.tier, settings=settings, add=advice.append)
     bandwidth, problem = None, None
     try:
-        bandwidth = memory_bandwidth(threads.intra_op, cache_dir=settings.cache_dir, profile=profile)
+        bandwidth = memory_bandwidth(
+            threads.intra_op, cache_dir=settings.cache_dir, refresh=measure_bandwidth, profile=profile
+        )
     except MemoryBudgetError as exc:
         problem = str(exc)
     if available_bytes is None:

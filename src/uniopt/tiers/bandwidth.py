@@ -54,9 +54,10 @@ class BandwidthProbe:
     measured_at: float
 
     def describe(self) -> str:
-        """``23.4 GB/s at 2 threads (cached)`` (decimal GB)."""
+        """``23.4 GB/s at 2 threads (cached, measured 2026-12-06 16:40 UTC)`` (decimal GB)."""
         plural = "" if self.threads == 1 else "s"
-        cached = " (cached)" if self.from_cache else " (measured now)"
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
+        cached = f" (cached, measured {when})" if self.from_cache else " (measured now)"
         return f"{self.read_bytes_per_s / 1e9:.1f} GB/s at {self.threads} thread{plural}{cached}"
 
     def to_dict(self) -> dict[str, Any]:
