@@ -147,27 +147,37 @@ def compile_fastest(
     unavailable, a set that does not fit the memory left or fails to compile, a build for another
     host's bundle).
     """
-    key = _key(path, config, context)
+    # The blob cache folder is neither part of what is raced (a trial compiles without it, so no
+    # blob of the loser is kept; a warm start compiles the chosen set with it) nor of the key.
+    uncached = {k: v for k, v in config.items() if k != "CACHE_DIR"}
+    ir_bytes = file_bytes(path, path.with_suffix(".bin"))
+    key = _key(path, uncached, context)
     name = _cached_choice(context, key)
-    choice = OptionChoice(name, {}, True) if name is not None else _race(path, config, graph, component, context, step)
-    if name is None and choice.seconds:
-        _store(context, key, choice.name, choice.seconds, graph.name)
-    with memory_step(step, component, context, file_bytes(path, path.with_suffix(".bin"))):
+    if name is not None:
+        choice = OptionChoice(name, {}, True)
+    else:
+        choice = _race(path, uncached, ir_bytes, graph, component, context, step.replace("-compile-", "-trial-"))
+        if choice.seconds:
+            _store(context, key, choice.name, choice.seconds, graph.name)
+    with memory_step(step, component, context, ir_bytes):
         return core.compile_model(str(path), "CPU", {**config, **OPTION_SETS[choice.name]}), choice
 
 
 def _race(
     path: Path,
-    config: Mapping[str, str],
+    uncached: Mapping[str, str],
+    ir_bytes: int,
     graph: StepGraph | FrameGraph,
     component: Any,
     context: BuildContext,
-    step: str,
+    trial_step: str,
 ) -> OptionChoice:
     """Each option set compiled in a trial process and timed on the graph's calls, in interleaved rounds.
 
-    A step graph's prefill and single steps are timed apart and scored as one prefill and
-    :data:`STEPS_PER_PREFILL` steps: a decode loop's prompt is prefilled once for many steps.
+    ``uncached`` is the compile config without the blob cache; ``trial_step`` names the
+    memory-checked step of each trial process. A step graph's prefill and single steps are timed
+    apart and scored as one prefill and :data:`STEPS_PER_PREFILL` steps: a decode loop's prompt is
+    prefilled once for many steps.
     """
     from .openvino_trial import TrialProcess, TrialUnavailable
 
@@ -175,13 +185,10 @@ def _race(
         return OptionChoice("default", {}, False, "not raced: UNIOPT_TRIAL_PROCESSES is off")
     if context.profile.fingerprint != host_profile().fingerprint:  # optimize prepare: built for another host
         return OptionChoice("default", {}, False, "not raced: built for another host, which races them itself")
-    # No blob cache in a trial: a warm start compiles the chosen set with it here.
-    uncached = {k: v for k, v in config.items() if k != "CACHE_DIR"}
     trials: dict[str, TrialProcess] = {}
-    ir_bytes = file_bytes(path, path.with_suffix(".bin"))
     try:
         for name, options in OPTION_SETS.items():
-            with memory_step(step.replace("-compile-", "-trial-"), component, context, ir_bytes):
+            with memory_step(trial_step, component, context, ir_bytes):
                 trials[name] = TrialProcess(path, "CPU", {**uncached, **options}, f"{graph.name} with {name} options")
         calls = exercise_calls(graph)
         first, rest = (calls[:1], calls[1:]) if isinstance(graph, StepGraph) else ([], calls)
@@ -206,7 +213,8 @@ def _race(
     return OptionChoice(chosen, seconds, False, resident_bytes=resident)
 
 
-def _key(path: Path, config: Mapping[str, str], context: BuildContext) -> str:
+def _key(path: Path, uncached: Mapping[str, str], context: BuildContext) -> str:
+    """The cache key of the choice for the model at ``path`` compiled with ``uncached`` on this host."""
     from ..cache import cache_key
 
     return cache_key(
@@ -215,7 +223,7 @@ def _key(path: Path, config: Mapping[str, str], context: BuildContext) -> str:
             "schema": CACHE_SCHEMA,
             "model": path.parent.name,  # the model's own cache key
             "host": context.profile.fingerprint,
-            "config": {k: v for k, v in config.items() if k != "CACHE_DIR"},
+            "config": dict(uncached),
             "sets": {name: dict(options) for name, options in OPTION_SETS.items()},
         }
     )

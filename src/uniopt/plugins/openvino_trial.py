@@ -138,7 +138,6 @@ class TrialProcess:
     def run_calls(self, calls: list[tuple[bool, list[Any]]]) -> float:
         """Seconds the trial process took to run ``calls`` (``(reset states first, arrays)`` each) in turn."""
         with self._lock:
-            self._check_open()
             return float(self._ask(("run", calls)))
 
     def peak_bytes(self) -> int:
