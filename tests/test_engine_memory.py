@@ -89,13 +89,13 @@ def test_load_structure_allocates_no_weights() -> None:
 def phoneme_facts() -> list[ComponentFacts]:
     # The phoneme encoder as its facts say: wav2vec2-base's 360 MiB of weights, exported with the legacy exporter.
     size = 378_000_000
-    return [ComponentFacts("model", "encoder", "legacy", size, size // 4, False, False, True, True)]
+    return [ComponentFacts("model", "encoder", "legacy", size, size, size // 4, False, False, True, True)]
 
 
 def test_the_verdict_follows_the_memory_left() -> None:
     tier, cands = tier_by_name("low-resource"), all_candidates()
     facts = phoneme_facts()
-    roomy = engine_memory("phoneme", 64 * 2**30, tier, cands, facts=facts)
+    roomy = engine_memory("phoneme", 64 * 2**30, tier, cands, facts=facts, park_setting="false")
     assert roomy.fits and roomy.verdict == "fits"
     assert roomy.eager_bytes == facts[0].weight_bytes + EAGER_RUNTIME_BYTES
     least, full = roomy.least, roomy.full
@@ -112,12 +112,18 @@ def test_the_verdict_follows_the_memory_left() -> None:
     assert needs["openvino-bf16"].step == "openvino-check-module"
     assert least.required_bytes < needs["openvino-bf16"].required_bytes < full.required_bytes
 
-    small = engine_memory("phoneme", roomy.eager_bytes + least.required_bytes, tier, cands, facts=facts)
+    small = engine_memory(
+        "phoneme", roomy.eager_bytes + least.required_bytes, tier, cands, facts=facts, park_setting="false"
+    )
     assert not small.fits and small.verdict == "only torch-bf16 fit"
     assert small.fitting() == {"model": ["torch-bf16"]}
-    some = engine_memory("phoneme", roomy.eager_bytes + full.required_bytes - 1, tier, cands, facts=facts)
+    some = engine_memory(
+        "phoneme", roomy.eager_bytes + full.required_bytes - 1, tier, cands, facts=facts, park_setting="false"
+    )
     assert some.verdict.startswith("only torch-bf16, torch-int8") and "onnxruntime-fp32" not in some.verdict
-    none = engine_memory("phoneme", roomy.eager_bytes + least.required_bytes - 1, tier, cands, facts=facts)
+    none = engine_memory(
+        "phoneme", roomy.eager_bytes + least.required_bytes - 1, tier, cands, facts=facts, park_setting="false"
+    )
     assert not none.fits and none.verdict == "does not fit: stays eager"
     line = memory_advice([roomy, small, none])
     assert (
@@ -131,18 +137,38 @@ def test_the_verdict_follows_the_memory_left() -> None:
 def test_a_component_whose_chain_cannot_build_it_names_what_does() -> None:
     tier, cands = tier_by_name("low-resource"), all_candidates()
     # A decoder that exports to nothing and declares no decode steps: only the PyTorch copies apply.
-    decoder = ComponentFacts("decoder", "decoder", "none", 800 * MiB, 220 * MiB, False, False, False, True)
-    codec = ComponentFacts("codec", "codec", "dynamo", 32 * MiB, 16 * MiB, False, False, False, False)
+    decoder = ComponentFacts("decoder", "decoder", "none", 800 * MiB, 790 * MiB, 220 * MiB, False, False, False, True)
+    codec = ComponentFacts("codec", "codec", "dynamo", 32 * MiB, 32 * MiB, 16 * MiB, False, False, False, False)
     row = engine_memory("tts", 64 * 2**30, tier, cands, facts=[decoder, codec])
     names = {c.name: [n.candidate for n in c.needs] for c in row.components}
     assert set(names["decoder"]) == {"torch-int8", "torch-int8-weights", "torch-bf16"}
     assert names["codec"] == ["onnxruntime-fp32"]  # the generic chain; no Linear layer for torch-int8
     codec_need = row.components[1].needs[0].required_bytes
-    tight = engine_memory("tts", row.eager_bytes + codec_need, tier, cands, facts=[decoder, codec])
+    tight = engine_memory(
+        "tts", row.eager_bytes + codec_need, tier, cands, facts=[decoder, codec], park_setting="false"
+    )
     assert tight.verdict == "only codec: onnxruntime-fp32 fit (decoder stays eager)"
     data = tight.to_dict()
     assert data["least_bytes"] == codec_need and data["fits"] is False
     assert data["components"][0]["fitting"] == [] and data["components"][1]["fitting"] == ["onnxruntime-fp32"]
+
+
+def test_parked_weights_go_back_to_the_builds() -> None:
+    """With the memory left short, ``auto`` parks the decoder's parameters: what is left to build in grows by them."""
+    tier, cands = tier_by_name("low-resource"), all_candidates()
+    decoder = ComponentFacts("decoder", "decoder", "none", 800 * MiB, 790 * MiB, 220 * MiB, False, False, False, True)
+    codec = ComponentFacts("codec", "codec", "dynamo", 32 * MiB, 32 * MiB, 16 * MiB, False, False, False, False)
+    facts = [decoder, codec]
+    kept = engine_memory("tts", 1536 * MiB, tier, cands, facts=facts, park_setting="false")
+    parked = engine_memory("tts", 1536 * MiB, tier, cands, facts=facts)
+    assert kept.parked_bytes == 0 and not kept.fits
+    # 1536 - 832 - 320 MiB left: the decoder's 790 MiB are more than a quarter; the codec's 32 MiB are not.
+    assert parked.parked_bytes == 790 * MiB
+    assert parked.build_bytes == kept.build_bytes + 790 * MiB and parked.fits
+    assert parked.to_dict()["parked_bytes"] == 790 * MiB
+    roomy = engine_memory("tts", 64 * 2**30, tier, cands, facts=facts)
+    assert roomy.parked_bytes == 0
+    assert engine_memory("tts", 64 * 2**30, tier, cands, facts=facts, park_setting="true").parked_bytes == 822 * MiB
 
 
 def test_every_declared_step_is_a_step_the_builders_check() -> None:

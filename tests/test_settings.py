@@ -41,6 +41,7 @@ FIELDS: dict[str, tuple[str, str, Any, str | None]] = {
     "enable_performance_logging": ("ENABLE_PERFORMANCE_LOGGING", "yes", True, "y"),
     "fallback_on_optimization_error": ("FALLBACK_ON_OPTIMIZATION_ERROR", "FALSE", False, "ture"),
     "isolate_builds": ("UNIOPT_ISOLATE_BUILDS", "false", False, "sandboxed"),
+    "park_weights": ("UNIOPT_PARK_WEIGHTS", "Yes", "true", "sometimes"),
     "trial_processes": ("UNIOPT_TRIAL_PROCESSES", "0", False, "separately"),
 }
 

@@ -105,17 +105,22 @@ def _need(need: dict[str, Any] | None) -> str:
 def _engines_table(engines: list[dict[str, Any]]) -> Table:
     """A row per engine and per component: weights, eager footprint, least and full chain needs, verdict."""
     table = Table(title="Memory to optimize each engine here (MiB; cold cache, margins included)")
-    for col in ("engine / component", "weights", "eager (est.)", "least", "full chain", "left to build", "verdict"):
-        table.add_column(col, justify="right" if col in ("weights", "eager (est.)", "left to build") else "left")
+    columns = (
+        "engine / component", "weights", "eager (est.)", "parked", "least", "full chain", "left to build", "verdict"
+    )  # fmt: skip
+    for col in columns:
+        right = col in ("weights", "eager (est.)", "parked", "left to build")
+        table.add_column(col, justify="right" if right else "left")
     for e in engines:
         if e["error"]:
-            table.add_row(e["name"], "-", "-", "-", "-", "-", escape(e["verdict"]))
+            table.add_row(e["name"], "-", "-", "-", "-", "-", "-", escape(e["verdict"]))
             continue
         colour = "green" if e["fits"] else "red" if e["verdict"].startswith("does not") else "yellow"
         table.add_row(
             f"[bold]{e['name']}[/]",
             _mib(e["weight_bytes"]),
             _mib(e["eager_bytes"]),
+            _mib(e["parked_bytes"]) if e["parked_bytes"] else "-",
             _need(e["least"]),
             _need(e["full"]),
             _mib(e["build_bytes"]),
@@ -127,6 +132,7 @@ def _engines_table(engines: list[dict[str, Any]]) -> Table:
                 table.add_row(
                     f"  {c['name']}",
                     _mib(c["weight_bytes"]),
+                    "",
                     "",
                     _need(c["least"]),
                     _need(c["full"]),

@@ -112,7 +112,9 @@ def doctor_report(
     if available_bytes is None:
         available_bytes = memory_headroom().available_bytes + rss_bytes()
     engines = [
-        engine_memory(name, available_bytes, choice.tier, usable, cache_dir=settings.cache_dir)
+        engine_memory(
+            name, available_bytes, choice.tier, usable, cache_dir=settings.cache_dir, park_setting=settings.park_weights
+        )
         for name in BUILTIN_ENGINES
     ]
     if (line := memory_advice(engines)) is not None:

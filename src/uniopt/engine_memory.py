@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import format_bytes
+from .parked import parks
 from .plugins.candidate import Candidate
 from .plugins.memory_costs import EAGER_RUNTIME_BYTES, estimate_step, required_bytes
 from .tiers import Tier
@@ -39,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger("uniopt")
 CACHE_KIND = "engine-structure"
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 _ENGINES_DIR = Path(__file__).parent / "engines"
 _memo: dict[str, list[ComponentFacts]] = {}
 
@@ -49,14 +50,16 @@ class ComponentFacts:
     """What the memory estimate needs of a component: its weights, and what decides which candidates apply.
 
     ``weight_bytes`` are its parameters and buffers (tied ones once), as the builders' checks count
-    them; ``int8_file_bytes`` the same with Linear and embedding weights at one byte per element
-    (the size of a model file with int8 weights).
+    them; ``parameter_bytes`` the parameters alone (what parking moves to a file, :mod:`uniopt.parked`);
+    ``int8_file_bytes`` the weights with Linear and embedding weights at one byte per element (the
+    size of a model file with int8 weights).
     """
 
     name: str
     kind: str
     exporter: str
     weight_bytes: int
+    parameter_bytes: int
     int8_file_bytes: int
     decode_steps: bool
     frame_graph: bool
@@ -100,7 +103,8 @@ class EngineMemory:
     """One engine: eager footprint, what optimizing it needs, and the verdict against ``available_bytes``.
 
     ``available_bytes`` is the memory an optimizing process may use in all; the engine's eager
-    footprint comes off it first, the rest (``build_bytes``) is left for the build steps.
+    footprint comes off it first, the weights parked in a file (``parked_bytes``) go back to it,
+    and the rest (``build_bytes``) is left for the build steps.
     """
 
     name: str
@@ -109,10 +113,11 @@ class EngineMemory:
     available_bytes: int
     components: tuple[ComponentMemory, ...]
     error: str | None = None
+    parked_bytes: int = 0
 
     @property
     def build_bytes(self) -> int:
-        return self.available_bytes - self.eager_bytes
+        return self.available_bytes - self.eager_bytes + self.parked_bytes
 
     @property
     def least(self) -> CandidateNeed | None:
@@ -159,6 +164,7 @@ class EngineMemory:
             "name": self.name,
             "weight_bytes": self.weight_bytes,
             "eager_bytes": self.eager_bytes,
+            "parked_bytes": self.parked_bytes,
             "available_bytes": self.available_bytes,
             "build_bytes": self.build_bytes,
             "least_bytes": least.required_bytes if least else None,
@@ -183,11 +189,11 @@ class EngineMemory:
         }
 
 
-def _tensor_bytes(module: Any, one_byte: set[int] | None = None) -> int:
+def _tensor_bytes(module: Any, one_byte: set[int] | None = None, buffers: bool = True) -> int:
     """Parameter and buffer bytes of ``module`` (meta tensors included), each once; ``one_byte`` ids at 1 B."""
     seen: set[tuple[str, int]] = set()
     total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in [*module.parameters(), *(module.buffers() if buffers else ())]:
         meta = tensor.device.type == "meta"
         key = ("id", id(tensor)) if meta else ("storage", tensor.untyped_storage().data_ptr())
         if key in seen:
@@ -210,6 +216,7 @@ def component_facts(component: Any) -> ComponentFacts:
         kind=component.kind,
         exporter=component.exporter,
         weight_bytes=_tensor_bytes(module),
+        parameter_bytes=_tensor_bytes(module, buffers=False),
         int8_file_bytes=_tensor_bytes(module, {id(w) for w in linear}),
         decode_steps=steps is not None,
         frame_graph=steps is not None and steps.frame is not None,
@@ -311,13 +318,16 @@ def engine_memory(
     *,
     facts: Sequence[ComponentFacts] | None = None,
     cache_dir: Path | str | None = None,
+    park_setting: str = "auto",
 ) -> EngineMemory:
     """What optimizing built-in engine ``name`` in ``tier`` needs, against ``available_bytes`` in all.
 
     ``candidates`` are those available here; each component's chain is the tier's for its kind.
     ``facts`` default to :func:`engine_facts` (``cache_dir`` is its cache).
-    The eager footprint is the components' weight bytes plus ``EAGER_RUNTIME_BYTES``. An engine
-    that cannot be built on the meta device (a library missing) gets ``error`` and no figures.
+    The eager footprint is the components' weight bytes plus ``EAGER_RUNTIME_BYTES``; the parameters
+    of the components :func:`~uniopt.parked.parks` parks (``park_setting``, ``UNIOPT_PARK_WEIGHTS``),
+    in order, with what is left then, come back to the builds. An engine that cannot be built on
+    the meta device (a library missing) gets ``error`` and no figures.
     """
     if facts is None:
         try:
@@ -331,7 +341,12 @@ def engine_memory(
         found = [need for cand in chain if (need := candidate_need(cand, f)) is not None]
         components.append(ComponentMemory(f.name, f.kind, f.weight_bytes, tuple(sorted(found, key=_order))))
     weights = sum(f.weight_bytes for f in facts)
-    return EngineMemory(name, weights, weights + EAGER_RUNTIME_BYTES, available_bytes, tuple(components))
+    eager = weights + EAGER_RUNTIME_BYTES
+    parked = 0
+    for f in facts:
+        if parks(park_setting, f.parameter_bytes, available_bytes - eager + parked):
+            parked += f.parameter_bytes
+    return EngineMemory(name, weights, eager, available_bytes, tuple(components), parked_bytes=parked)
 
 
 def _order(need: CandidateNeed) -> tuple[int, str]:

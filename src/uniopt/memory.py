@@ -168,9 +168,12 @@ def _malloc_trim() -> None:
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap back to the system (glibc ``malloc_trim``)."""
+    """Collect garbage, hand freed heap back to the system (glibc ``malloc_trim``), page out parked weights."""
+    from .parked import page_out_parked
+
     gc.collect()
     _malloc_trim()
+    page_out_parked()
 
 
 def module_bytes(module: torch.nn.Module) -> int:

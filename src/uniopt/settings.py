@@ -57,6 +57,13 @@ def _compile_mode(value: str) -> str:
     return value.strip()
 
 
+def _park(value: str) -> str:
+    text = value.strip().lower()
+    if text == "auto":
+        return text
+    return "true" if _bool(text) else "false"
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -259,6 +266,14 @@ class Settings:
         True,
         "run artifact-building steps (exports, conversions, compression) in a forked child process",
         "true or false",
+    )
+    park_weights: str = _setting(
+        "UNIOPT_PARK_WEIGHTS",
+        _park,
+        "auto",
+        "move a component's eager weights to a file in the cache the kernel can drop and read back "
+        "(auto: when they take more than a quarter of the memory left)",
+        "auto, true or false",
     )
     trial_processes: bool = _setting(
         "UNIOPT_TRIAL_PROCESSES",

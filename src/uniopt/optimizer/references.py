@@ -22,6 +22,7 @@ from ..cache import cache_key, library_versions
 from ..cache.keys import hash_inputs
 from ..errors import InputError
 from ..memory import measure_memory
+from ..parked import page_in_parked
 from ..plugins import BuildContext
 from .component import Component
 from .guard import reference_outputs
@@ -78,6 +79,7 @@ def compute_references(
 def _measured(
     component: Component, input_sets: Sequence[tuple[Any, ...]], skip_failing: bool
 ) -> tuple[list[Reference], int]:
+    page_in_parked()  # the calls' own memory is measured, not the weights read back from their file
     with measure_memory() as use:
         found = _run(component, input_sets, skip_failing)
     return found, use.peak_increase_bytes

@@ -47,6 +47,9 @@ class ComponentReport:
     search_cut_short: bool = False
     #: For a component found by ``sample=``: the engine method whose call reached it.
     found_by: str = ""
+    #: Bytes of the eager module's weights parked in a file (:mod:`uniopt.parked`), and why or why not.
+    parked_bytes: int = 0
+    parked: str = ""
 
     def candidate(self, name: str) -> CandidateResult:
         """The result for candidate ``name``."""
@@ -62,6 +65,8 @@ class ComponentReport:
             "decision_from_cache": self.decision_from_cache,
             "search_cut_short": self.search_cut_short,
             "found_by": self.found_by,
+            "parked_bytes": self.parked_bytes,
+            "parked": self.parked,
             "candidates": [asdict(c) for c in self.candidates],
         }
 

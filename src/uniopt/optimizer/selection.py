@@ -46,6 +46,7 @@ from filelock import Timeout
 
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, memory_headroom, release_memory
+from ..parked import park_for_room
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
 from ..plugins.candidate import TRIAL_PROCESS
 from ..plugins.fallback import NOT_APPLICABLE
@@ -150,6 +151,8 @@ class _Selector:
         self, input_sets: list[tuple[Any, ...]], skip_failing: bool = False
     ) -> tuple[list[Reference], bool]:
         found, call_bytes, ran = compute_references(self.component, input_sets, self.context, skip_failing)
+        if ran:
+            release_memory()  # the eager calls paged parked weights in
         # What a call of the module needs beyond its weights: a stage's first calls need about as much.
         self.call_bytes = max(self.call_bytes, call_bytes)
         return found, ran
@@ -543,7 +546,17 @@ def _store_decision(context: BuildContext, key: str, component: Component, repor
 
 
 def optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
-    """Pick the stage for ``component`` according to ``context.settings.mode``."""
+    """Pick the stage for ``component`` according to ``context.settings.mode``.
+
+    Its eager weights are parked first where memory is short (see :mod:`uniopt.parked`).
+    """
+    parking = park_for_room(component.module, component.key(), context.cache, context.settings.park_weights)
+    report = _optimize_component(component, context, pm)
+    report.parked_bytes, report.parked = parking.parked_bytes, parking.note
+    return report
+
+
+def _optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
     registered = candidates(pm)
     selector = _Selector(component, context, pm)
     ordered = _ordered(registered, component, context)
