@@ -17,7 +17,8 @@ from test_selection import SlowNet, _fake, _optimize, fake_plugins  # noqa: F401
 from uniopt.cache import ArtifactCache
 from uniopt.errors import SettingsError
 from uniopt.memory import process_status_bytes, release_memory
-from uniopt.parked import FILE, page_in_parked, park_for_room, parks
+from uniopt.optimizer.install import shallow_copy
+from uniopt.parked import FILE, Parking, page_in_parked, park_for_room, parks
 from uniopt.settings import resolve_settings
 from uniopt.tiers import host_profile
 
@@ -75,18 +76,22 @@ def test_a_parked_module_computes_the_same_from_a_mapped_file_and_frees_its_memo
     assert str(tmp_path) in _mapped_files()
     assert torch.equal(_run(model), expected)
     assert model.calls.item() == 2  # buffers stay the module's own, writable memory
+    again = park_for_room(shallow_copy(model), "tied", ArtifactCache(tmp_path), "true")  # a second wrapper
+    assert again == Parking(parking.parked_bytes, "parked in the cache before")
+    assert len(ArtifactCache(tmp_path).entries()) == 1
 
 
 def test_paged_out_weights_are_read_back_and_what_the_engine_wrote_stays(tmp_path: Path) -> None:
     model = Tied().eval()
     expected = _run(model)
-    park_for_room(model, "tied", ArtifactCache(tmp_path), "true")
+    park_for_room(shallow_copy(model), "tied", ArtifactCache(tmp_path), "true")  # as a wrapper's twin does
+    gc.collect()  # the module object it was parked through is gone; the parameters are not
     _run(model)  # pages the weights in
     touched = _status("RssFile")
     release_memory()
     paged_out = _status("RssFile")
     assert touched - paged_out > 0.8 * WEIGHT_BYTES
-    page_in_parked()  # before the eager calls' own memory is measured
+    page_in_parked(model)  # before the eager calls' own memory is measured
     assert _status("RssFile") - paged_out > 0.8 * WEIGHT_BYTES
     assert torch.equal(_run(model), expected)
     with torch.no_grad():

@@ -46,25 +46,38 @@ _MADV_PAGEOUT = 21
 _MADV_POPULATE_READ = 22
 #: Filesystems whose pages are memory the kernel cannot drop: a file there frees nothing.
 _MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
-#: Each parked module's mapping, for as long as the module lives.
-_parked: weakref.WeakKeyDictionary[torch.nn.Module, ParkedWeights] = weakref.WeakKeyDictionary()
 
 
 @dataclass
 class ParkedWeights:
-    """A module's parameters, mapped from ``path`` (``nbytes`` of storages)."""
+    """Parameters mapped from ``path``: ``nbytes`` at ``address``, alive while one of ``parameters`` is.
+
+    Only the parameters hold the mapping (their storage is it): it is unmapped with the last of them.
+    """
 
     path: Path
+    address: int
     nbytes: int
-    mapping: torch.Tensor
+    parameters: list[weakref.ref[torch.Tensor]]
+
+    @property
+    def alive(self) -> bool:
+        return any((t := ref()) is not None and self.holds(t) for ref in self.parameters)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return self.address <= tensor.data_ptr() < self.address + self.nbytes
 
     def page_out(self) -> bool:
         """Hand the mapping's unmodified pages back to the page cache; False where the kernel cannot."""
-        return _madvise(self.mapping.data_ptr(), self.mapping.numel(), _MADV_PAGEOUT)
+        return self.alive and _madvise(self.address, self.nbytes, _MADV_PAGEOUT)
 
     def page_in(self) -> bool:
         """Map every page now (read from the file when dropped); False where the kernel cannot."""
-        return _madvise(self.mapping.data_ptr(), self.mapping.numel(), _MADV_POPULATE_READ)
+        return self.alive and _madvise(self.address, self.nbytes, _MADV_POPULATE_READ)
+
+
+#: The mappings made in this process whose parameters are alive (pruned as they go).
+_parked: list[ParkedWeights] = []
 
 
 @dataclass(frozen=True)
@@ -86,12 +99,11 @@ def park_for_room(module: torch.nn.Module, key: str, cache: ArtifactCache | None
     """Park ``module``'s parameters when ``setting`` asks for it here; a failure is recorded, never raised."""
     from .memory import memory_headroom
 
-    if module in _parked:
-        return Parking(_parked[module].nbytes, "parked in the cache before")
     groups = list(_storage_groups(module))
-    weight_bytes = sum(storage.nbytes() for storage, _ in groups)
     if not groups:
-        return Parking(0, "")
+        before = _parked_bytes(module)
+        return Parking(before, "parked in the cache before" if before else "")
+    weight_bytes = sum(storage.nbytes() for storage, _ in groups)
     left = memory_headroom().available_bytes
     if not parks(setting, weight_bytes, left):
         return Parking(0, "")
@@ -133,6 +145,10 @@ def park_weights(
 
     entry, _ = cache.get_or_build(entry_key, write, kind=CACHE_KIND, description={"bytes": total})
     path = entry.path / FILE
+    problem = _in_memory(path)  # the cache may have moved to a temporary folder that could not be written
+    if problem is not None:
+        cache.remove(entry_key)
+        raise ValueError(problem)
     mapping = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
     for (storage, _), offset in zip(groups, offsets, strict=True):
         if not torch.equal(mapping[offset : offset + storage.nbytes()], _bytes_of(storage)):
@@ -145,21 +161,23 @@ def park_weights(
                 mapping.untyped_storage(), offset // item + tensor.storage_offset(), tensor.size(), tensor.stride()
             )
             tensor.data = mapped
-    parked = ParkedWeights(path, total, mapping)
-    _parked[module] = parked
+    parked = ParkedWeights(path, mapping.data_ptr(), total, [weakref.ref(t) for _, ts in groups for t in ts])
+    _parked.append(parked)
     return parked
 
 
 def page_out_parked() -> None:
     """Page out every parked mapping (after the eager module ran: references, timing)."""
-    for parked in list(_parked.values()):
+    _parked[:] = [parked for parked in _parked if parked.alive]
+    for parked in _parked:
         parked.page_out()
 
 
-def page_in_parked() -> None:
-    """Page in every parked mapping, so that what a call of the eager module needs is measured apart."""
-    for parked in list(_parked.values()):
-        parked.page_in()
+def page_in_parked(module: torch.nn.Module) -> None:
+    """Page in ``module``'s parked weights, if any, so that what its eager calls need is measured apart."""
+    for parked in _parked:
+        if any(parked.holds(p) for p in module.parameters()):
+            parked.page_in()
 
 
 def _unparkable(cache: ArtifactCache | None) -> str | None:
@@ -167,8 +185,13 @@ def _unparkable(cache: ArtifactCache | None) -> str | None:
         return "parking needs Linux"
     if cache is None:
         return "no artifact cache"
+    return _in_memory(cache.root)
+
+
+def _in_memory(path: Path) -> str | None:
+    """Why a file under ``path`` would free no memory (its filesystem keeps pages in memory), or None."""
     try:
-        kind = _filesystem_kind(cache.root)
+        kind = _filesystem_kind(path)
     except OSError as exc:
         return f"the cache's filesystem is unknown ({exc})"
     if kind in _MEMORY_FILESYSTEMS:
@@ -179,15 +202,24 @@ def _unparkable(cache: ArtifactCache | None) -> str | None:
 def _storage_groups(module: torch.nn.Module) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     """Each CPU storage under ``module``'s parameters (tied ones once) and the parameters over it."""
     groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
-    mapped = {parked.mapping.data_ptr() for parked in _parked.values()}
     for param in module.parameters():
         if param.device.type != "cpu" or param.is_sparse or param.is_quantized or param.numel() == 0:
             continue
         storage = param.untyped_storage()
-        if storage.data_ptr() in mapped:  # parked with another module that shares it
+        if _holder(param) is not None:  # parked with another module object over the same parameters
             continue
         groups.setdefault(storage.data_ptr(), (storage, []))[1].append(param)
     yield from groups.values()
+
+
+def _holder(tensor: torch.Tensor) -> ParkedWeights | None:
+    return next((parked for parked in _parked if parked.alive and parked.holds(tensor)), None)
+
+
+def _parked_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters that lie in a parking mapping (each once)."""
+    found = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if _holder(p) is not None}
+    return sum(found.values())
 
 
 def _layout(groups: list[tuple[Any, list[torch.Tensor]]]) -> tuple[list[int], int]:

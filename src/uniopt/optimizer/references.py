@@ -79,7 +79,7 @@ def compute_references(
 def _measured(
     component: Component, input_sets: Sequence[tuple[Any, ...]], skip_failing: bool
 ) -> tuple[list[Reference], int]:
-    page_in_parked()  # the calls' own memory is measured, not the weights read back from their file
+    page_in_parked(component.module)  # the calls' own memory is measured, not the weights read back from their file
     with measure_memory() as use:
         found = _run(component, input_sets, skip_failing)
     return found, use.peak_increase_bytes
