@@ -75,7 +75,8 @@ def test_doctor_json(runner: CliRunner) -> None:
     for name, row in rows.items():
         assert row["error"] is None, (name, row["error"])
         assert type(row["weight_bytes"]) is int and 0 < row["weight_bytes"] < row["eager_bytes"], name
-        assert row["build_bytes"] == row["available_bytes"] - row["eager_bytes"]
+        assert 0 <= row["parked_bytes"] <= row["weight_bytes"], name
+        assert row["build_bytes"] == row["available_bytes"] - row["eager_bytes"] + row["parked_bytes"]
         assert type(row["fits"]) is bool and row["verdict"], name
         if row["least_bytes"] is not None:
             assert 0 < row["least_bytes"] <= row["full_bytes"], name

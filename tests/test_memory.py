@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import mmap
@@ -20,6 +21,7 @@ from small_vm_script import small_vm
 from test_selection import SlowNet, _fake, _optimize, fake_plugins  # noqa: F401 - the fixture is used by name
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
+from uniopt.errors import MemoryBudgetError
 from uniopt.memory import MemoryHeadroom, measure_memory, memory_headroom, module_bytes
 from uniopt.optimizer import Component
 from uniopt.plugins import Candidate, Requirements, Stage, candidates, memory_costs, plugin_manager
@@ -273,6 +275,29 @@ def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: 
     assert report.chosen == "d0"
     # d0 stayed the best while set aside; it is rebuilt once, alone, when the search ends.
     assert log.built_beside == [("d0", []), ("d1", []), ("d2", []), ("d0", [])]
+
+
+def test_a_challenger_refused_for_memory_beside_the_best_is_built_again_without_it(
+    fake_plugins: Any,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """The estimates said it fits beside the best, the build step said no: it is tried once more, alone."""
+    log = _BuildLog()
+    challenger = log.candidate("f1", 0.001, "torch-copy")
+
+    def build(component: Any, context: Any) -> Stage:
+        gc.collect()
+        if len(log.alive):
+            log.built_beside.append(("f1", sorted(s.candidate for s in log.alive)))
+            raise MemoryBudgetError("torch-copy", 900 * MiB, "100 MiB available under the 1.5 GiB limit")
+        return challenger.build(component, context)
+
+    fake_plugins(log.candidate("f0", 0.004, "torch-copy", 64 * MiB), dataclasses.replace(challenger, build=build))
+    report = _optimize(SlowNet(), tmp_path, search_budget_s=60).report().component("module")
+    assert log.built_beside == [("f0", []), ("f1", ["f0"]), ("f1", [])]
+    assert report.chosen == "f1"
+    assert [r.name for r in report.candidates].count("f1") == 1, "one result per candidate"
+    assert report.candidate("f1").accepted and report.candidate("f0").speedup
 
 
 # -- host profiles for another machine -------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,22 @@ def test_in_a_1_5_gib_cgroup_parking_gives_the_weights_memory_back(tmp_path: Pat
     parked, before, after, same = proc.stdout.split()
     assert int(parked) == 400 * MiB and same == "True"
     assert int(after) - int(before) > 300 * MiB, (int(before) / MiB, int(after) / MiB)
+
+
+@pytest.mark.cgroup
+def test_in_a_1_5_gib_cgroup_the_doctor_counts_the_tts_decoder_parked(tmp_path: Path) -> None:
+    """The doctor's forecast there: the decoder's parameters parked, and its candidates fit beside the engine."""
+    env = {**os.environ, "UNIOPT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        with small_vm.small_vm() as vm:
+            command = vm.command([sys.executable, "-c", "from uniopt.cli import main; main()", "doctor", "--json"])
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    except small_vm.Unavailable as exc:
+        pytest.skip(str(exc))
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["name"]: row for row in json.loads(proc.stdout)["engines"]}
+    tts = rows["tts"]
+    decoder = next(c for c in tts["components"] if c["name"] == "decoder")
+    assert tts["parked_bytes"] > 700 * MiB, tts["parked_bytes"]
+    assert decoder["fitting"], tts["verdict"]
+    assert rows["diarization"]["parked_bytes"] == 0  # 11 MiB of weights: not worth a file

@@ -41,3 +41,25 @@ def test_phoneme_engine_tier_and_auto_mode_finish_in_a_small_vm(tmp_path: Path) 
             assert "available under the 1.5 GiB limit" in reason, reason
         assert row["peak"] < small_vm.LIMIT_1_5_GIB
         assert row["warm_chosen"] == row["chosen"], "the warm start did not apply the cold start's choice"
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_tts_decoder_is_optimized_in_a_small_vm(tmp_path: Path) -> None:
+    """Empty cache, tier mode: the decoder's weights are parked and its OpenVINO int8 stage is built there."""
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "tts", "--mode", "tier", "--small-vm"]
+    try:
+        with small_vm.small_vm(1.0, 64 * 2**20):
+            pass
+    except small_vm.Unavailable as exc:
+        pytest.skip(str(exc))
+    proc = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(out.read_text())
+    assert "error" not in row, row.get("error")
+    assert row["parked"] > 700 * 2**20
+    assert row["chosen"]["decoder"].startswith("openvino-stateful"), row["chosen"]
+    assert row["warm_chosen"] == row["chosen"]
+    # The int8 stage and the codec's model take less than the parked float weights gave back.
+    assert row["optimized_rss"] < row["eager_rss"]

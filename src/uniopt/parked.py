@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parameter import UninitializedParameter
 
 from .cache import ArtifactCache, cache_key
 from .memory import format_bytes
@@ -120,7 +121,8 @@ def park_for_room(module: torch.nn.Module, key: str, cache: ArtifactCache | None
         return Parking(0, f"not parked ({why}): {type(exc).__name__}: {exc}")
     from .memory import release_memory
 
-    release_memory()  # frees the old storages and pages the mapping out
+    del groups  # the old storages: freed now, and their heap handed back below
+    release_memory()  # also pages the mapping out
     return Parking(parked.nbytes, f"parked in the cache ({why})")
 
 
@@ -203,7 +205,9 @@ def _storage_groups(module: torch.nn.Module) -> Iterator[tuple[Any, list[torch.T
     """Each CPU storage under ``module``'s parameters (tied ones once) and the parameters over it."""
     groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
     for param in module.parameters():
-        if param.device.type != "cpu" or param.is_sparse or param.is_quantized or param.numel() == 0:
+        if isinstance(param, UninitializedParameter) or param.device.type != "cpu" or param.is_sparse:
+            continue
+        if param.is_quantized or param.numel() == 0:
             continue
         storage = param.untyped_storage()
         if _holder(param) is not None:  # parked with another module object over the same parameters

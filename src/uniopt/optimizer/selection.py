@@ -179,6 +179,17 @@ class _Selector:
         left = memory_headroom().available_bytes
         return need.required_bytes <= left or need.required_bytes > left + held
 
+    def refused_beside_best(self) -> bool:
+        """Whether the last candidate was refused for memory while the best so far was alive beside it."""
+        last = self.results[-1] if self.results else None
+        return (
+            last is not None
+            and last.reason.startswith("refused for memory")
+            and self.context.settings.mode == "auto"
+            and self.best != "eager"
+            and self.set_aside is None
+        )
+
     def put_best_aside(self, candidates: dict[str, Candidate]) -> None:
         log.debug("%s: releasing %s while a larger build runs", self.component.name, self.best)
         self.set_aside = candidates[self.best]
@@ -639,7 +650,13 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
             if context.settings.mode == "auto" and not selector.build_beside_best(cand):
                 selector.put_best_aside({c.name: c for c in usable})
             started = time.perf_counter()
-            stage = selector.try_candidate(cand, trial=context.settings.mode == "auto" and cand.name != "eager")
+            trial = context.settings.mode == "auto" and cand.name != "eager"
+            stage = selector.try_candidate(cand, trial=trial)
+            if stage is None and selector.refused_beside_best():
+                # The estimates let it be built beside the best; a build step found less memory left.
+                selector.results.pop()
+                selector.put_best_aside({c.name: c for c in usable})
+                stage = selector.try_candidate(cand, trial=trial)
             if stage is None:
                 if selector.results[-1].reason.startswith(("guard:", "first call failed")):
                     selector.last_cost_s = time.perf_counter() - started
