@@ -46,7 +46,7 @@ from filelock import Timeout
 
 from ..errors import InputError, MemoryBudgetError, OptimizationError, ValidationError
 from ..memory import measure_memory, memory_headroom, release_memory
-from ..parked import park_for_room
+from ..parked import page_out_parked, park_for_room
 from ..plugins import BuildContext, BuildFailure, Candidate, Stage, availability, candidates
 from ..plugins.candidate import TRIAL_PROCESS
 from ..plugins.fallback import NOT_APPLICABLE
@@ -152,7 +152,7 @@ class _Selector:
     ) -> tuple[list[Reference], bool]:
         found, call_bytes, ran = compute_references(self.component, input_sets, self.context, skip_failing)
         if ran:
-            release_memory()  # the eager calls paged parked weights in
+            page_out_parked()  # the eager calls paged parked weights in
         # What a call of the module needs beyond its weights: a stage's first calls need about as much.
         self.call_bytes = max(self.call_bytes, call_bytes)
         return found, ran
