@@ -24,6 +24,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from torch.nn.parameter import UninitializedParameter
 
 from .cache import ArtifactCache, cache_key
-from .memory import format_bytes
+from .memory import format_bytes, memory_headroom, release_memory
 
 __all__ = ["ParkedWeights", "Parking", "page_in_parked", "page_out_parked", "park_for_room", "parks"]
 
@@ -39,7 +40,7 @@ log = logging.getLogger("uniopt")
 
 CACHE_KIND = "parked-weights"
 FILE = "weights.bin"
-#: Storages start on page boundaries, so each can be paged out on its own and mapped at any dtype.
+#: Storages start at this alignment in the file, so each can be mapped at any dtype.
 ALIGN = 4096
 #: ``auto`` parks a module whose parameters take more than this share of the memory left.
 AUTO_SHARE = 0.25
@@ -98,8 +99,6 @@ def parks(setting: str, weight_bytes: int, available_bytes: int) -> bool:
 
 def park_for_room(module: torch.nn.Module, key: str, cache: ArtifactCache | None, setting: str) -> Parking:
     """Park ``module``'s parameters when ``setting`` asks for it here; a failure is recorded, never raised."""
-    from .memory import memory_headroom
-
     groups = list(_storage_groups(module))
     if not groups:
         before = _parked_bytes(module)
@@ -115,26 +114,22 @@ def park_for_room(module: torch.nn.Module, key: str, cache: ArtifactCache | None
         return Parking(0, f"not parked ({why}): {problem}")
     assert cache is not None
     try:
-        parked = park_weights(module, cache, key, groups)
+        parked = park_weights(cache, key, groups)
     except (OSError, RuntimeError, ValueError) as exc:  # no room on disk, a file that does not map
         log.warning("weights not parked (%s): %s", why, exc)
         return Parking(0, f"not parked ({why}): {type(exc).__name__}: {exc}")
-    from .memory import release_memory
-
     del groups  # the old storages: freed now, and their heap handed back below
     release_memory()  # also pages the mapping out
     return Parking(parked.nbytes, f"parked in the cache ({why})")
 
 
-def park_weights(
-    module: torch.nn.Module, cache: ArtifactCache, key: str, groups: list[tuple[Any, list[torch.Tensor]]] | None = None
-) -> ParkedWeights:
-    """Move ``module``'s parameters to a mapped file in ``cache`` (written once per ``key``) and return it.
+def park_weights(cache: ArtifactCache, key: str, groups: list[tuple[Any, list[torch.Tensor]]]) -> ParkedWeights:
+    """Move the parameters of ``groups`` (:func:`_storage_groups`) to a mapped file in ``cache``
+    (written once per ``key``) and return it.
 
     Raises ``ValueError`` when the cached file's bytes differ from the module's (the entry is
     removed first), ``OSError`` when it cannot be written or mapped.
     """
-    groups = list(_storage_groups(module)) if groups is None else groups
     offsets, total = _layout(groups)
     entry_key = cache_key({"artifact": CACHE_KIND, "component": key, "layout": _signature(groups)})
 
@@ -204,25 +199,23 @@ def _in_memory(path: Path) -> str | None:
 def _storage_groups(module: torch.nn.Module) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     """Each CPU storage under ``module``'s parameters (tied ones once) and the parameters over it."""
     groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+    live = [parked for parked in _parked if parked.alive]
     for param in module.parameters():
         if isinstance(param, UninitializedParameter) or param.device.type != "cpu" or param.is_sparse:
             continue
         if param.is_quantized or param.numel() == 0:
             continue
-        storage = param.untyped_storage()
-        if _holder(param) is not None:  # parked with another module object over the same parameters
+        if any(parked.holds(param) for parked in live):  # parked through another module object over them
             continue
+        storage = param.untyped_storage()
         groups.setdefault(storage.data_ptr(), (storage, []))[1].append(param)
     yield from groups.values()
 
 
-def _holder(tensor: torch.Tensor) -> ParkedWeights | None:
-    return next((parked for parked in _parked if parked.alive and parked.holds(tensor)), None)
-
-
 def _parked_bytes(module: torch.nn.Module) -> int:
     """Bytes of ``module``'s parameters that lie in a parking mapping (each once)."""
-    found = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if _holder(p) is not None}
+    live = [parked for parked in _parked if parked.alive]
+    found = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if any(x.holds(p) for x in live)}
     return sum(found.values())
 
 
@@ -245,21 +238,23 @@ def _bytes_of(storage: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+@cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (``OSError`` where there is none to load)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def _filesystem_kind(path: Path) -> int:
     """``statfs``'s ``f_type`` of the filesystem holding ``path``."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buffer = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
-    if libc.statfs(os.fsencode(str(path)), buffer) != 0:
+    if _libc().statfs(os.fsencode(str(path)), buffer) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno), str(path))
     return ctypes.c_long.from_buffer(buffer).value
 
 
 def _madvise(address: int, length: int, advice: int) -> bool:
-    name = ctypes.util.find_library("c")
-    if name is None or length == 0:
-        return False
-    libc = ctypes.CDLL(name, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = address - address % ALIGN
-    return libc.madvise(start, length + address - start, advice) == 0
+    """``madvise`` over a whole mapping (``address`` is its start, page-aligned); False where it fails."""
+    return length > 0 and _libc().madvise(address, length, advice) == 0
