@@ -10,7 +10,9 @@ interleaved with eager. Per candidate it prints ms per frame, x eager, x the int
 once as they stay in cache across its passes, over the memory read bandwidth, measured again in
 this run as ``optimize doctor`` measures it, and its cached value replaced: the figure moves by 2x
 between runs on shared hosts), the matrix-vector rate PyTorch reaches on a matrix larger than the
-last-level cache (what a decode step's matmuls can stream at best with the host's kernels), and
+last-level cache, x the kernel floor (the same bytes over the rate OpenVINO's CPU plugin streams
+int8 weights at one row of activations, in the slow decoder's MLP shapes: what the stateful
+candidates' matmuls can reach at best on this host), and
 what auto mode's guard judges by: the agreement of each choice
 under teacher forcing (eager's frames replayed) on the steps where eager's top two logits are at
 least 0.05 nats apart. With random weights the logits are flat, so agreement says little about
@@ -70,6 +72,33 @@ def matvec_bytes_per_s(threads: int, megabytes: int = 256) -> float:
     return weight.numel() * 2 / best
 
 
+def openvino_int8_matvec_bytes_per_s(threads: int, megabytes: int = 256) -> float:
+    """Weight bytes per second OpenVINO's CPU plugin streams through int8-weight matmuls at one row of
+    activations: the slow decoder's MLP shapes (1024 -> 2816 -> 1024) chained over ``megabytes`` of
+    weights in nncf's int8 layout (u8, a zero point and a scale per output channel), float activations."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    dim, hidden = 1024, 2816
+    x = ops.parameter([1, dim], ov.Type.f32, name="x")
+    y, total = x.output(0), 0
+    while total < megabytes * 2**20:
+        for rows, cols in ((hidden, dim), (dim, hidden)):
+            weight = ops.constant(rng.integers(0, 256, (rows, cols), dtype=np.uint8))
+            zero = ops.constant(np.full((rows, 1), 128, dtype=np.uint8))
+            scale = ops.constant(np.full((rows, 1), 1e-3, dtype=np.float32))
+            shifted = ops.subtract(ops.convert(weight, ov.Type.f32), ops.convert(zero, ov.Type.f32))
+            y = ops.matmul(y, ops.multiply(shifted, scale), False, True).output(0)
+            total += rows * cols
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+    request = ov.Core().compile_model(ov.Model([y], [x]), "CPU", config).create_infer_request()
+    data = np.ones((1, dim), dtype=np.float32)
+    request.infer([data])
+    return total / min(_seconds(lambda: request.infer([data])) for _ in range(5))
+
+
 def _seconds(call: Any) -> float:
     started = time.perf_counter()
     call()
@@ -120,16 +149,19 @@ def main() -> None:
         )
     probe = memory_bandwidth(threads.intra_op, refresh=True)
     matvec = matvec_bytes_per_s(threads.intra_op)
+    int8_matvec = openvino_int8_matvec_bytes_per_s(threads.intra_op)
     floor_ms = int8_frame_bytes(engine) / probe.read_bytes_per_s * 1e3
+    kernel_floor_ms = int8_frame_bytes(engine) / int8_matvec * 1e3
     base = timings["eager"].p50
     print(
         f"{profile.cpu.model} ({', '.join(f for f, on in profile.cpu.flags if on)}); {threads.intra_op} threads;"
         f" memory read {probe.read_bytes_per_s / 1e9:.1f} GB/s; "
         f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB); "
-        f"bf16 matrix-vector product {matvec / 1e9:.1f} GB/s"
+        f"bf16 matrix-vector product {matvec / 1e9:.1f} GB/s; OpenVINO int8-weight matrix-vector product "
+        f"{int8_matvec / 1e9:.1f} GB/s, so a kernel floor of {kernel_floor_ms:.1f} ms per frame"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
-    header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'free-running':>13}"
+    header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'x kernel':>9} {'free-running':>13}"
     print(f"{header} {'forced semantic':>16} {'forced codes':>13}")
     for name, timing in timings.items():
         agreement = float((outputs[name] == reference).double().mean())
@@ -139,7 +171,8 @@ def main() -> None:
         )
         per_frame = timing.p50 * 1e3 / args.steps
         print(
-            f"{name:30} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f} {agreement:13.3f}"
+            f"{name:30} {per_frame:9.1f} {base / timing.p50:8.2f} {per_frame / floor_ms:8.2f}"
+            f" {per_frame / kernel_floor_ms:9.2f} {agreement:13.3f}"
             f" {semantic:16.3f} {codes:13.3f}"
         )
 

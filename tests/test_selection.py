@@ -476,6 +476,41 @@ def test_teacher_forcing_still_rejects_a_flipped_decisive_choice(fake_plugins: A
     assert report.chosen == "eager"
 
 
+def test_a_free_run_with_scores_makes_the_teacher_forced_reference_in_one_call_per_input() -> None:
+    """Given ``free_run_with_scores``, the reference decodes each input once, with the same outputs and scores."""
+    from uniopt.optimizer.references import compute_references
+
+    calls: list[str] = []
+
+    class Counted(ToyDecoder):
+        def forward(self, start: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+            calls.append("forced" if forced is not None else "free")
+            return super().forward(start, forced)
+
+    def free_run_with_scores(module: Counted, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = module(start)
+        return tokens, module.table[torch.cat([start.view(1), tokens[:-1]])]
+
+    module, inputs = Counted(_table()), [(torch.tensor(0),), (torch.tensor(2),)]
+    forcing = lambda inputs, tokens: (*inputs, tokens)  # noqa: E731
+    no_cache = types.SimpleNamespace(cache=None)
+    plain = Component("decoder", module, inputs[0], teacher_forcing=forcing)
+    twice, _, _ = compute_references(plain, inputs, no_cache)
+    assert calls == ["free", "forced", "free", "forced"]
+    calls.clear()
+    once, _, _ = compute_references(
+        Component("decoder", module, inputs[0], teacher_forcing=forcing, free_run_with_scores=free_run_with_scores),
+        inputs,
+        no_cache,
+    )
+    assert calls == ["free", "free"]
+    for ours, theirs in zip(once, twice, strict=True):
+        assert ours.forced is not None and theirs.forced is not None
+        assert torch.equal(ours.outputs, theirs.outputs)
+        assert all(torch.equal(a, b) for a, b in zip(ours.forced[0], theirs.forced[0], strict=True))
+        assert torch.equal(ours.forced[1], theirs.forced[1])
+
+
 def test_eager_alone_runs_no_reference_pass(fake_plugins: Any, tmp_path: Any) -> None:
     """Tier mode that ends with eager calls the module not once: eager is its own reference."""
 

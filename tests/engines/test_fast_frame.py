@@ -156,6 +156,10 @@ def test_the_real_dual_ar_transformer_runs_a_frame_in_one_call(tmp_path: Path) -
         forced = decoder.teacher_forcing((prompt,), reference)
         for ours, theirs in zip(loop(*forced), adapter.decoder(*forced), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        assert decoder.free_run_with_scores is not None  # the reference's one decode: frames and scores
+        frames, scores = decoder.free_run_with_scores(adapter.decoder, prompt)
+        assert torch.equal(frames, reference)
+        assert all(torch.equal(a, b) for a, b in zip(scores, adapter.decoder(*forced), strict=True))
     options = {"allow": ["openvino-stateful-frame-int8"], "model_warmup_runs": 0, "min_speedup": 0.01}
     adapter = FishSpeechAdapter(_NO_CODEC, model, decode_steps=8, prompt_length=5)
     with torch.inference_mode():

@@ -220,6 +220,17 @@ def test_teacher_forcing_returns_the_logits_behind_each_choice(engine: FishSpeec
     assert not torch.equal(other_codes[0, 1, 0], codes[0, 1, 0])
 
 
+def test_one_free_run_gives_the_frames_and_the_teacher_forced_scores(engine: FishSpeechEngine) -> None:
+    decoder = engine.uniopt_components()[0]
+    assert decoder.free_run_with_scores is not None and decoder.teacher_forcing is not None
+    for inputs in decoder.guarded_inputs():  # greedy, and sampled with a repetition penalty
+        with torch.inference_mode():
+            frames, scores = decoder.free_run_with_scores(engine.decoder, *inputs)
+            assert torch.equal(frames, engine.decoder(*inputs))
+            replayed = engine.decoder(*decoder.teacher_forcing(inputs, frames))
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(scores, replayed, strict=True))
+
+
 def test_teacher_forcing_rejects_frames_of_the_wrong_shape(engine: FishSpeechEngine) -> None:
     prompt = engine.example_prompt()
     params = (torch.tensor(0.0), torch.tensor(0.8), torch.tensor(1.2), torch.tensor(0))

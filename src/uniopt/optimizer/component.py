@@ -67,6 +67,9 @@ class Component:
     outputs part ways for good at the first different choice: it returns inputs under which the
     module replays the reference's own outputs and returns the scores (logits) behind each choice.
     The guard then judges a stage by those scores, step by step, against the reference's.
+    ``free_run_with_scores(module, *inputs) -> (outputs, scores)``, optional beside it, gives both
+    in one call (what the module returns for ``inputs``, and what it returns for
+    ``teacher_forcing(inputs, outputs)``): the reference then decodes each input set once, not twice.
     ``decode_steps`` (:class:`~uniopt.optimizer.steps.DecodeSteps`) lets step-level backends run
     such a module's loop one step at a time, with the caches kept by the backend.
 
@@ -89,6 +92,7 @@ class Component:
     validation_inputs: Sequence[tuple[Any, ...]] = ()
     audio_seconds: float | None = None
     teacher_forcing: Callable[[tuple[Any, ...], Any], tuple[Any, ...]] | None = None
+    free_run_with_scores: Callable[..., tuple[Any, Any]] | None = None
     decode_steps: DecodeSteps | None = None
     state_buffers: Sequence[str] = ()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +63,9 @@ def flatten_outputs(outputs: Any) -> tuple[list[Any], Any]:
     return [_as_tensor(leaf) for leaf in leaves], spec
 
 
-def run_reference(module: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """Eager FP32 outputs on a deep copy of ``inputs`` (some modules change inputs in place)."""
+def run_reference(module: Callable[..., Any], inputs: tuple[Any, ...]) -> Any:
+    """Eager FP32 outputs of ``module`` (or a method of it) on a deep copy of ``inputs`` (some modules
+    change inputs in place)."""
     with torch.inference_mode():
         return module(*copy.deepcopy(inputs))
 
@@ -73,7 +74,7 @@ def _describe(inputs: tuple[Any, ...]) -> str:
     return ", ".join(f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs)
 
 
-def reference_outputs(name: str, module: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
+def reference_outputs(name: str, module: Callable[..., Any], inputs: tuple[Any, ...]) -> Any:
     """:func:`run_reference`, with an :class:`~uniopt.errors.InputError` naming the component when it raises."""
     try:
         return run_reference(module, inputs)

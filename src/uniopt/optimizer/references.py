@@ -12,6 +12,7 @@ back with ``torch.load(weights_only=True)``); anything else is computed in each 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -90,8 +91,12 @@ def _run(component: Component, input_sets: Sequence[tuple[Any, ...]], skip_faili
     module, forcing, name = component.module, component.teacher_forcing, component.name
     found = []
     for inputs in input_sets:
+        scored = component.free_run_with_scores if forcing is not None else None
         try:
-            outputs = reference_outputs(name, module, inputs)
+            if scored is not None:  # one decode gives the outputs and the scores of replaying them
+                outputs, scores = reference_outputs(name, functools.partial(scored, module), inputs)
+            else:
+                outputs = reference_outputs(name, module, inputs)
         except InputError:
             if skip_failing:
                 continue
@@ -99,7 +104,7 @@ def _run(component: Component, input_sets: Sequence[tuple[Any, ...]], skip_faili
         forced = None
         if forcing is not None:
             forced_inputs = forcing(inputs, outputs)
-            forced = (forced_inputs, reference_outputs(name, module, forced_inputs))
+            forced = (forced_inputs, scores if scored is not None else reference_outputs(name, module, forced_inputs))
         found.append(Reference(inputs, outputs, forced))
     return found
 

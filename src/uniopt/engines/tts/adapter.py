@@ -91,6 +91,15 @@ class RealTokenGenerator(nn.Module):
         return (inputs[0], frames)
 
     def forward(self, prompt: Tensor, forced: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        frames, scores = self._decode(prompt, forced)
+        return frames if forced is None else scores
+
+    def free_run_with_scores(self, prompt: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The frames ``forward`` returns for ``prompt``, and the logits it returns when forced to replay them."""
+        return self._decode(prompt, None)
+
+    def _decode(self, prompt: Tensor, forced: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The frames (``forced``'s when given) and the logits behind every choice."""
         model, config = self.model, self.model.config
         check_forced(forced, int(config.num_codebooks) + 1, self.decode_steps)
         for cache in self._caches():
@@ -110,9 +119,8 @@ class RealTokenGenerator(nn.Module):
             main_scores.append(main_logits)
             code_scores.append(scores)
             tokens, input_pos = frame_tensor.view(1, -1, 1), input_pos[-1:] + 1
-        if forced is not None:
-            return torch.stack(main_scores)[None], torch.stack(code_scores, dim=1)[None]
-        return torch.stack(frames, dim=-1).unsqueeze(0)
+        logits = (torch.stack(main_scores)[None], torch.stack(code_scores, dim=1)[None])
+        return torch.stack(frames, dim=-1).unsqueeze(0), logits
 
     def _codebooks(self, hidden: Tensor, code: Tensor, forced: Tensor | None) -> tuple[Tensor, Tensor]:
         """Codebooks 1..C-1 of a frame (greedy, or ``forced``) and their logits ``[C-1, K]``.
@@ -255,7 +263,12 @@ class FishSpeechAdapter:
             components.insert(
                 0,
                 decoder_component(
-                    self.decoder, (prompt,), ("prompt",), RealTokenGenerator.teacher_forcing, decode_steps=steps
+                    self.decoder,
+                    (prompt,),
+                    ("prompt",),
+                    RealTokenGenerator.teacher_forcing,
+                    decode_steps=steps,
+                    free_run_with_scores=RealTokenGenerator.free_run_with_scores,
                 ),
             )
         return components

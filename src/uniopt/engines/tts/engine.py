@@ -258,6 +258,7 @@ class FishSpeechEngine:
                 TokenGenerator.teacher_forcing,
                 calibration_inputs=(sampled,),
                 decode_steps=decode_steps(self.decoder),
+                free_run_with_scores=TokenGenerator.free_run_with_scores,
             ),
             codec_component(self.codec, codes, (codes[..., :1], longer)),
         ]

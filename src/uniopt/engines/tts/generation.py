@@ -170,6 +170,26 @@ class TokenGenerator(nn.Module):
         seed: Tensor,
         forced: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        frames, scores = self._decode(prompt, temperature, top_p, repetition_penalty, seed, forced)
+        return frames if forced is None else scores
+
+    def free_run_with_scores(
+        self, prompt: Tensor, temperature: Tensor, top_p: Tensor, repetition_penalty: Tensor, seed: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The frames ``forward`` returns for these inputs, and the scores it returns when forced to
+        replay them (:meth:`teacher_forcing`): the same logits, from one decode instead of two."""
+        return self._decode(prompt, temperature, top_p, repetition_penalty, seed, None)
+
+    def _decode(
+        self,
+        prompt: Tensor,
+        temperature: Tensor,
+        top_p: Tensor,
+        repetition_penalty: Tensor,
+        seed: Tensor,
+        forced: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The frames ``[1, C+1, decode_steps]`` (``forced``'s when given) and the logits behind each choice."""
         self._check(prompt, forced)
         model = self.model
         model.reset_caches()
@@ -185,17 +205,16 @@ class TokenGenerator(nn.Module):
             position = input_pos[-1:] + 1
             if forced is None:
                 params = (temperature, top_p, repetition_penalty, seed, position)
-                frame = self._frame(logits[0, -1], hidden, window, *params, greedy=greedy)
+                frame, fast_logits = self._frame(logits[0, -1], hidden, window, *params, greedy=greedy)
+                scores.append((logits[0, -1, model.config.semantic_begin_id :], fast_logits))
             else:
                 frame = forced[0, :, step]
                 scores.append(self._score_frame(logits[0, -1], hidden, frame))
             frames.append(frame)
             window = torch.cat([window[:, 1:], frame[:, None]], dim=1)
             tokens, input_pos = frame.view(1, rows, 1), position
-        if forced is not None:
-            semantic, codes = zip(*scores, strict=True)
-            return torch.stack(semantic)[None], torch.stack(codes, dim=1)[None]
-        return torch.stack(frames, dim=-1).unsqueeze(0)
+        semantic, codes = zip(*scores, strict=True)
+        return torch.stack(frames, dim=-1).unsqueeze(0), (torch.stack(semantic)[None], torch.stack(codes, dim=1)[None])
 
     def _codebooks(self, hidden: Tensor, code: Tensor, pick: Callable[[int, Tensor], Tensor]) -> list[Tensor]:
         """Run the fast decoder over one frame: primed with the slow ``hidden`` state, then fed codebook
@@ -225,7 +244,7 @@ class TokenGenerator(nn.Module):
             _, fast_logits = frame_runner(hidden, frame[1:2], window, zero, zero, zero + 1, noise, forced, _TRUE)
             return logits[c.semantic_begin_id :], fast_logits
         codes = self._codebooks(hidden, frame[1], lambda index, _: frame[index + 1])
-        return logits[c.semantic_begin_id :], torch.stack(codes) if codes else hidden.new_zeros(0, c.codebook_size)
+        return logits[c.semantic_begin_id :], _stacked(codes, hidden, c.codebook_size)
 
     def _frame(
         self,
@@ -239,8 +258,9 @@ class TokenGenerator(nn.Module):
         position: Tensor,
         *,
         greedy: bool,
-    ) -> Tensor:
-        """The tokens of one frame ``[C+1]``: semantic id, then the code of every codebook."""
+    ) -> tuple[Tensor, Tensor]:
+        """The tokens of one frame ``[C+1]`` (semantic id, then the code of every codebook), and the
+        logits ``[C-1, codebook_size]`` codebooks 1..C-1 were drawn from."""
         c = self.model.config
         params = (temperature, top_p, repetition_penalty)
         allowed = self.allowed_ids
@@ -257,16 +277,23 @@ class TokenGenerator(nn.Module):
             rows = c.num_codebooks - 1
             noise_rows = hidden.new_full((rows, c.codebook_size), 0.5) if codes_noise is None else codes_noise[1:]
             unforced = torch.zeros(rows, dtype=torch.long, device=hidden.device)
-            codes, _ = frame_runner(hidden, tokens[1].reshape(1), window[2:], *params, noise_rows, unforced, _FALSE)
-            return torch.cat([torch.stack(tokens), codes])
+            codes, fast_logits = frame_runner(
+                hidden, tokens[1].reshape(1), window[2:], *params, noise_rows, unforced, _FALSE
+            )
+            return torch.cat([torch.stack(tokens), codes]), fast_logits
 
         def draw(index: int, fast_logits: Tensor) -> Tensor:
             noise = None if codes_noise is None else codes_noise[index]
             tokens.append(sample_token(fast_logits, self.code_ids, window[index + 1], *params, noise))
             return tokens[-1]
 
-        self._codebooks(hidden, tokens[1], draw)
-        return torch.stack(tokens)
+        scores = self._codebooks(hidden, tokens[1], draw)
+        return torch.stack(tokens), _stacked(scores, hidden, c.codebook_size)
+
+
+def _stacked(logits: list[Tensor], like: Tensor, width: int) -> Tensor:
+    """``logits`` stacked ``[len, width]`` (``[0, width]`` for none: a model with one codebook)."""
+    return torch.stack(logits) if logits else like.new_zeros(0, width)
 
 
 def decoder_component(
@@ -276,6 +303,7 @@ def decoder_component(
     teacher_forcing: Callable[[tuple[Tensor, ...], Tensor], tuple[Tensor, ...]],
     calibration_inputs: tuple[tuple[Tensor, ...], ...] = (),
     decode_steps: DecodeSteps | None = None,
+    free_run_with_scores: Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]] | None = None,
 ) -> Component:
     """A decode loop as a uniopt component: a prompt in, frames ``[1, C+1, steps]`` out.
 
@@ -292,6 +320,7 @@ def decoder_component(
         dynamic_axes={"prompt": {2: "prompt_frames"}},
         metric=Metric("token_agreement", 0.9),
         teacher_forcing=teacher_forcing,
+        free_run_with_scores=free_run_with_scores,
         kind="decoder",
         exporter="none",
         calibration_inputs=calibration_inputs,
