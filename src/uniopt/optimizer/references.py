@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -81,8 +82,17 @@ def _measured(
     component: Component, input_sets: Sequence[tuple[Any, ...]], skip_failing: bool
 ) -> tuple[list[Reference], int]:
     page_in_parked(component.module)  # the calls' own memory is measured, not the weights read back from their file
+    started = time.perf_counter()
     with measure_memory() as use:
         found = _run(component, input_sets, skip_failing)
+    calls = len(found) * (1 if component.teacher_forcing is None or component.free_run_with_scores else 2)
+    log.info(
+        "%s: FP32 references for %d inputs in %.1f s (%d calls of the module)",
+        component.name,
+        len(found),
+        time.perf_counter() - started,
+        calls,
+    )
     return found, use.peak_increase_bytes
 
 
