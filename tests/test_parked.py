@@ -15,6 +15,7 @@ import torch
 
 from small_vm_script import small_vm
 from test_selection import SlowNet, _fake, _optimize, fake_plugins  # noqa: F401 - the fixture is used by name
+from uniopt import parked
 from uniopt.cache import ArtifactCache
 from uniopt.errors import SettingsError
 from uniopt.memory import process_status_bytes, release_memory
@@ -82,7 +83,12 @@ def test_a_parked_module_computes_the_same_from_a_mapped_file_and_frees_its_memo
     assert len(ArtifactCache(tmp_path).entries()) == 1
 
 
-def test_paged_out_weights_are_read_back_and_what_the_engine_wrote_stays(tmp_path: Path) -> None:
+@pytest.mark.parametrize("populate", ["madvise", "each page read"])
+def test_paged_out_weights_are_read_back_and_what_the_engine_wrote_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, populate: str
+) -> None:
+    if populate == "each page read":  # a kernel before 5.14 refuses MADV_POPULATE_READ as it refuses this
+        monkeypatch.setattr(parked, "_MADV_POPULATE_READ", 1000)
     model = Tied().eval()
     expected = _run(model)
     park_for_room(shallow_copy(model), "tied", ArtifactCache(tmp_path), "true")  # as a wrapper's twin does

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import sys
 import weakref
@@ -28,6 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parameter import UninitializedParameter
 
@@ -74,8 +76,13 @@ class ParkedWeights:
         return self.alive and _madvise(self.address, self.nbytes, _MADV_PAGEOUT)
 
     def page_in(self) -> bool:
-        """Map every page now (read from the file when dropped); False where the kernel cannot."""
-        return self.alive and _madvise(self.address, self.nbytes, _MADV_POPULATE_READ)
+        """Map every page now (read from the file when dropped); False once no parameter maps it."""
+        if not self.alive:
+            return False
+        if not _madvise(self.address, self.nbytes, _MADV_POPULATE_READ):  # before Linux 5.14: read each page
+            pages = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.address))
+            int(pages[:: mmap.PAGESIZE].sum())
+        return True
 
 
 #: The mappings made in this process whose parameters are alive (pruned as they go).
