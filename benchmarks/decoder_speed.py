@@ -12,7 +12,8 @@ this run as ``optimize doctor`` measures it, and its cached value replaced: the 
 between runs on shared hosts), the matrix-vector rate PyTorch reaches on a matrix larger than the
 last-level cache, x the kernel floor (the same bytes over the rate OpenVINO's CPU plugin streams
 int8 weights at one row of activations, in the slow decoder's MLP shapes: what the stateful
-candidates' matmuls can reach at best on this host), and
+candidates' matmuls can reach at best on this host; ONNX Runtime's 8-bit ``MatMulNBits`` rate in
+the same shapes is printed beside it), and
 what auto mode's guard judges by: the agreement of each choice
 under teacher forcing (eager's frames replayed) on the steps where eager's top two logits are at
 least 0.05 nats apart. With random weights the logits are flat, so agreement says little about
@@ -99,6 +100,49 @@ def openvino_int8_matvec_bytes_per_s(threads: int, megabytes: int = 256) -> floa
     return total / min(_seconds(lambda: request.infer([data])) for _ in range(5))
 
 
+def onnxruntime_int8_matvec_bytes_per_s(threads: int, megabytes: int = 256) -> float:
+    """The same rate for ONNX Runtime's ``MatMulNBits`` (8-bit weights in blocks of 128, accuracy level
+    4: activations quantized to int8 per block, int8 dot products), in the same shapes: a kernel no
+    candidate uses yet, measured beside OpenVINO's for comparison on the host."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    dim, hidden, block = 1024, 2816, 128
+    nodes, weights, previous, total = [], [], "x", 0
+    while total < megabytes * 2**20:
+        for rows, cols in ((hidden, dim), (dim, hidden)):
+            index = len(nodes)
+            packed = rng.integers(0, 256, (rows, cols // block, block), dtype=np.uint8)
+            scales = np.full(rows * cols // block, 1e-3, dtype=np.float32)
+            weights += [numpy_helper.from_array(packed, f"w{index}"), numpy_helper.from_array(scales, f"s{index}")]
+            node = helper.make_node(
+                "MatMulNBits",
+                [previous, f"w{index}", f"s{index}"],
+                [f"y{index}"],
+                domain="com.microsoft",
+                K=cols,
+                N=rows,
+                bits=8,
+                block_size=block,
+                accuracy_level=4,
+            )
+            nodes.append(node)
+            previous, total = f"y{index}", total + rows * cols
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim])
+    y = helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, dim])
+    graph = helper.make_graph(nodes, "matvec", [x], [y], weights)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    feed = {"x": np.ones((1, dim), dtype=np.float32)}
+    session.run(None, feed)
+    return total / min(_seconds(lambda: session.run(None, feed)) for _ in range(5))
+
+
 def _seconds(call: Any) -> float:
     started = time.perf_counter()
     call()
@@ -150,6 +194,7 @@ def main() -> None:
     probe = memory_bandwidth(threads.intra_op, refresh=True)
     matvec = matvec_bytes_per_s(threads.intra_op)
     int8_matvec = openvino_int8_matvec_bytes_per_s(threads.intra_op)
+    nbits_matvec = onnxruntime_int8_matvec_bytes_per_s(threads.intra_op)
     floor_ms = int8_frame_bytes(engine) / probe.read_bytes_per_s * 1e3
     kernel_floor_ms = int8_frame_bytes(engine) / int8_matvec * 1e3
     base = timings["eager"].p50
@@ -158,7 +203,8 @@ def main() -> None:
         f" memory read {probe.read_bytes_per_s / 1e9:.1f} GB/s; "
         f"int8-weight floor {floor_ms:.1f} ms per frame ({int8_frame_bytes(engine) / 1e6:.0f} MB); "
         f"bf16 matrix-vector product {matvec / 1e9:.1f} GB/s; OpenVINO int8-weight matrix-vector product "
-        f"{int8_matvec / 1e9:.1f} GB/s, so a kernel floor of {kernel_floor_ms:.1f} ms per frame"
+        f"{int8_matvec / 1e9:.1f} GB/s, so a kernel floor of {kernel_floor_ms:.1f} ms per frame "
+        f"(ONNX Runtime's MatMulNBits, 8 bits, int8 dot products: {nbits_matvec / 1e9:.1f} GB/s)"
     )
     print(f"decode loop: {args.steps} frames x {reference.shape[1]} tokens, median of {args.rounds} interleaved rounds")
     header = f"{'candidate':30} {'ms/frame':>9} {'x eager':>8} {'x floor':>8} {'x kernel':>9} {'free-running':>13}"
