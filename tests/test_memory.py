@@ -197,6 +197,34 @@ def test_with_room_the_same_candidate_builds_and_its_memory_is_reported(tmp_path
     assert json.loads(json.dumps(opt.report().to_dict()))["components"][0]["candidates"]
 
 
+def test_a_stage_whose_own_first_calls_do_not_fit_is_refused_before_they_run(
+    fake_plugins: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A stage's ``first_call_bytes`` (a decode step laying its weights out again) counts in its first-calls check."""
+    ran: list[str] = []
+
+    def laying_out(name: str, first_call_bytes: int) -> Candidate:
+        def build(component: Any, context: Any) -> Stage:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                ran.append(name)
+                with torch.no_grad():
+                    return component.module.linear(x)
+
+            return Stage(name, run, {"first_call_bytes": first_call_bytes})
+
+        return Candidate(name, "fake", f"fake {name}", build, Requirements())
+
+    fake_plugins(laying_out("lays-out-2-gib", 2 * 2**30), laying_out("lays-out-nothing", 0))
+    _squeeze(monkeypatch, 512 * MiB)
+    report = _optimize(SlowNet(), tmp_path, min_speedup=0.01).report().component("module")
+    refused = report.candidate("lays-out-2-gib")
+    assert refused.reason.startswith("refused for memory: first-calls"), refused.reason
+    assert "lays-out-2-gib" not in ran
+    assert report.candidate("lays-out-nothing").accepted and "lays-out-nothing" in ran
+
+
 # -- holding only what can still win ----------------------------------------------------------------
 class _Tracked:
     alive: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -16,6 +16,7 @@ from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEn
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.plugins.export import tracer_warnings
+from uniopt.plugins.memory_costs import STEP_FIRST_CALL_FACTORS
 from uniopt.plugins.model_cache import model_cache
 
 
@@ -125,6 +126,12 @@ def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_start
     entries = ArtifactCache(tmp_path).entries()
     assert {"openvino-frame", "openvino-frame-int8"} <= {e.kind for e in entries}
     assert {e.description.get("graph") for e in entries if e.kind.startswith("openvino-")} == {"slow", "frame"}
+    # The first calls are checked for what the slow step's weights take when laid out again there.
+    [slow] = [e for e in entries if e.kind == "openvino-stateful-int8"]
+    first_call_bytes = int(STEP_FIRST_CALL_FACTORS["compressed"] * (slow.path / "model.bin").stat().st_size)
+    assert report.stage.info["first_call_bytes"] == first_call_bytes > 0
+    [first_calls] = [s for s in result.memory_steps if s["step"] == "first-calls"]
+    assert first_calls["base_bytes"] >= first_call_bytes
     decode = report.stage.run
     assert decode._loop.model.frame_runner is not None and decode._loop.model._fast is None
     with torch.inference_mode():

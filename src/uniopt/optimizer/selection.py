@@ -297,7 +297,9 @@ class _Selector:
                     built.info.setdefault("warm_calls", 1)
                 verdict = self.validate(cand, built)
             else:
-                with memory_step("first-calls", self.component, self.context, self.call_bytes):
+                # What the eager calls needed, and what the stage says its own first calls add.
+                first_calls = self.call_bytes + int(built.info.get("first_call_bytes", 0))
+                with memory_step("first-calls", self.component, self.context, first_calls):
                     verdict = self.validate(cand, built)
         except MemoryBudgetError as exc:
             self.reject(cand.name, f"refused for memory: {exc}", build_seconds=build_seconds)

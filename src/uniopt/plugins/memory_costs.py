@@ -102,6 +102,14 @@ STEP_COSTS: dict[str, StepCost] = {
     "torch-compile": StepCost(2.0, 512 * MiB, "torch.compile and its first call (inductor)"),
 }
 
+#: What a compiled decode step's first calls add, per byte of its model file ("compressed" weights
+#: or "float"): OpenVINO's CPU plugin lays out the weights of a model with a varying sequence length
+#: at its first call of each input shape (a prompt's prefill, then single steps). Measured anonymous
+#: memory on the TTS decoder's slow step: int8 weights 313 MiB on the 180 MiB file (174 at a
+#: 20-position prefill, 139 at the first single step; with dynamic quantization on 174 in all);
+#: f32 290 MiB on the 719 MiB file. A frame graph's first call added nothing measurable.
+STEP_FIRST_CALL_FACTORS = {"compressed": 1.75, "float": 0.4}
+
 #: Estimates are scaled by this before comparing with the memory left (they are measured, not bounds).
 SAFETY_FACTOR = 1.15
 #: Kept free for the engine's own work (activations of a call, Python objects).

@@ -34,7 +34,7 @@ from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import ExportError, quiet_loggers, rebuild_on_failure
 from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
-from .memory_costs import file_bytes, memory_step
+from .memory_costs import STEP_FIRST_CALL_FACTORS, file_bytes, memory_step
 from .openvino_backend import compile_config, converted_model
 from .openvino_step_options import compile_fastest
 
@@ -313,13 +313,16 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         if frame and steps.frame is None:
             raise NotApplicable(f"component {component.name!r} declares no frame graph")
         core = ov.Core()
-        compiled, cached, options = {}, [], {}
+        compiled, cached, options, first_call_bytes = {}, [], {}, 0
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
         for graph in graphs:
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)
+            if isinstance(graph, StepGraph):  # its weights are laid out again at its first calls
+                factor = STEP_FIRST_CALL_FACTORS["float" if variant == "float" else "compressed"]
+                first_call_bytes += int(factor * file_bytes(path.with_suffix(".bin")))
             hint = "f32" if precision == "fp32" else "bf16"
             config = compile_config(context, precision, path)
             if isinstance(graph, StepGraph):  # the caches in the precision the step computes in
@@ -332,7 +335,13 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
             compiled[graph.name], choice = compile_fastest(core, path, config, graph, component, context, step)
             options[graph.name] = choice.to_info()
         allowed = context.settings.fallback_on_optimization_error
-        info = {"from_cache": all(cached), "precision_hint": precision, "weights": variant, "device": "CPU"}
+        info = {
+            "from_cache": all(cached),
+            "precision_hint": precision,
+            "weights": variant,
+            "device": "CPU",
+            "first_call_bytes": first_call_bytes,
+        }
         if options:
             info["compile_options"] = options
         return Stage(name, StatefulDecode(component, steps, compiled, name, allowed), info)
