@@ -99,9 +99,9 @@ def _measured(
 def _run(component: Component, input_sets: Sequence[tuple[Any, ...]], skip_failing: bool) -> list[Reference]:
     torch.manual_seed(0)
     module, forcing, name = component.module, component.teacher_forcing, component.name
+    scored = component.free_run_with_scores if forcing is not None else None
     found = []
     for inputs in input_sets:
-        scored = component.free_run_with_scores if forcing is not None else None
         try:
             if scored is not None:  # one decode gives the outputs and the scores of replaying them
                 outputs, scores = reference_outputs(name, functools.partial(scored, module), inputs)
