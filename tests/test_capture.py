@@ -215,7 +215,8 @@ def test_the_tts_engine_found_by_sample_ends_with_its_declared_choices(tmp_path:
     settings: dict[str, Any] = {"mode": "tier", "model_warmup_runs": 0, "cache_dir": str(tmp_path)}
     declared = UniversalOptimizer(FishSpeechEngine(FishSpeechConfig.tiny()), **settings)
     engine = FishSpeechEngine(FishSpeechConfig.tiny())
-    fields = ("metric", "kind", "exporter", "teacher_forcing", "decode_steps")  # a decode loop is judged replayed
+    # A decode loop is judged replayed; its reference replays in the same decode.
+    fields = ("metric", "kind", "exporter", "teacher_forcing", "free_run_with_scores", "decode_steps")
     overrides = {c.name: {f: getattr(c, f) for f in fields} for c in engine.uniopt_components()}
     sampled = UniversalOptimizer(
         engine,
