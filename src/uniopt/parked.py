@@ -172,9 +172,14 @@ def park_weights(cache: ArtifactCache, key: str, groups: list[tuple[Any, list[to
 
 def page_out_parked() -> None:
     """Page out every parked mapping (after the eager module ran: references, timing)."""
-    _parked[:] = [parked for parked in _parked if parked.alive]
-    for parked in _parked:
+    for parked in _live():
         parked.page_out()
+
+
+def _live() -> list[ParkedWeights]:
+    """The mappings whose parameters are alive (the registry is pruned to them)."""
+    _parked[:] = [parked for parked in _parked if parked.alive]
+    return _parked
 
 
 def page_in_parked(module: torch.nn.Module) -> None:
@@ -206,7 +211,7 @@ def _in_memory(path: Path) -> str | None:
 def _storage_groups(module: torch.nn.Module) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     """Each CPU storage under ``module``'s parameters (tied ones once) and the parameters over it."""
     groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
-    live = [parked for parked in _parked if parked.alive]
+    live = _live()
     for param in module.parameters():
         if isinstance(param, UninitializedParameter) or param.device.type != "cpu" or param.is_sparse:
             continue
@@ -221,7 +226,7 @@ def _storage_groups(module: torch.nn.Module) -> Iterator[tuple[Any, list[torch.T
 
 def _parked_bytes(module: torch.nn.Module) -> int:
     """Bytes of ``module``'s parameters that lie in a parking mapping (each once)."""
-    live = [parked for parked in _parked if parked.alive]
+    live = _live()
     found = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if any(x.holds(p) for x in live)}
     return sum(found.values())
 

@@ -85,7 +85,7 @@ def _measured(
     started = time.perf_counter()
     with measure_memory() as use:
         found = _run(component, input_sets, skip_failing)
-    calls = len(found) * (1 if component.teacher_forcing is None or component.free_run_with_scores else 2)
+    calls = len(found) * (2 if component.teacher_forcing is not None and _scored(component) is None else 1)
     log.info(
         "%s: FP32 references for %d inputs in %.1f s (%d calls of the module)",
         component.name,
@@ -99,7 +99,7 @@ def _measured(
 def _run(component: Component, input_sets: Sequence[tuple[Any, ...]], skip_failing: bool) -> list[Reference]:
     torch.manual_seed(0)
     module, forcing, name = component.module, component.teacher_forcing, component.name
-    scored = component.free_run_with_scores if forcing is not None else None
+    scored = _scored(component)
     found = []
     for inputs in input_sets:
         try:
@@ -117,6 +117,11 @@ def _run(component: Component, input_sets: Sequence[tuple[Any, ...]], skip_faili
             forced = (forced_inputs, scores if scored is not None else reference_outputs(name, module, forced_inputs))
         found.append(Reference(inputs, outputs, forced))
     return found
+
+
+def _scored(component: Component) -> Any:
+    """The component's one call giving its outputs and their teacher-forced scores, when it has one."""
+    return component.free_run_with_scores if component.teacher_forcing is not None else None
 
 
 def _key(component: Component, input_sets: Sequence[tuple[Any, ...]], context: BuildContext, skip: bool) -> str:

@@ -320,13 +320,13 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         for graph in graphs:
             path, from_cache = _step_ir(graph, component, context, variant, loaded)
             cached.append(from_cache)
-            if isinstance(graph, StepGraph):  # its weights are laid out again at its first calls
-                factor = STEP_FIRST_CALL_FACTORS["float" if variant == "float" else "compressed"]
-                first_call_bytes += int(factor * file_bytes(path.with_suffix(".bin")))
             hint = "f32" if precision == "fp32" else "bf16"
             config = compile_config(context, precision, path)
-            if isinstance(graph, StepGraph):  # the caches in the precision the step computes in
-                config["KV_CACHE_PRECISION"] = hint
+            if isinstance(graph, StepGraph):
+                config["KV_CACHE_PRECISION"] = hint  # the caches in the precision the step computes in
+                # Its weights are laid out again at its first calls (of each input shape).
+                factor = STEP_FIRST_CALL_FACTORS["float" if variant == "float" else "compressed"]
+                first_call_bytes += int(factor * file_bytes(path.with_suffix(".bin")))
             step = f"openvino-compile-{hint}"
             if variant == "float":  # dynamic quantization applies to compressed weights only: nothing to race
                 with memory_step(step, component, context, file_bytes(path, path.with_suffix(".bin"))):
