@@ -189,7 +189,13 @@ def main() -> None:
         outputs = {name: run(*inputs) for name, run in runs.items()}
         stages = {name: functools.partial(run, *inputs) for name, run in runs.items()}
         timings = measure_interleaved(
-            stages, budget_s=1e9, min_rounds=args.rounds, max_rounds=args.rounds, prune_factor=None
+            stages,
+            budget_s=1e9,
+            min_rounds=args.rounds,
+            max_rounds=args.rounds,
+            prune_factor=None,
+            decisive_factor=None,
+            first_round_factor=None,
         )
     probe = memory_bandwidth(threads.intra_op, refresh=True)
     matvec = matvec_bytes_per_s(threads.intra_op)

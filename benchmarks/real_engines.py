@@ -50,7 +50,14 @@ def host_line() -> str:
 def timed(calls: dict[str, Any], rounds: int) -> dict[str, float]:
     """Median seconds per call, the calls taking turns, ``rounds`` rounds."""
     timings = measure_interleaved(
-        calls, budget_s=3600, min_rounds=rounds, max_rounds=rounds, stable_rounds=rounds, prune_factor=None
+        calls,
+        budget_s=3600,
+        min_rounds=rounds,
+        max_rounds=rounds,
+        stable_rounds=rounds,
+        prune_factor=None,
+        decisive_factor=None,
+        first_round_factor=None,
     )
     return {name: t.p50 for name, t in timings.items()}
 

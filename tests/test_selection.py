@@ -218,14 +218,16 @@ def test_a_candidate_the_budget_left_cannot_hold_is_not_started(fake_plugins: An
     assert report.search_cut_short
 
 
-def test_the_reference_calls_warm_eager_up(fake_plugins: Any, tmp_path: Any) -> None:
-    fake_plugins(_fake("fast", 0.001))
+def test_the_reference_and_guard_calls_count_as_warm_up(fake_plugins: Any, tmp_path: Any) -> None:
+    fake_plugins(_fake("checked", 2 * EAGER_SLEEP))
     once = _optimize(SlowNet(), tmp_path / "once", model_warmup_runs=1).report().component("module")
     assert once.candidate("eager").warmup_seconds < EAGER_SLEEP  # no call: its reference call was its first
+    assert once.candidate("checked").warmup_seconds < EAGER_SLEEP  # no call: the guard's call was its first
     model_cache.clear()
     twice = _optimize(SlowNet(), tmp_path / "twice", model_warmup_runs=2).report().component("module")
     assert twice.candidate("eager").warmup_seconds >= EAGER_SLEEP  # one warm-up call left to make
-    assert twice.candidate("fast").accepted and once.candidate("fast").accepted
+    assert twice.candidate("checked").warmup_seconds >= 2 * EAGER_SLEEP
+    assert twice.candidate("checked").accepted and once.candidate("checked").accepted
 
 
 def _decision_file(cache: Any) -> dict[str, Any]:
@@ -363,9 +365,9 @@ def test_interleaving_respects_the_budget() -> None:
     assert len(timings["a"].samples) == 1  # one round always runs, then the budget is spent
 
 
-def test_a_decisive_ranking_stops_after_two_rounds() -> None:
+def _rounds(cost: dict[str, float], **options: Any) -> dict[str, int]:
+    """How many samples each call got from measure_interleaved, each call taking ``cost`` seconds on a fake clock."""
     now = [0.0]
-    cost = {"eager": 10.0, "fast": 2.0}
 
     def call(name: str) -> Any:
         def run() -> None:
@@ -373,12 +375,22 @@ def test_a_decisive_ranking_stops_after_two_rounds() -> None:
 
         return run
 
-    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, clock=lambda: now[0])
-    assert len(timings["eager"].samples) == len(timings["fast"].samples) == 2  # 5x apart: no round changes it
-    close = measure_interleaved(
-        {n: call(n) for n in cost}, budget_s=1e9, min_rounds=5, decisive_factor=6.0, clock=lambda: now[0]
+    timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, clock=lambda: now[0], **options)
+    return {name: len(t.samples) for name, t in timings.items()}
+
+
+def test_a_decisive_ranking_stops_after_two_rounds() -> None:
+    assert _rounds({"eager": 10.0, "fast": 4.0}, min_rounds=5) == {"eager": 2, "fast": 2}  # 2.5x: no round changes it
+    assert _rounds({"eager": 10.0, "fast": 4.0}, min_rounds=5, decisive_factor=3.0) == {"eager": 5, "fast": 5}
+
+
+def test_a_ranking_several_times_apart_stops_after_one_round() -> None:
+    assert _rounds({"eager": 10.0, "fast": 2.0}, min_rounds=5) == {"eager": 1, "fast": 1}  # 5x apart
+    # Every neighbour in the ranking must be that far apart: here the two candidates are not.
+    assert _rounds({"eager": 10.0, "fast": 2.0, "close": 2.5}, min_rounds=5, stable_rounds=1) == dict.fromkeys(
+        ("eager", "fast", "close"), 5
     )
-    assert len(close["fast"].samples) == 5  # less apart than the factor: min_rounds as before
+    assert _rounds({"eager": 10.0, "fast": 2.0}, min_rounds=5, first_round_factor=None) == {"eager": 2, "fast": 2}
 
 
 def test_clearly_slower_candidates_leave_the_rotation_but_eager_stays() -> None:

@@ -391,6 +391,8 @@ class _Selector:
                 if ref.forced is not None:
                     return dataclasses.replace(verdict, reason=f"teacher-forced {verdict.reason}")
                 return verdict
+        # Each guarded input ran once: the warm-up's calls, made already (uniopt.plugins.warmup).
+        stage.info.setdefault("warm_calls", 1)
         return verdict
 
     def over_budget(self) -> bool:
@@ -447,7 +449,15 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     inputs = selector.component.example_inputs
     calls = {name: _call(selector.stages[name], inputs) for name in names}
     remaining = max(1.0, selector.context.settings.search_budget_s - (time.perf_counter() - selector.started))
+    timed = time.perf_counter()
     timings = measure_interleaved(calls, budget_s=remaining)
+    log.debug(
+        "%s: timed %s in %.1f s (%s)",
+        selector.component.name,
+        ", ".join(names),
+        time.perf_counter() - timed,
+        ", ".join(f"{n} {len(t.samples)} x {t.p50 * 1e3:.1f} ms" for n, t in timings.items()),
+    )
     _record_timings(selector, timings)
     if challenger is None or challenger == "eager":
         return

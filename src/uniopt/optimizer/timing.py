@@ -47,6 +47,7 @@ def measure_interleaved(
     keep: tuple[str, ...] = ("eager",),
     prune_factor: float | None = 2.0,
     decisive_factor: float | None = 2.0,
+    first_round_factor: float | None = 3.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time every call once per round, rotating the order, until the ranking holds or time runs out.
@@ -54,7 +55,10 @@ def measure_interleaved(
     Stops after ``min_rounds`` once the ranking by median has not changed for ``stable_rounds``
     rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs);
     after two rounds already when the ranking is decisive: each call's slowest sample at least
-    ``decisive_factor`` times faster than the next one's fastest (no more rounds can change it).
+    ``decisive_factor`` times faster than the next one's fastest (no more rounds can change it);
+    after the first round when each call is ``first_round_factor`` times faster than the next (a
+    decoder's eager call of seconds against a candidate's fraction of it: a second round of the
+    slow call would cost as much as the first and cannot turn such a gap around).
     From the second round on, a call whose median is ``prune_factor`` times the best one's leaves
     the rotation (its samples are kept), except the ``keep`` calls every ratio is taken against.
     """
@@ -75,7 +79,8 @@ def measure_interleaved(
         previous = ranking
         if round_index + 1 >= min_rounds and unchanged >= stable_rounds:
             break
-        if decisive_factor is not None and round_index >= 1 and _decisive(active, ranking, decisive_factor):
+        factor = first_round_factor if round_index == 0 else decisive_factor
+        if factor is not None and _decisive(active, ranking, factor):
             break
         if clock() - started >= budget_s:
             break
