@@ -355,6 +355,7 @@ def converted_model(
     No ``output_names`` leaves the outputs unnamed, of any number. ``what`` names the graph in errors.
     """
     import openvino as ov
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
     names, outputs = list(input_names), list(output_names)
     shapes = {} if input_shapes is None else {"input": input_shapes}
@@ -365,7 +366,10 @@ def converted_model(
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        model = ov.convert_model(module, example_input=example, **shapes)
+        # The tracer's own check traces the module a second time on the same example (1.5-2 s of a
+        # TTS decode step's conversion) and cannot see a value fixed by it: the guard runs the stage.
+        traced = TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
+        model = ov.convert_model(traced, example_input=example, **shapes)
     if len(model.inputs) != len(names) or (outputs and len(model.outputs) != len(outputs)):
         raise ExportError(
             f"{what + ' ' if what else ''}converted to {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
