@@ -88,12 +88,16 @@ def test_each_compressed_model_races_its_options_once_and_a_warm_build_reads_the
         assert all(ms > 0 for ms in info["race_ms"].values())
         assert set(info["trial_resident_mib"]) == set(step_options.OPTION_SETS)
         assert all(mib > 50 for mib in info["trial_resident_mib"].values())  # an interpreter and OpenVINO's runtime
+        assert info["loaded_blob"]  # the winner's trial process compiled it: this process loaded its blob
     records = _records(cache)
     assert {graph: r["options"] for graph, r in records.items()} == {g: i["options"] for g, i in raced.items()}
+    runtime = [p for p in cache.rglob("*") if p.parent.name == "runtime"]
+    assert len([p for p in runtime if p.suffix == ".blob"]) == 2, runtime  # one per model: the losers' are gone
+    assert not [p for p in runtime if p.name.startswith(".race-")], runtime
 
     warm = _build(engine, cache)
     for graph, info in warm.info["compile_options"].items():
-        assert info == {"options": raced[graph]["options"], "from_cache": True}  # nothing raced
+        assert info == {"options": raced[graph]["options"], "from_cache": True, "loaded_blob": True}  # nothing raced
     assert torch.equal(_decode(warm, engine), _decode(cold, engine))
 
 
@@ -142,6 +146,7 @@ def test_a_race_that_does_not_fit_keeps_the_defaults_and_records_nothing(
 def test_without_trial_processes_nothing_is_raced(engine: FishSpeechEngine, cache: Path) -> None:
     stage = _build(engine, cache, trial_processes=False)
     for info in stage.info["compile_options"].values():
+        info.pop("loaded_blob")  # the shared cache may hold a blob of the defaults from another test
         assert info == {"options": "default", "from_cache": False, "note": "not raced: UNIOPT_TRIAL_PROCESSES is off"}
     assert _records(cache) == {}
 
