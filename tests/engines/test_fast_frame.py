@@ -16,7 +16,7 @@ from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEn
 from uniopt.engines.tts.frame import FastFrame, frame_inputs
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.plugins.export import tracer_warnings
-from uniopt.plugins.memory_costs import STEP_FIRST_CALL_FACTORS
+from uniopt.plugins.memory_costs import STEP_BLOB_FIRST_CALL_FACTOR, STEP_FIRST_CALL_FACTORS
 from uniopt.plugins.model_cache import model_cache
 
 
@@ -128,7 +128,10 @@ def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_start
     assert {e.description.get("graph") for e in entries if e.kind.startswith("openvino-")} == {"slow", "frame"}
     # The first calls are checked for what the slow step's weights take when laid out again there.
     [slow] = [e for e in entries if e.kind == "openvino-stateful-int8"]
-    first_call_bytes = int(STEP_FIRST_CALL_FACTORS["compressed"] * (slow.path / "model.bin").stat().st_size)
+    weights = (slow.path / "model.bin").stat().st_size
+    # Loaded from the race winner's blob, the slow step lays its weights out at its first calls, not at the compile.
+    assert report.stage.info["compile_options"]["slow"]["loaded_blob"]
+    first_call_bytes = int((STEP_FIRST_CALL_FACTORS["compressed"] + STEP_BLOB_FIRST_CALL_FACTOR) * weights)
     assert report.stage.info["first_call_bytes"] == first_call_bytes > 0
     [first_calls] = [s for s in result.memory_steps if s["step"] == "first-calls"]
     assert first_calls["base_bytes"] >= first_call_bytes
@@ -143,6 +146,7 @@ def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_start
     warm = UniversalOptimizer(FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=8), seed=1), **options)
     warm_report = warm.report().component("decoder")
     assert warm_report.decision_from_cache and warm_report.stage.info["from_cache"]
+    assert warm_report.stage.info["first_call_bytes"] == first_call_bytes  # loaded from the blob again
 
 
 # -- the fish_speech package ------------------------------------------------------------------------------------

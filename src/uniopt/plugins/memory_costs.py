@@ -109,6 +109,20 @@ STEP_COSTS: dict[str, StepCost] = {
 #: 20-position prefill, 139 at the first single step; with dynamic quantization on 174 in all);
 #: f32 290 MiB on the 719 MiB file. A frame graph's first call added nothing measurable.
 STEP_FIRST_CALL_FACTORS = {"compressed": 1.75, "float": 0.4}
+#: What compressed weights add at the first calls besides, when the step was loaded from its compiled
+#: blob (a warm start, or a race's winner): their layout is then made there, not at the compile.
+#: Measured on the same slow step: 492 MiB instead of 319 with dynamic quantization off, 354
+#: instead of 182 with it on, a file's worth more each time; its f32 model 300 MiB either way.
+STEP_BLOB_FIRST_CALL_FACTOR = 1.0
+
+
+def step_first_call_bytes(weights_bytes: int, compressed: bool, from_blob: bool) -> int:
+    """What a compiled decode step's first calls add, for its model file's ``weights_bytes``."""
+    factor = STEP_FIRST_CALL_FACTORS["compressed" if compressed else "float"]
+    if compressed and from_blob:
+        factor += STEP_BLOB_FIRST_CALL_FACTOR
+    return int(factor * weights_bytes)
+
 
 #: Estimates are scaled by this before comparing with the memory left (they are measured, not bounds).
 SAFETY_FACTOR = 1.15

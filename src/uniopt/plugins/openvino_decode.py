@@ -34,7 +34,7 @@ from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import ExportError, quiet_loggers, rebuild_on_failure
 from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
-from .memory_costs import STEP_FIRST_CALL_FACTORS, file_bytes, memory_step
+from .memory_costs import file_bytes, memory_step, step_first_call_bytes
 from .openvino_backend import compile_config, converted_model
 from .openvino_step_options import compile_fastest
 
@@ -324,16 +324,17 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
             config = compile_config(context, precision, path)
             if isinstance(graph, StepGraph):
                 config["KV_CACHE_PRECISION"] = hint  # the caches in the precision the step computes in
-                # Its weights are laid out again at its first calls (of each input shape).
-                factor = STEP_FIRST_CALL_FACTORS["float" if variant == "float" else "compressed"]
-                first_call_bytes += int(factor * file_bytes(path.with_suffix(".bin")))
             step = f"openvino-compile-{hint}"
             if variant == "float":  # dynamic quantization applies to compressed weights only: nothing to race
                 with memory_step(step, component, context, file_bytes(path, path.with_suffix(".bin"))):
                     compiled[graph.name] = core.compile_model(str(path), "CPU", config)
-                continue
-            compiled[graph.name], choice = compile_fastest(core, path, config, graph, component, context, step)
-            options[graph.name] = choice.to_info()
+            else:
+                compiled[graph.name], choice = compile_fastest(core, path, config, graph, component, context, step)
+                options[graph.name] = choice.to_info()
+            if isinstance(graph, StepGraph):  # its weights are laid out again at its first calls (of each shape)
+                from_blob = bool(compiled[graph.name].get_property("LOADED_FROM_CACHE"))
+                weights = file_bytes(path.with_suffix(".bin"))
+                first_call_bytes += step_first_call_bytes(weights, variant != "float", from_blob)
         allowed = context.settings.fallback_on_optimization_error
         info = {
             "from_cache": all(cached),
