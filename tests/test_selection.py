@@ -379,6 +379,31 @@ def _rounds(cost: dict[str, float], **options: Any) -> dict[str, int]:
     return {name: len(t.samples) for name, t in timings.items()}
 
 
+def test_calls_within_the_tie_may_swap_without_more_rounds() -> None:
+    now, calls = [0.0], [0]
+
+    def a_cost() -> float:
+        """Samples 1.00, 1.03, 0.99, 1.04, ...: a's median swaps places with b's 1.01 every round, 1.5% apart."""
+        k, calls[0] = calls[0], calls[0] + 1
+        return 1.03 + 0.01 * (k // 2) if k % 2 else 1.0 - 0.01 * (k // 2)
+
+    cost = {"eager": lambda: 1.5, "a": a_cost, "b": lambda: 1.01}
+
+    def call(name: str) -> Any:
+        def run() -> None:
+            now[0] += cost[name]()
+
+        return run
+
+    def samples(**options: Any) -> int:
+        now[0], calls[0] = 0.0, 0
+        timings = measure_interleaved({n: call(n) for n in cost}, budget_s=1e9, clock=lambda: now[0], **options)
+        return len(timings["a"].samples)
+
+    assert samples(min_rounds=3) == 3  # tied: the ranking holds from the first round on
+    assert samples(min_rounds=3, tie=1.0) == 15  # no tie: they never settle, max_rounds ends it
+
+
 def test_a_decisive_ranking_stops_after_two_rounds() -> None:
     assert _rounds({"eager": 10.0, "fast": 4.0}, min_rounds=5) == {"eager": 2, "fast": 2}  # 2.5x: no round changes it
     assert _rounds({"eager": 10.0, "fast": 4.0}, min_rounds=5, decisive_factor=3.0) == {"eager": 5, "fast": 5}

@@ -30,6 +30,18 @@ def _ranking(timings: Mapping[str, Timing]) -> list[str]:
     return sorted(timings, key=lambda name: timings[name].p50)
 
 
+def _same_order(previous: list[str] | None, ranking: list[str], timings: Mapping[str, Timing], tie: float) -> bool:
+    """Whether ``ranking`` keeps ``previous``'s order, but for calls whose medians are within ``tie`` of each other."""
+    if previous is None or set(previous) != set(ranking):
+        return False
+    before = {name: index for index, name in enumerate(previous)}
+    return all(
+        before[ahead] < before[behind] or timings[behind].p50 <= timings[ahead].p50 * tie
+        for index, ahead in enumerate(ranking)
+        for behind in ranking[index + 1 :]
+    )
+
+
 def _decisive(timings: Mapping[str, Timing], ranking: list[str], factor: float) -> bool:
     return len(ranking) > 1 and all(
         max(timings[faster].samples) * factor <= min(timings[slower].samples)
@@ -48,12 +60,15 @@ def measure_interleaved(
     prune_factor: float | None = 2.0,
     decisive_factor: float | None = 2.0,
     first_round_factor: float | None = 3.0,
+    tie: float = 1.03,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time every call once per round, rotating the order, until the ranking holds or time runs out.
 
     Stops after ``min_rounds`` once the ranking by median has not changed for ``stable_rounds``
-    rounds, after ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs);
+    rounds (calls whose medians are within ``tie`` of each other may swap: more rounds would
+    only choose between equals, and a candidate within 3% of eager is not chosen), after
+    ``max_rounds``, or when ``budget_s`` is spent (at least one round always runs);
     after two rounds already when the ranking is decisive: each call's slowest sample at least
     ``decisive_factor`` times faster than the next one's fastest (no more rounds can change it);
     after the first round when each call is ``first_round_factor`` times faster than the next (a
@@ -75,7 +90,7 @@ def measure_interleaved(
             timings[name].samples.append(clock() - t0)
         active = {name: timings[name] for name in names}
         ranking = _ranking(active)
-        unchanged = unchanged + 1 if ranking == previous else 0
+        unchanged = unchanged + 1 if _same_order(previous, ranking, active, tie) else 0
         previous = ranking
         if round_index + 1 >= min_rounds and unchanged >= stable_rounds:
             break
