@@ -125,22 +125,43 @@ def test_a_race_that_does_not_fit_keeps_the_defaults_and_records_nothing(
     engine: FishSpeechEngine, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_step = step_options.memory_step
-    refused: list[str] = []
+    refused: list[tuple[str, int]] = []
 
-    def no_room_for_trials(step: str, component: object, context: object, base: int | None = None):  # type: ignore[no-untyped-def]
+    def no_room_for_trials(step: str, component: object, context: object, base: int | None = None, copies: int = 1):  # type: ignore[no-untyped-def]
         if "-trial-" in step:
-            refused.append(step)
+            refused.append((step, copies))
             raise MemoryBudgetError(step, 2**40, "1 MiB available (test)")
-        return real_step(step, component, context, base)
+        return real_step(step, component, context, base, copies)
 
     monkeypatch.setattr(step_options, "memory_step", no_room_for_trials)
     stage = _build(engine, cache)
-    assert refused == ["openvino-trial-f32", "openvino-trial-f32"]  # the first trial of each model
+    # Per model: both trial processes at once, then the first one alone.
+    assert refused == [("openvino-trial-f32", 2), ("openvino-trial-f32", 1)] * 2
     for info in stage.info["compile_options"].values():
         assert info["options"] == "default" and not info["from_cache"] and "race_ms" not in info
         assert info["note"].startswith("not raced: ") and "openvino-trial-f32" in info["note"]
     assert _records(cache) == {}  # not a measurement: the next build races
     assert _decode(stage, engine).shape[-1] == engine.config.decode_steps
+
+
+def test_without_room_for_both_trial_processes_at_once_they_compile_one_after_the_other(
+    engine: FishSpeechEngine, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = step_options.memory_step
+    ran: list[int] = []
+
+    def room_for_one(step: str, component: object, context: object, base: int | None = None, copies: int = 1):  # type: ignore[no-untyped-def]
+        if "-trial-" in step:
+            if copies > 1:
+                raise MemoryBudgetError(step, 2**40, "1 MiB available (test)")
+            ran.append(copies)
+        return real_step(step, component, context, base, copies)
+
+    monkeypatch.setattr(step_options, "memory_step", room_for_one)
+    stage = _build(engine, cache)
+    assert ran == [1, 1, 1, 1]  # two models, each set's trial process on its own
+    for info in stage.info["compile_options"].values():
+        assert set(info["race_ms"]) == set(step_options.OPTION_SETS) and info["loaded_blob"]
 
 
 def test_without_trial_processes_nothing_is_raced(engine: FishSpeechEngine, cache: Path) -> None:

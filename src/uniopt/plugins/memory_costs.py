@@ -165,14 +165,17 @@ def file_bytes(*paths: Path) -> int:
 
 
 @contextmanager
-def memory_step(step: str, component: Any, context: Any, base_bytes: int | None = None) -> Iterator[None]:
+def memory_step(
+    step: str, component: Any, context: Any, base_bytes: int | None = None, copies: int = 1
+) -> Iterator[None]:
     """Refuse ``step`` when its estimate does not fit the memory left; measure it when it runs.
 
-    ``base_bytes`` defaults to the component's weight bytes. Each step that runs is appended to
-    ``context.memory_steps`` as ``{"step", "base_bytes", "estimated_bytes", "peak_bytes"}``.
+    ``base_bytes`` defaults to the component's weight bytes; ``copies`` runs of the step at once
+    need that many estimates. Each step that runs is appended to ``context.memory_steps`` as
+    ``{"step", "base_bytes", "estimated_bytes", "peak_bytes"}``.
     """
     base = weight_bytes(component) if base_bytes is None else base_bytes
-    needed = estimate_step(step, base)
+    needed = copies * estimate_step(step, base)
     headroom = memory_headroom()
     if required_bytes(needed) > headroom.available_bytes:
         raise MemoryBudgetError(step, needed, headroom.describe())

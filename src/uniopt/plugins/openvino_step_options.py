@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import MemoryBudgetError
+from ..memory import note_child_peak
 from ..optimizer.steps import FrameGraph, StepGraph
 from ..tiers import host_profile
 from .candidate import BuildContext
@@ -218,12 +219,24 @@ def _timed_race(
     from .openvino_trial import TrialProcess, TrialUnavailable
 
     trials: dict[str, TrialProcess] = {}
+    configs = {
+        name: {**uncached, **options, **({"CACHE_DIR": str(folders[name])} if folders[name] is not None else {})}
+        for name, options in OPTION_SETS.items()
+    }
     try:
-        for name, options in OPTION_SETS.items():
-            folder = folders[name]
-            config = {**uncached, **options, **({"CACHE_DIR": str(folder)} if folder is not None else {})}
-            with memory_step(trial_step, component, context, ir_bytes):
-                trials[name] = TrialProcess(path, "CPU", config, f"{graph.name} with {name} options")
+        try:  # every set compiled at once where the memory left holds them all (the compiles share the CPUs)
+            with memory_step(trial_step, component, context, ir_bytes, copies=len(configs)):
+                for name, config in configs.items():
+                    trials[name] = TrialProcess(path, "CPU", config, f"{graph.name} with {name} options", wait=False)
+                for trial in trials.values():
+                    trial.wait_compiled()
+                note_child_peak(sum(trial.peak_bytes() for trial in trials.values()))
+        except MemoryBudgetError:
+            if trials:  # refused by the estimate, not at the start: the compiles ran out of memory
+                raise
+            for name, config in configs.items():  # one after the other
+                with memory_step(trial_step, component, context, ir_bytes):
+                    trials[name] = TrialProcess(path, "CPU", config, f"{graph.name} with {name} options")
         calls = exercise_calls(graph)
         first, rest = (calls[:1], calls[1:]) if isinstance(graph, StepGraph) else ([], calls)
         weight = STEPS_PER_PREFILL / len(rest) if first else 1.0

@@ -90,7 +90,11 @@ class TrialProcess:
     The process ends when this object is closed or garbage-collected. ``what`` names it in errors.
     """
 
-    def __init__(self, xml: Path, device: str, config: dict[str, str], what: str, timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self, xml: Path, device: str, config: dict[str, str], what: str, timeout_s: float = TIMEOUT_S, wait: bool = True
+    ):
+        """Start the process and compile ``xml`` there; without ``wait``, :meth:`wait_compiled` waits for
+        the compile (which then notes no peak: the caller counts the processes compiling at once)."""
         self.what = what
         self.timeout_s = timeout_s
         ours, theirs = multiprocessing.Pipe()
@@ -117,14 +121,29 @@ class TrialProcess:
         self._lock = threading.RLock()
         self._close = weakref.finalize(self, _stop, self._proc, ours, self._shared)
         self.pid = self._proc.pid
+        #: The precision OpenVINO runs the model in, as it reports it (``f32``, ``bf16``, ...).
+        self.precision = ""
+        self._compiling = True
         try:
-            with self._lock:
-                #: The precision OpenVINO runs the model in, as it reports it (``f32``, ``bf16``, ...).
-                self.precision: str = self._ask(("compile", str(xml), device, config))
-                note_child_peak(self.peak_bytes())
+            self._send(("compile", str(xml), device, config))
         except BaseException:
             self.close()
             raise
+        if wait:
+            self.wait_compiled()
+            note_child_peak(self.peak_bytes())
+
+    def wait_compiled(self) -> None:
+        """Wait for the compile the process started with (at once when it is done already)."""
+        with self._lock:
+            if not self._compiling:
+                return
+            try:
+                self.precision = self._receive()
+            except BaseException:
+                self.close()
+                raise
+            self._compiling = False
 
     def run_arrays(self, arrays: list[Any]) -> list[Any]:
         """The model's outputs for ``arrays``, computed in the trial process."""
@@ -158,9 +177,20 @@ class TrialProcess:
             raise RuntimeError(f"{self.what}: the trial process was closed")
 
     def _ask(self, message: tuple[Any, ...]) -> Any:
+        self.wait_compiled()
+        self._send(message)
+        return self._receive()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
         self._check_open()
         try:
             self._conn.send(message)
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+
+    def _receive(self) -> Any:
+        self._check_open()
+        try:
             if not self._conn.poll(self.timeout_s):
                 self._proc.kill()
                 self.close()
