@@ -38,12 +38,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import StepKilledError
 from .memory import note_child_peak
 
-__all__ = ["BuildTimeout", "can_isolate", "isolated_build", "run_isolated"]
+__all__ = ["BuildTimeout", "IsolatedStep", "can_isolate", "isolated_build", "run_isolated"]
 
 log = logging.getLogger("uniopt")
 T = TypeVar("T")
@@ -74,30 +74,69 @@ def run_isolated(step: Callable[[], T], what: str, timeout_s: float = DEFAULT_TI
     :class:`~uniopt.errors.MemoryBudgetError` when the signal is SIGKILL (the OOM killer's), else
     as a ``RuntimeError``; one that runs past ``timeout_s`` is killed (:class:`BuildTimeout`).
     """
-    if not (enabled and can_isolate()):
-        return step()
-    with tempfile.TemporaryFile() as channel:
+    started = IsolatedStep(step, what, timeout_s, enabled)
+    value = started.result()
+    note_child_peak(started.peak_bytes)
+    return value
+
+
+class IsolatedStep(Generic[T]):
+    """``step()`` started in a forked child now, as :func:`run_isolated` runs it; :meth:`result` waits for it.
+
+    Steps started one after the other run side by side; the caller counts their peaks
+    (:attr:`peak_bytes`, known once :meth:`result` returned or raised). Where the step cannot be
+    isolated it runs here, at once.
+    """
+
+    def __init__(self, step: Callable[[], T], what: str, timeout_s: float = DEFAULT_TIMEOUT_S, enabled: bool = True):
+        self.what, self.timeout_s = what, timeout_s
+        #: The child's peak above this process's RSS (0 for a step run here).
+        self.peak_bytes = 0
+        self._pid: int | None = None
+        self._outcome: tuple[bool, Any] | None = None
+        if not (enabled and can_isolate()):
+            try:
+                self._outcome = (True, step())
+            except Exception as exc:
+                self._outcome = (False, exc)
+            return
+        self._channel = tempfile.TemporaryFile()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         gc.collect()  # garbage of this process is freed here, where its backends' destructors are safe
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's code
-            _child(step, channel)
-        status = _wait(pid, what, timeout_s)
-        channel.seek(0)
-        payload = channel.read()
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGKILL:
-            raise StepKilledError(what)
-        raise RuntimeError(f"{what}: the step's process died of signal {signal.Signals(sig).name}")
-    if not payload:
-        raise RuntimeError(f"{what}: the step's process exited with status {os.WEXITSTATUS(status)} and no result")
-    ok, value, peak = pickle.loads(payload)
-    note_child_peak(peak)
-    if ok:
-        return value  # type: ignore[no-any-return]
-    raise value
+            _child(step, self._channel)
+        self._pid = pid
+
+    def result(self) -> T:
+        """The step's return value, or its exception raised here (waits for the child the first time)."""
+        if self._outcome is None:
+            self._outcome = self._collect()
+        ok, value = self._outcome
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def _collect(self) -> tuple[bool, Any]:
+        assert self._pid is not None
+        with self._channel:
+            try:
+                status = _wait(self._pid, self.what, self.timeout_s)
+            except BuildTimeout as exc:
+                return False, exc
+            self._channel.seek(0)
+            payload = self._channel.read()
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGKILL:
+                return False, StepKilledError(self.what)
+            return False, RuntimeError(f"{self.what}: the step's process died of signal {signal.Signals(sig).name}")
+        if not payload:
+            code = os.WEXITSTATUS(status)
+            return False, RuntimeError(f"{self.what}: the step's process exited with status {code} and no result")
+        ok, value, self.peak_bytes = pickle.loads(payload)
+        return ok, value
 
 
 def isolated_build(build: Callable[[Any], T], context: Any, what: str) -> Callable[[Any], T]:

@@ -198,3 +198,66 @@ def test_int4_frame_candidate_serves_a_frame_in_one_call_and_passes_the_guard(tm
     decode = report.stage.run
     assert decode._loop.model.frame_runner is not None and decode._loop.model._fast is None
     assert report.stage.info["weights"] == "int4" and set(report.stage.info["compile_options"]) == {"slow", "frame"}
+
+
+# -- the graphs' conversions side by side ---------------------------------------------------------------------------
+def _conversion_context(tmp_path: Path) -> object:
+    from uniopt.plugins import BuildContext
+    from uniopt.settings import resolve_settings
+    from uniopt.threads import thread_budget
+    from uniopt.tiers import host_profile
+
+    profile = host_profile()
+    settings, tier = resolve_settings({"cache_dir": str(tmp_path)}, profile)
+    threads = thread_budget(profile.usable_cpus, settings.threads)
+    return BuildContext(settings, profile, tier.tier, threads, cache=ArtifactCache(settings.cache_dir))
+
+
+def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from uniopt.plugins import openvino_decode
+
+    pytest.importorskip("openvino")
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=1)
+    component = engine.uniopt_components()[0]
+    graphs = [component.decode_steps.graph("slow"), component.decode_steps.frame]
+    real_write = openvino_decode._write_plain
+
+    def write_timed(graph: object, component: object, context: object, directory: Path) -> dict:
+        started = time.monotonic()
+        time.sleep(1.0)  # each child outlasts the start of the other
+        extra = real_write(graph, component, context, directory)
+        (directory / "span").write_text(f"{started} {time.monotonic()}")
+        return extra
+
+    monkeypatch.setattr(openvino_decode, "_write_plain", write_timed)
+    context = _conversion_context(tmp_path)
+    converted = openvino_decode._convert_side_by_side(graphs, component, context)
+    assert set(converted) == {"slow", "frame"}
+    spans = {name: [float(t) for t in (c.folder / "span").read_text().split()] for name, c in converted.items()}
+    assert spans["slow"][0] < spans["frame"][1] and spans["frame"][0] < spans["slow"][1]  # they overlapped
+    loaded: list[str] = []
+    for graph in graphs:  # the cache entries take the converted files; the scratch folders go
+        path, from_cache = openvino_decode._step_ir(graph, component, context, "float", loaded, converted[graph.name])
+        assert path.is_file() and path.with_suffix(".bin").is_file() and not from_cache
+        assert not converted[graph.name].folder.exists()
+    assert [s["step"] for s in context.memory_steps] == ["openvino-convert-step", "openvino-convert-frame"]
+    # Cached now: nothing to convert.
+    assert openvino_decode._convert_side_by_side(graphs, component, context) == {}
+
+
+def test_the_decode_graphs_convert_one_after_the_other_without_room_for_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from uniopt import memory
+    from uniopt.plugins import openvino_decode
+
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=1)
+    component = engine.uniopt_components()[0]
+    graphs = [component.decode_steps.graph("slow"), component.decode_steps.frame]
+    tight = memory.MemoryHeadroom(available_bytes=1, limit_bytes=None, used_bytes=None)
+    monkeypatch.setattr(memory, "memory_headroom", lambda: tight)
+    assert openvino_decode._convert_side_by_side(graphs, component, _conversion_context(tmp_path)) == {}

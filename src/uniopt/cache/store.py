@@ -355,6 +355,15 @@ class ArtifactCache:
             raise ValueError(f"invalid lock purpose {purpose!r} in {name!r}: use lower-case letters")
         return FileLock(self._locks / f"{key}.{purpose}.lock", timeout=timeout)
 
+    def scratch_dir(self, name: str) -> Path:
+        """A new folder for files that later become an entry's (moved in by rename: the same filesystem).
+
+        The caller removes it; one left behind by a process that is gone is removed as stale.
+        """
+        folder = unique_path(self._tmp, name)
+        folder.mkdir()
+        return folder
+
     def runtime_dir(self, entry: Path) -> Path | None:
         """A folder for files a runtime writes about the entry at ``entry`` (compiled blobs), or None.
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import NotApplicable, UniOptError
-from ..isolation import isolated_build
+from ..isolation import IsolatedStep, can_isolate, isolated_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
@@ -237,43 +239,132 @@ def _compress(model: Any, variant: str) -> Any:
         )
 
 
+def _ir_key(graph: StepGraph | FrameGraph, component: Any, kind: str) -> str:
+    from ..cache import cache_key, library_versions
+
+    spec = {
+        "artifact": kind,
+        "layout": STEP_IR_LAYOUT,
+        "component": component.key(),
+        "graph": graph.name,
+        "versions": library_versions(),
+    }
+    return cache_key(spec)
+
+
+def _plain_kind(graph: StepGraph | FrameGraph) -> str:
+    return "openvino-frame" if isinstance(graph, FrameGraph) else "openvino-stateful"
+
+
+def _convert_step_name(graph: StepGraph | FrameGraph) -> str:
+    return "openvino-convert-frame" if isinstance(graph, FrameGraph) else "openvino-convert-step"
+
+
+def _write_plain(
+    graph: StepGraph | FrameGraph, component: Any, context: BuildContext, directory: Path
+) -> dict[str, Any]:
+    """Convert ``graph`` and write its float IR into ``directory``."""
+    import openvino as ov
+
+    with memory_step(_convert_step_name(graph), component, context):
+        model = _convert_frame(graph) if isinstance(graph, FrameGraph) else _convert(graph)
+        ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
+    return {"graph": graph.name}
+
+
+class _Conversion:
+    """One graph's conversion, run in a child of its own beside the others' (:func:`_convert_side_by_side`)."""
+
+    def __init__(self, graph: StepGraph | FrameGraph, component: Any, context: BuildContext) -> None:
+        self.folder = context.cache.scratch_dir(f"convert-{graph.name}")
+        known = len(context.memory_steps)
+
+        def step() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            return _write_plain(graph, component, context, self.folder), context.memory_steps[known:]
+
+        what = f"OpenVINO conversion of {graph.name}"
+        self.started = IsolatedStep(step, what, enabled=context.settings.isolate_builds)
+        self.context = context
+
+    def wait(self) -> int:
+        """Wait for the child; its peak bytes (its error, if any, is raised by :meth:`into`)."""
+        with contextlib.suppress(Exception):
+            self.started.result()
+        return self.started.peak_bytes
+
+    def into(self, directory: Path) -> dict[str, Any]:
+        """The cache entry's build: the converted files moved into ``directory``."""
+        extra, measured = self.started.result()
+        self.context.memory_steps.extend(measured)
+        for item in self.folder.iterdir():
+            os.replace(item, directory / item.name)
+        return extra
+
+
+def _convert_side_by_side(
+    graphs: list[StepGraph | FrameGraph], component: Any, context: BuildContext
+) -> dict[str, _Conversion]:
+    """The conversions of the graphs not in the cache yet, each in a child of its own, all at once.
+
+    Each conversion is mostly one thread (the tracer, OpenVINO's frontend): the TTS decoder's two
+    graphs convert in about the time of the longer. Only where the memory left holds every
+    conversion's estimate at once, and builds are isolated; otherwise none is started (``{}``)
+    and each graph converts when its IR is asked for. Returns once every child has ended (what
+    follows is timed).
+    """
+    from ..memory import memory_headroom, note_child_peak
+    from .memory_costs import estimate_step, required_bytes, weight_bytes
+
+    missing = [g for g in graphs if context.cache.get(_ir_key(g, component, _plain_kind(g))) is None]
+    if len(missing) < 2 or not (context.settings.isolate_builds and can_isolate()):
+        return {}
+    needed = sum(estimate_step(_convert_step_name(g), weight_bytes(component)) for g in missing)
+    if required_bytes(needed) > memory_headroom().available_bytes:
+        return {}
+    started: dict[str, _Conversion] = {}
+    try:
+        for graph in missing:
+            started[graph.name] = _Conversion(graph, component, context)
+    except OSError:  # no scratch folder: each converts in turn
+        for conversion in started.values():
+            conversion.wait()
+            shutil.rmtree(conversion.folder, ignore_errors=True)
+        return {}
+    note_child_peak(sum(conversion.wait() for conversion in started.values()))
+    return started
+
+
 def _step_ir(
-    graph: StepGraph | FrameGraph, component: Any, context: BuildContext, variant: str, loaded: list[str]
+    graph: StepGraph | FrameGraph,
+    component: Any,
+    context: BuildContext,
+    variant: str,
+    loaded: list[str],
+    converted: _Conversion | None = None,
 ) -> tuple[Path, bool]:
     """The IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now.
 
     A step graph is made stateful; a frame graph (kind ``openvino-frame``) is converted as it is.
+    ``converted`` is its conversion run already (:func:`_convert_side_by_side`).
     """
     import openvino as ov
 
-    from ..cache import cache_key, library_versions
-
-    def key_for(kind: str) -> str:
-        spec = {
-            "artifact": kind,
-            "layout": STEP_IR_LAYOUT,
-            "component": component.key(),
-            "graph": graph.name,
-            "versions": library_versions(),
-        }
-        return cache_key(spec)
-
-    framed = isinstance(graph, FrameGraph)
-    base = "openvino-frame" if framed else "openvino-stateful"
+    base = _plain_kind(graph)
 
     def build_plain(directory: Path) -> dict[str, Any]:
-        with memory_step("openvino-convert-frame" if framed else "openvino-convert-step", component, context):
-            model = _convert_frame(graph) if isinstance(graph, FrameGraph) else _convert(graph)
-            ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
-        return {"graph": graph.name}
+        return _write_plain(graph, component, context, directory)
 
-    plain_key = key_for(base)
-    plain, plain_built = context.cache.get_or_build(
-        plain_key,
-        isolated_build(build_plain, context, f"OpenVINO conversion of {graph.name}"),
-        kind=base,
-        description={"graph": graph.name},
+    plain_key = _ir_key(graph, component, base)
+    build = (
+        converted.into
+        if converted is not None
+        else isolated_build(build_plain, context, f"OpenVINO conversion of {graph.name}")
     )
+    try:
+        plain, plain_built = context.cache.get_or_build(plain_key, build, kind=base, description={"graph": graph.name})
+    finally:
+        if converted is not None:  # its files moved into the entry, or another process made the entry first
+            shutil.rmtree(converted.folder, ignore_errors=True)
     if not plain_built:
         loaded.append(plain_key)
     if variant == "float":
@@ -287,7 +378,7 @@ def _step_ir(
         return {"graph": graph.name, "variant": variant}
 
     kind = f"{base}-{variant}"
-    key = key_for(kind)
+    key = _ir_key(graph, component, kind)
     entry, built = context.cache.get_or_build(
         key,
         isolated_build(build_compressed, context, f"{variant} compression of {graph.name}"),
@@ -317,8 +408,9 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
+        converted = _convert_side_by_side(graphs, component, context)
         for graph in graphs:
-            path, from_cache = _step_ir(graph, component, context, variant, loaded)
+            path, from_cache = _step_ir(graph, component, context, variant, loaded, converted.get(graph.name))
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
             config = compile_config(context, precision, path)
