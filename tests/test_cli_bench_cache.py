@@ -58,6 +58,25 @@ def test_bench_json_reports_every_candidate_against_eager(user_engine: str) -> N
     assert any(s["step"].startswith("onnx-export") for c in component["candidates"] for s in c["memory_steps"])
 
 
+def test_verbose_logs_what_auto_mode_does_on_stderr(user_engine: str) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("uniopt")
+    level = logger.level
+    try:
+        result = CliRunner().invoke(app, ["-v", "bench", user_engine, "--json", "--budget", "20"])
+        assert result.exit_code == 0, result.output
+        assert "FP32 references for" in result.stderr  # an INFO record
+        assert "needs ~" not in result.stderr  # the memory steps are DEBUG records: -vv
+        json.loads(result.stdout)  # stdout stays the JSON
+    finally:
+        logger.setLevel(level)
+        for handler in [h for h in logger.handlers if isinstance(h, RichHandler)]:
+            logger.removeHandler(handler)
+
+
 def test_bench_table_shows_the_memory_line(user_engine: str) -> None:
     result = _bench(user_engine, "--budget", "10")
     assert result.exit_code == 0, result.output

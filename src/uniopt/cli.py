@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -18,8 +19,24 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="Log what is built, checked and timed to stderr (-vv: memory too)."
+    ),
+) -> None:
     """uniopt: make PyTorch speech engines faster on this machine."""
+    if verbose:
+        _log_to_stderr(logging.INFO if verbose == 1 else logging.DEBUG)
+
+
+def _log_to_stderr(level: int) -> None:
+    """Show the ``uniopt`` logger's records at ``level`` and above on stderr (stdout stays the command's)."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("uniopt")
+    logger.setLevel(level)
+    if not any(isinstance(handler, RichHandler) for handler in logger.handlers):
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False))
 
 
 def _gib(n: int | None) -> str:
