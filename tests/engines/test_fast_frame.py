@@ -243,10 +243,33 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
     for graph in graphs:  # the cache entries take the converted files; the scratch folders go
         path, from_cache = openvino_decode._step_ir(graph, component, context, "float", loaded, converted[graph.name])
         assert path.is_file() and path.with_suffix(".bin").is_file() and not from_cache
-        assert not converted[graph.name].folder.exists()
+        assert not list(converted[graph.name].folder.iterdir())  # moved into the entry
     assert [s["step"] for s in context.memory_steps] == ["openvino-convert-step", "openvino-convert-frame"]
     # Cached now: nothing to convert.
     assert openvino_decode._convert_side_by_side(graphs, component, context) == {}
+
+
+def test_a_failed_conversion_leaves_no_scratch_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from uniopt.plugins import BuildFailure, candidates, openvino_decode, plugin_manager
+
+    pytest.importorskip("nncf")
+    engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=1)
+    component = engine.uniopt_components()[0]
+    real_write = openvino_decode._write_plain
+
+    def slow_fails(graph: object, component: object, context: object, directory: Path) -> dict:
+        if getattr(graph, "name", "") == "slow":
+            raise RuntimeError("injected conversion failure")
+        return real_write(graph, component, context, directory)
+
+    monkeypatch.setattr(openvino_decode, "_write_plain", slow_fails)
+    context = _conversion_context(tmp_path)
+    pm = plugin_manager(context.settings.plugins)
+    model_cache.clear()
+    candidate = candidates(pm)["openvino-stateful-frame-int8"]
+    built = pm.hook.uniopt_build_stage(candidate=candidate, component=component, context=context)
+    assert isinstance(built, BuildFailure) and "injected conversion failure" in built.reason
+    assert not [p for p in (tmp_path / "tmp").iterdir() if "convert-" in p.name]  # the frame's went too
 
 
 def test_the_decode_graphs_convert_one_after_the_other_without_room_for_both(

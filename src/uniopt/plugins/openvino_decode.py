@@ -292,6 +292,10 @@ class _Conversion:
             self.started.result()
         return self.started.peak_bytes
 
+    def discard(self) -> None:
+        """Remove the scratch folder (its files moved into the cache entry, or not wanted)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def into(self, directory: Path) -> dict[str, Any]:
         """The cache entry's build: the converted files moved into ``directory``."""
         extra, measured = self.started.result()
@@ -360,11 +364,7 @@ def _step_ir(
         if converted is not None
         else isolated_build(build_plain, context, f"OpenVINO conversion of {graph.name}")
     )
-    try:
-        plain, plain_built = context.cache.get_or_build(plain_key, build, kind=base, description={"graph": graph.name})
-    finally:
-        if converted is not None:  # its files moved into the entry, or another process made the entry first
-            shutil.rmtree(converted.folder, ignore_errors=True)
+    plain, plain_built = context.cache.get_or_build(plain_key, build, kind=base, description={"graph": graph.name})
     if not plain_built:
         loaded.append(plain_key)
     if variant == "float":
@@ -409,8 +409,12 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
         converted = _convert_side_by_side(graphs, component, context)
-        for graph in graphs:
-            path, from_cache = _step_ir(graph, component, context, variant, loaded, converted.get(graph.name))
+        try:
+            irs = [_step_ir(g, component, context, variant, loaded, converted.get(g.name)) for g in graphs]
+        finally:  # moved into their entries, or left over by a graph that failed before them
+            for conversion in converted.values():
+                conversion.discard()
+        for graph, (path, from_cache) in zip(graphs, irs, strict=True):
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"
             config = compile_config(context, precision, path)
