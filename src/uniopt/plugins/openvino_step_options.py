@@ -52,7 +52,7 @@ OPTION_SETS: Mapping[str, Mapping[str, str]] = {
 }
 #: Interleaved rounds of the race; the median of each option set's rounds counts (for a step graph
 #: a round's score is its prefill plus :data:`STEPS_PER_PREFILL` steps, from the steps it timed).
-ROUNDS = 3
+ROUNDS = 5
 #: Another option set replaces the defaults only when at least this much faster (noise stays default).
 MIN_GAIN = 0.03
 #: Single steps timed after the prefill of a step graph (fewer when its caches end sooner).
