@@ -32,7 +32,7 @@ import torch
 
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.optimizer.guard import metric_value
-from uniopt.optimizer.timing import measure_interleaved
+from uniopt.optimizer.timing import measure_rounds
 from uniopt.plugins import BuildContext, BuildFailure, candidates, plugin_manager
 from uniopt.settings import resolve_settings
 from uniopt.threads import thread_budget
@@ -188,15 +188,7 @@ def main() -> None:
         scored = {name: run(*forced) for name, run in runs.items()}
         outputs = {name: run(*inputs) for name, run in runs.items()}
         stages = {name: functools.partial(run, *inputs) for name, run in runs.items()}
-        timings = measure_interleaved(
-            stages,
-            budget_s=1e9,
-            min_rounds=args.rounds,
-            max_rounds=args.rounds,
-            prune_factor=None,
-            decisive_factor=None,
-            first_round_factor=None,
-        )
+        timings = measure_rounds(stages, args.rounds)
     probe = memory_bandwidth(threads.intra_op, refresh=True)
     matvec = matvec_bytes_per_s(threads.intra_op)
     int8_matvec = openvino_int8_matvec_bytes_per_s(threads.intra_op)

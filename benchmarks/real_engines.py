@@ -32,7 +32,7 @@ import soundfile as sf
 import torch
 
 from uniopt import UniversalOptimizer, host_profile
-from uniopt.optimizer.timing import measure_interleaved
+from uniopt.optimizer.timing import measure_rounds
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "diarization" / "two_speakers.wav"
 
@@ -49,16 +49,7 @@ def host_line() -> str:
 
 def timed(calls: dict[str, Any], rounds: int) -> dict[str, float]:
     """Median seconds per call, the calls taking turns, ``rounds`` rounds."""
-    timings = measure_interleaved(
-        calls,
-        budget_s=3600,
-        min_rounds=rounds,
-        max_rounds=rounds,
-        stable_rounds=rounds,
-        prune_factor=None,
-        decisive_factor=None,
-        first_round_factor=None,
-    )
+    timings = measure_rounds(calls, rounds)
     return {name: t.p50 for name, t in timings.items()}
 
 

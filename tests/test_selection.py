@@ -409,6 +409,23 @@ def test_a_decisive_ranking_stops_after_two_rounds() -> None:
     assert _rounds({"eager": 10.0, "fast": 4.0}, min_rounds=5, decisive_factor=3.0) == {"eager": 5, "fast": 5}
 
 
+def test_measure_rounds_times_every_call_exactly_that_many_rounds() -> None:
+    from uniopt.optimizer.timing import measure_rounds
+
+    counts = {"eager": 0, "fast": 0, "slow": 0}
+    sleep = {"eager": 0.01, "fast": 0.001, "slow": 0.05}  # decisive, and "slow" would be pruned
+
+    def call(name: str) -> Any:
+        def run() -> None:
+            counts[name] += 1
+            time.sleep(sleep[name])
+
+        return run
+
+    timings = measure_rounds({n: call(n) for n in counts}, 4)
+    assert {name: len(t.samples) for name, t in timings.items()} == counts == dict.fromkeys(counts, 4)
+
+
 def test_a_ranking_several_times_apart_stops_after_one_round() -> None:
     assert _rounds({"eager": 10.0, "fast": 2.0}, min_rounds=5) == {"eager": 1, "fast": 1}  # 5x apart
     # Every neighbour in the ranking must be that far apart: here the two candidates are not.

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Timing", "measure_interleaved"]
+__all__ = ["Timing", "measure_interleaved", "measure_rounds"]
 
 
 @dataclass
@@ -104,3 +104,16 @@ def measure_interleaved(
             names = [n for n in names if n in keep or timings[n].p50 <= prune_factor * best]
             previous = [n for n in previous if n in names]
     return timings
+
+
+def measure_rounds(calls: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, Timing]:
+    """Exactly ``rounds`` interleaved rounds of every call, none left out, no early stop (benchmarks)."""
+    return measure_interleaved(
+        calls,
+        budget_s=float("inf"),
+        min_rounds=rounds,
+        max_rounds=rounds,
+        prune_factor=None,
+        decisive_factor=None,
+        first_round_factor=None,
+    )

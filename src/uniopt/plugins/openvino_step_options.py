@@ -194,37 +194,55 @@ def _race(
     step graph's prefill and single steps are timed apart and scored as one prefill and
     :data:`STEPS_PER_PREFILL` steps: a decode loop's prompt is prefilled once for many steps.
     """
+    from .openvino_trial import TrialProcess, TrialUnavailable
+
     if not context.settings.trial_processes:
         return OptionChoice("default", {}, False, "not raced: UNIOPT_TRIAL_PROCESSES is off")
     if context.profile.fingerprint != host_profile().fingerprint:  # optimize prepare: built for another host
         return OptionChoice("default", {}, False, "not raced: built for another host, which races them itself")
+    trials: dict[str, TrialProcess] = {}
     with _blob_folders(blobs, list(OPTION_SETS)) as folders:
-        choice = _timed_race(path, uncached, folders, ir_bytes, graph, component, context, trial_step)
-        if choice.seconds and blobs is not None:
-            _keep_blobs(folders[choice.name], blobs)
-    return choice
+        try:
+            configs = {name: _trial_config(uncached, options, folders[name]) for name, options in OPTION_SETS.items()}
+            trials = _start_trials(path, configs, ir_bytes, graph, component, context, trial_step)
+            seconds = _timed_rounds(trials, graph)
+            resident = {name: trial.rss_bytes() for name, trial in trials.items()}
+        except (MemoryBudgetError, TrialUnavailable, RuntimeError) as exc:
+            return OptionChoice("default", {}, False, f"not raced: {first_line(exc)}")
+        finally:
+            for trial in trials.values():
+                trial.close()
+        fastest = min(seconds, key=seconds.__getitem__)
+        chosen = fastest if seconds[fastest] < seconds["default"] * (1 - MIN_GAIN) else "default"
+        if blobs is not None:
+            _keep_blobs(folders[chosen], blobs)
+    log.debug("%s of %s: %s (%s)", graph.name, component.name, chosen, seconds)
+    return OptionChoice(chosen, seconds, False, resident_bytes=resident)
 
 
-def _timed_race(
+def _trial_config(uncached: Mapping[str, str], options: Mapping[str, str], folder: Path | None) -> dict[str, str]:
+    """An option set's compile config, writing its compiled blob to ``folder`` (none: no blob)."""
+    return {**uncached, **options, **({"CACHE_DIR": str(folder)} if folder is not None else {})}
+
+
+def _start_trials(
     path: Path,
-    uncached: Mapping[str, str],
-    folders: Mapping[str, Path | None],
+    configs: Mapping[str, dict[str, str]],
     ir_bytes: int,
     graph: StepGraph | FrameGraph,
     component: Any,
     context: BuildContext,
     trial_step: str,
-) -> OptionChoice:
-    """The race of :func:`_race`, each set's trial process writing its blob to its folder in ``folders``."""
-    from .openvino_trial import TrialProcess, TrialUnavailable
+) -> dict[str, Any]:
+    """A trial process per config, compiled: all at once where the memory left holds every compile, else in turn.
+
+    On an error the processes started so far end with it.
+    """
+    from .openvino_trial import TrialProcess
 
     trials: dict[str, TrialProcess] = {}
-    configs = {
-        name: {**uncached, **options, **({"CACHE_DIR": str(folders[name])} if folders[name] is not None else {})}
-        for name, options in OPTION_SETS.items()
-    }
     try:
-        try:  # every set compiled at once where the memory left holds them all (the compiles share the CPUs)
+        try:  # the compiles share the CPUs
             with memory_step(trial_step, component, context, ir_bytes, copies=len(configs)):
                 for name, config in configs.items():
                     trials[name] = TrialProcess(path, "CPU", config, f"{graph.name} with {name} options", wait=False)
@@ -237,27 +255,26 @@ def _timed_race(
             for name, config in configs.items():  # one after the other
                 with memory_step(trial_step, component, context, ir_bytes):
                     trials[name] = TrialProcess(path, "CPU", config, f"{graph.name} with {name} options")
-        calls = exercise_calls(graph)
-        first, rest = (calls[:1], calls[1:]) if isinstance(graph, StepGraph) else ([], calls)
-        weight = STEPS_PER_PREFILL / len(rest) if first else 1.0
-        samples: dict[str, list[float]] = {name: [] for name in trials}
-        for trial in trials.values():  # warm-up
-            trial.run_calls(calls)
-        for _ in range(ROUNDS):
-            for name, trial in trials.items():
-                prefill = trial.run_calls(first) if first else 0.0
-                samples[name].append(prefill + weight * trial.run_calls(rest))
-        resident = {name: trial.rss_bytes() for name, trial in trials.items()}
-    except (MemoryBudgetError, TrialUnavailable, RuntimeError) as exc:
-        return OptionChoice("default", {}, False, f"not raced: {first_line(exc)}")
-    finally:
+    except BaseException:
         for trial in trials.values():
             trial.close()
-    seconds = {name: statistics.median(times) for name, times in samples.items()}
-    fastest = min(seconds, key=seconds.__getitem__)
-    chosen = fastest if seconds[fastest] < seconds["default"] * (1 - MIN_GAIN) else "default"
-    log.debug("%s of %s: %s (%s)", graph.name, component.name, chosen, seconds)
-    return OptionChoice(chosen, seconds, False, resident_bytes=resident)
+        raise
+    return trials
+
+
+def _timed_rounds(trials: Mapping[str, Any], graph: StepGraph | FrameGraph) -> dict[str, float]:
+    """Each trial's median score over :data:`ROUNDS` interleaved rounds of ``graph``'s calls, after a warm-up."""
+    calls = exercise_calls(graph)
+    first, rest = (calls[:1], calls[1:]) if isinstance(graph, StepGraph) else ([], calls)
+    weight = STEPS_PER_PREFILL / len(rest) if first else 1.0
+    samples: dict[str, list[float]] = {name: [] for name in trials}
+    for trial in trials.values():  # warm-up
+        trial.run_calls(calls)
+    for _ in range(ROUNDS):
+        for name, trial in trials.items():
+            prefill = trial.run_calls(first) if first else 0.0
+            samples[name].append(prefill + weight * trial.run_calls(rest))
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 @contextmanager
