@@ -283,7 +283,11 @@ class _Conversion:
             return _write_plain(graph, component, context, self.folder), context.memory_steps[known:]
 
         what = f"OpenVINO conversion of {graph.name}"
-        self.started = IsolatedStep(step, what, enabled=context.settings.isolate_builds)
+        try:
+            self.started = IsolatedStep(step, what, enabled=context.settings.isolate_builds)
+        except BaseException:  # no child (fork refused): the folder is nobody's
+            self.discard()
+            raise
         self.context = context
 
     def wait(self) -> int:
