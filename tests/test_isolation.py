@@ -155,3 +155,26 @@ def test_a_step_past_the_limit_kills_only_its_child() -> None:
     assert "refused: too large a step was killed by the kernel" in proc.stdout
     assert "engine still here: 1.0" in proc.stdout
     assert kills >= 1
+
+
+def test_a_child_forked_while_another_thread_measures_memory_does_not_wait_for_it() -> None:
+    """The child measures its own memory: the parent's lock, held by a thread the child lacks, is not its."""
+    import threading
+    import time
+
+    from uniopt import memory
+
+    held = threading.Event()
+
+    def measuring() -> None:
+        with memory._lock:  # held while the child is forked, released soon after
+            held.set()
+            time.sleep(2.0)
+
+    thread = threading.Thread(target=measuring)
+    thread.start()
+    held.wait()
+    try:
+        assert run_isolated(lambda: 7, "a step beside a measurement", timeout_s=20) == 7
+    finally:
+        thread.join()

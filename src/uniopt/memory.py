@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,6 +97,17 @@ class _Sampler(threading.Thread):
 #: Absolute peaks of the measurements in progress (innermost last): a nested reset folds into them.
 _open_peaks: list[list[int]] = []
 _lock = threading.Lock()
+
+
+def _forked_child() -> None:
+    """In a forked child: the parent's measurements are not its own, and the lock may have been held
+    by a thread of the parent that does not exist here (the child would wait for it forever)."""
+    global _lock
+    _lock = threading.Lock()
+    _open_peaks.clear()
+
+
+os.register_at_fork(after_in_child=_forked_child)
 
 
 def _fold_high_water_mark() -> None:
