@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 from .errors import StepKilledError
 from .memory import note_child_peak
 
-__all__ = ["BuildTimeout", "IsolatedStep", "can_isolate", "isolated_build", "run_isolated"]
+__all__ = ["BuildTimeout", "IsolatedStep", "can_isolate", "isolated_build", "measured_build", "run_isolated"]
 
 log = logging.getLogger("uniopt")
 T = TypeVar("T")
@@ -144,17 +144,25 @@ def isolated_build(build: Callable[[Any], T], context: Any, what: str) -> Callab
     appended to ``context.memory_steps``."""
 
     def run(directory: Any) -> T:
-        memory_steps = context.memory_steps
-        known = len(memory_steps)
-
-        def step() -> tuple[T, list[dict[str, Any]]]:
-            return build(directory), memory_steps[known:]
-
+        step = measured_build(build, directory, context)
         result, measured = run_isolated(step, what, enabled=context.settings.isolate_builds)
-        memory_steps.extend(measured)
+        context.memory_steps.extend(measured)
         return result
 
     return run
+
+
+def measured_build(
+    build: Callable[[Any], T], directory: Any, context: Any
+) -> Callable[[], tuple[T, list[dict[str, Any]]]]:
+    """``build(directory)`` as a step that also returns the memory steps it measured (``context.memory_steps``
+    is a copy in a child: the caller appends them to its own)."""
+    known = len(context.memory_steps)
+
+    def step() -> tuple[T, list[dict[str, Any]]]:
+        return build(directory), context.memory_steps[known:]
+
+    return step
 
 
 def _wait(pid: int, what: str, timeout_s: float) -> int:

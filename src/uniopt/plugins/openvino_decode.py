@@ -17,6 +17,7 @@ a warm start compiles them (from OpenVINO's blob cache) without converting anyth
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import NotApplicable, UniOptError
-from ..isolation import IsolatedStep, can_isolate, isolated_build
+from ..isolation import IsolatedStep, can_isolate, isolated_build, measured_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
@@ -277,11 +278,7 @@ class _Conversion:
 
     def __init__(self, graph: StepGraph | FrameGraph, component: Any, context: BuildContext) -> None:
         self.folder = context.cache.scratch_dir(f"convert-{graph.name}")
-        known = len(context.memory_steps)
-
-        def step() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-            return _write_plain(graph, component, context, self.folder), context.memory_steps[known:]
-
+        step = measured_build(functools.partial(_write_plain, graph, component, context), self.folder, context)
         what = f"OpenVINO conversion of {graph.name}"
         try:
             self.started = IsolatedStep(step, what, enabled=context.settings.isolate_builds)
@@ -336,7 +333,7 @@ def _convert_side_by_side(
     except OSError:  # no scratch folder: each converts in turn
         for conversion in started.values():
             conversion.wait()
-            shutil.rmtree(conversion.folder, ignore_errors=True)
+            conversion.discard()
         return {}
     note_child_peak(sum(conversion.wait() for conversion in started.values()))
     return started
@@ -358,15 +355,13 @@ def _step_ir(
     import openvino as ov
 
     base = _plain_kind(graph)
-
-    def build_plain(directory: Path) -> dict[str, Any]:
-        return _write_plain(graph, component, context, directory)
-
     plain_key = _ir_key(graph, component, base)
     build = (
         converted.into
         if converted is not None
-        else isolated_build(build_plain, context, f"OpenVINO conversion of {graph.name}")
+        else isolated_build(
+            functools.partial(_write_plain, graph, component, context), context, f"OpenVINO conversion of {graph.name}"
+        )
     )
     plain, plain_built = context.cache.get_or_build(plain_key, build, kind=base, description={"graph": graph.name})
     if not plain_built:
