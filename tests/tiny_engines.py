@@ -1,13 +1,28 @@
-"""Small engines importable by ``package.module:factory`` specs, for the CLI tests (``optimize prepare``)."""
+"""Small engines importable by ``package.module:factory`` specs, for the CLI tests (``optimize prepare``),
+and the build context the tests that build stages directly use."""
 
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from uniopt.cache import ArtifactCache
 from uniopt.optimizer.steps import StepGraph
+from uniopt.plugins import BuildContext
+from uniopt.settings import resolve_settings
+from uniopt.threads import thread_budget
+from uniopt.tiers import HostProfile, host_profile
+
+
+def build_context(cache: Path, profile: HostProfile | None = None, **settings: object) -> BuildContext:
+    """What a stage is built with: ``settings`` resolved on ``profile`` (default: this host), the cache ``cache``."""
+    profile = profile or host_profile()
+    resolved, tier = resolve_settings({"cache_dir": str(cache), **settings}, profile)
+    threads = thread_budget(profile.usable_cpus, resolved.threads)
+    return BuildContext(resolved, profile, tier.tier, threads, cache=ArtifactCache(resolved.cache_dir))
 
 
 def wide_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:

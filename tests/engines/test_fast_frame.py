@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_engines import TorchSteps, tiny_fish_model
+from tiny_engines import TorchSteps, build_context, tiny_fish_model
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
@@ -201,18 +201,6 @@ def test_int4_frame_candidate_serves_a_frame_in_one_call_and_passes_the_guard(tm
 
 
 # -- the graphs' conversions side by side ---------------------------------------------------------------------------
-def _conversion_context(tmp_path: Path) -> object:
-    from uniopt.plugins import BuildContext
-    from uniopt.settings import resolve_settings
-    from uniopt.threads import thread_budget
-    from uniopt.tiers import host_profile
-
-    profile = host_profile()
-    settings, tier = resolve_settings({"cache_dir": str(tmp_path)}, profile)
-    threads = thread_budget(profile.usable_cpus, settings.threads)
-    return BuildContext(settings, profile, tier.tier, threads, cache=ArtifactCache(settings.cache_dir))
-
-
 def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,7 +222,7 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
         return extra
 
     monkeypatch.setattr(openvino_decode, "_write_plain", write_timed)
-    context = _conversion_context(tmp_path)
+    context = build_context(tmp_path)
     converted = openvino_decode._convert_side_by_side(graphs, component, context)
     assert set(converted) == {"slow", "frame"}
     spans = {name: [float(t) for t in (c.folder / "span").read_text().split()] for name, c in converted.items()}
@@ -263,7 +251,7 @@ def test_a_failed_conversion_leaves_no_scratch_folder_behind(tmp_path: Path, mon
         return real_write(graph, component, context, directory)
 
     monkeypatch.setattr(openvino_decode, "_write_plain", slow_fails)
-    context = _conversion_context(tmp_path)
+    context = build_context(tmp_path)
     pm = plugin_manager(context.settings.plugins)
     model_cache.clear()
     candidate = candidates(pm)["openvino-stateful-frame-int8"]
@@ -283,4 +271,4 @@ def test_the_decode_graphs_convert_one_after_the_other_without_room_for_both(
     graphs = [component.decode_steps.graph("slow"), component.decode_steps.frame]
     tight = memory.MemoryHeadroom(available_bytes=1, limit_bytes=None, used_bytes=None)
     monkeypatch.setattr(memory, "memory_headroom", lambda: tight)
-    assert openvino_decode._convert_side_by_side(graphs, component, _conversion_context(tmp_path)) == {}
+    assert openvino_decode._convert_side_by_side(graphs, component, build_context(tmp_path)) == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_engines import TorchSteps, tiny_fish_model
+from tiny_engines import TorchSteps, build_context, tiny_fish_model
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
@@ -24,8 +24,6 @@ from uniopt.optimizer.guard import metric_value
 from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
 from uniopt.plugins.openvino_decode import StatefulStep, StepOrderError
-from uniopt.settings import resolve_settings
-from uniopt.threads import thread_budget
 from uniopt.tiers import host_profile
 
 pytest.importorskip("openvino")
@@ -49,11 +47,8 @@ def built_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _context(cache: Path, **settings: object) -> tuple[BuildContext, dict]:
-    profile = host_profile()
-    resolved, tier = resolve_settings({"cache_dir": str(cache), **settings}, profile)
-    threads = thread_budget(profile.usable_cpus, resolved.threads)
-    context = BuildContext(resolved, profile, tier.tier, threads, cache=ArtifactCache(resolved.cache_dir))
-    pm = plugin_manager(resolved.plugins)
+    context = build_context(cache, **settings)
+    pm = plugin_manager(context.settings.plugins)
     return context, {"pm": pm, "candidates": candidates(pm)}
 
 

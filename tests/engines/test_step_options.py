@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_engines import build_context
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.errors import MemoryBudgetError
-from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
+from uniopt.plugins import BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins import openvino_step_options as step_options
 from uniopt.plugins.model_cache import model_cache
-from uniopt.settings import resolve_settings
-from uniopt.threads import thread_budget
 from uniopt.tiers import HostProfile, host_profile
 
 pytest.importorskip("openvino")
@@ -53,11 +52,8 @@ def _build(
     engine: FishSpeechEngine, cache: Path, name: str = FRAME_INT8, profile: HostProfile | None = None, **options: object
 ) -> Stage:
     model_cache.clear()  # each build as a new process would: nothing built in memory
-    profile = profile or host_profile()
-    settings, tier = resolve_settings({"cache_dir": str(cache), **options}, profile)
-    threads = thread_budget(profile.usable_cpus, settings.threads)
-    context = BuildContext(settings, profile, tier.tier, threads, cache=ArtifactCache(settings.cache_dir))
-    pm = plugin_manager(settings.plugins)
+    context = build_context(cache, profile, **options)
+    pm = plugin_manager(context.settings.plugins)
     component = engine.uniopt_components()[0]
     built = pm.hook.uniopt_build_stage(candidate=candidates(pm)[name], component=component, context=context)
     assert not isinstance(built, BuildFailure), built.reason
