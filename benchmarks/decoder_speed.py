@@ -6,8 +6,9 @@ Builds the default Fish-Speech-style engine (12 slow layers, d=1024, GQA 16/4, r
 4-layer fast decoder run over 10 codebooks a frame), builds each candidate through its plugin as
 auto mode does (stateful OpenVINO steps, PyTorch int8/bf16), and times the greedy decode loop
 interleaved with eager. Per candidate it prints ms per frame, x eager, x the int8-weight floor
-(the bytes one frame must read with int8 weights: the slow decoder's weights once, the fast one's
-once as they stay in cache across its passes, over the memory read bandwidth, measured again in
+(the bytes one frame must read with int8 weights: the slow decoder's weights once, of its output
+projection the rows of the ids the loop can draw, the fast decoder's once as they stay in cache
+across its passes, over the memory read bandwidth, measured again in
 this run as ``optimize doctor`` measures it, and its cached value replaced: the figure moves by 2x
 between runs on shared hosts), the matrix-vector rate PyTorch reaches on a matrix larger than the
 last-level cache, x the kernel floor (the same bytes over the rate OpenVINO's CPU plugin streams
@@ -53,10 +54,12 @@ DEFAULT = (
 
 
 def int8_frame_bytes(engine: FishSpeechEngine) -> int:
-    """Bytes of weights one frame reads with int8 weights: every matrix of both decoders once."""
+    """Bytes of weights one frame must read with int8 weights: every matrix of both decoders once, and
+    of the output projection (tied to the embedding) the rows of the ids the decode loop reads."""
     model = engine.model
     matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(w.numel() for w in matrices) + model.embeddings.weight.numel()  # + the tied output projection
+    output_rows = engine.decoder.allowed_ids.numel() * model.embeddings.weight.shape[1]
+    return sum(w.numel() for w in matrices) + output_rows
 
 
 def matvec_bytes_per_s(threads: int, megabytes: int = 256) -> float:

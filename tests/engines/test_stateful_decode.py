@@ -78,6 +78,31 @@ def test_step_graphs_compute_what_the_model_computes(engine: FishSpeechEngine) -
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_the_slow_step_computes_only_the_logits_the_loop_reads(engine: FishSpeechEngine) -> None:
+    steps = decode_steps(engine.decoder)
+    loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
+    allowed, vocab = engine.decoder.allowed_ids, engine.model.config.vocab_size
+    tokens = torch.randint(
+        0, vocab, (1, engine.model.config.num_codebooks + 1, 3), generator=torch.Generator().manual_seed(0)
+    )
+    tokens[:, 1:] %= engine.model.config.codebook_size
+    positions = torch.arange(3)
+    with torch.inference_mode():
+        graph_logits = steps.graph("slow").module(tokens, positions, *steps.graph("slow").empty_caches())[0]
+        engine.model.reset_caches()
+        eager_logits, eager_hidden = engine.model.forward_generate(tokens, positions, attend=3)
+        step_logits, step_hidden = loop.model.forward_generate(tokens, positions)
+    assert graph_logits.shape[-1] == allowed.numel() < vocab
+    torch.testing.assert_close(graph_logits, eager_logits[..., allowed])
+    # The loop sees logits of the whole vocabulary: eager's at the ids it reads, -inf at the others.
+    assert step_logits.shape == eager_logits.shape
+    torch.testing.assert_close(step_logits[..., allowed], eager_logits[..., allowed])
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[allowed] = False
+    assert torch.isneginf(step_logits[..., others]).all()
+    torch.testing.assert_close(step_hidden, eager_hidden)
+
+
 def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, built_cache: Path) -> None:
     component = _decoder(long_engine)
     context, plugins = _context(built_cache)
@@ -94,6 +119,9 @@ def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpee
         sampled = component.calibration_inputs[0]
         assert metric_value("token_agreement", long_engine.decoder(*sampled).float(), stage(*sampled).float()) > 0.95
     assert stage.info["precision_hint"] == "fp32" and stage.info["weights"] == "float"
+    # The compiled slow step computes the logits of the ids the loop reads only.
+    logits = stage.run._compiled["slow"].outputs[0].get_partial_shape()
+    assert logits[-1].get_length() == long_engine.decoder.allowed_ids.numel()
     # Each layer's attention runs fused with its cache (no concat, matmul or softmax of its own).
     runtime = stage.run._compiled["slow"].get_runtime_model()
     layers = Counter(op.get_rt_info()["layerType"].astype(str) for op in runtime.get_ops())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import InputError
@@ -130,7 +131,8 @@ class TokenGenerator(nn.Module):
         if allow_eos:
             bias[eos_id] = 0.0
         self.register_buffer("logit_bias", bias, persistent=False)
-        # Only these ids can be drawn (the rest have a bias of -inf): sampling looks at them alone.
+        # Only these ids can be drawn (the rest have a bias of -inf): sampling and the scores look at
+        # them alone, so the decode steps compute the slow logits of these ids only.
         # Listed from the config, not from the bias' values, so the engine also builds on the meta device.
         allowed = sorted({*range(c.semantic_begin_id, c.vocab_size), *((eos_id,) if allow_eos else ())})
         self.register_buffer("allowed_ids", torch.tensor(allowed, dtype=torch.long), persistent=False)
@@ -334,14 +336,22 @@ def decode_steps(generator: TokenGenerator) -> DecodeSteps:
     from .steps import DualARParts, dual_ar_decode_steps
 
     model = generator.model
+    rows = generator.allowed_ids
+
+    def logits(normed: Tensor) -> Tensor:
+        """The output projection at the ids the loop reads: those rows of the tied embedding alone."""
+        return F.linear(normed, model.embeddings.weight.index_select(0, rows))
+
     parts = DualARParts(
         model=model,
         embed=model.embed,
-        logits=model.output,
+        logits=logits,
         rope=(model.rope_cos, model.rope_sin),
         fast_rope=(model.fast_rope_cos, model.fast_rope_sin),
         num_codebooks=model.config.num_codebooks,
         max_positions=model.cache_length(),
+        logit_rows=rows,
+        vocab_size=model.config.vocab_size,
     )
     frame = frame_graph(parts, model.config.codebook_size, generator.repetition_window)
     return dual_ar_decode_steps(generator, parts, frame=frame)

@@ -78,6 +78,11 @@ class DualARParts:
 
     ``embed(tokens [1, C+1, L]) -> [1, L, dim]``; ``logits(normed [1, 1, dim]) -> [1, 1, vocab]``;
     ``rope`` / ``fast_rope`` are ``(cos, sin)`` tables ``[positions, head_dim / 2]``.
+
+    ``logit_rows``, when given, are the ids of the slow logits the decode loop reads (the ids it
+    can draw or scores); ``logits`` then returns those alone, ``[1, 1, len(logit_rows)]``, so the
+    step graph reads only their rows of the output projection, and the step model hands the loop
+    logits of ``vocab_size`` ids with ``-inf`` at every other id.
     """
 
     model: Any
@@ -87,6 +92,20 @@ class DualARParts:
     fast_rope: tuple[Tensor, Tensor]
     num_codebooks: int
     max_positions: int
+    logit_rows: Tensor | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.logit_rows is None) != (self.vocab_size is None):
+            raise ValueError("logit_rows and vocab_size are given together")
+
+    def full_logits(self, logits: Tensor) -> Tensor:
+        """The step graph's ``logits`` over all ``vocab_size`` ids: ``-inf`` at the ids not in ``logit_rows``."""
+        if self.logit_rows is None or self.vocab_size is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        full[..., self.logit_rows] = logits
+        return full
 
     @property
     def layers(self) -> Any:
@@ -100,7 +119,8 @@ class DualARParts:
 class SlowStep(nn.Module):
     """``(tokens [1, C+1, L], input_pos [L], *past) -> (logits [1, 1, vocab], hidden [1, 1, fast_dim], *present)``.
 
-    The logits and fast-decoder input of the last position, as ``forward_generate`` gives them.
+    The logits and fast-decoder input of the last position, as ``forward_generate`` gives them
+    (the logits at ``parts.logit_rows`` alone when the parts name them).
     """
 
     def __init__(self, parts: DualARParts) -> None:
@@ -144,7 +164,8 @@ class StepModel(nn.Module):
     ``forward_generate_fast`` raises :class:`NoRunnerError`, which the backend's fallback turns into
     an eager call); every other attribute is the model's own.
     ``wrap_slow(logits, hidden)`` shapes the slow step's result as the model returns it (a tuple,
-    or ``fish_speech``'s result object).
+    or ``fish_speech``'s result object); ``full_logits`` widens the slow step's logits to the
+    model's vocabulary (:meth:`DualARParts.full_logits`).
     """
 
     def __init__(
@@ -154,10 +175,11 @@ class StepModel(nn.Module):
         fast: StepRunner | None,
         wrap_slow: Callable[[Tensor, Tensor], Any] = lambda logits, hidden: (logits, hidden),
         frame: StepRunner | None = None,
+        full_logits: Callable[[Tensor], Tensor] = lambda logits: logits,
     ) -> None:
         super().__init__()
         self.model = model
-        self._slow, self._fast, self._wrap_slow = slow, fast, wrap_slow
+        self._slow, self._fast, self._wrap_slow, self._full_logits = slow, fast, wrap_slow, full_logits
         self.frame_runner = frame
 
     def __getattr__(self, name: str) -> Any:
@@ -170,7 +192,7 @@ class StepModel(nn.Module):
 
     def forward_generate(self, tokens: Tensor, input_pos: Tensor, *args: Any, **kwargs: Any) -> Any:
         logits, hidden = self._slow(tokens, input_pos)
-        return self._wrap_slow(logits, hidden)
+        return self._wrap_slow(self._full_logits(logits), hidden)
 
     def forward_generate_fast(self, x: Tensor, input_pos: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._fast is None:
@@ -233,7 +255,14 @@ def dual_ar_decode_steps(
         loop = twin(generator)  # never the forward an installation put on the engine's module
         loop.__dict__["_modules"] = {
             **generator._modules,
-            "model": StepModel(parts.model, runners["slow"], runners.get("fast"), frame=runners.get("frame"), **extra),
+            "model": StepModel(
+                parts.model,
+                runners["slow"],
+                runners.get("fast"),
+                frame=runners.get("frame"),
+                full_logits=parts.full_logits,
+                **extra,
+            ),
         }
         return loop
 
