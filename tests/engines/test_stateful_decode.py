@@ -122,12 +122,14 @@ def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpee
     # The compiled slow step computes the logits of the ids the loop reads only.
     logits = stage.run._compiled["slow"].outputs[0].get_partial_shape()
     assert logits[-1].get_length() == long_engine.decoder.allowed_ids.numel()
-    # Each layer's attention runs fused with its cache (no concat, matmul or softmax of its own).
+    # Each layer's attention runs fused with its cache (no concat, matmul or softmax of its own), and
+    # its queries' and keys' rotations as one RoPE op each.
     runtime = stage.run._compiled["slow"].get_runtime_model()
     layers = Counter(op.get_rt_info()["layerType"].astype(str) for op in runtime.get_ops())
     if platform.machine() in ("x86_64", "AMD64"):
         assert layers["ScaledDotProductAttention"] == long_engine.model.config.n_layer, layers
         assert layers["Softmax"] == 0 and layers["MatMul"] == 0, layers
+        assert layers["RoPE"] == 2 * long_engine.model.config.n_layer, layers
 
 
 def test_a_step_that_does_not_continue_the_sequence_is_refused(engine: FishSpeechEngine, built_cache: Path) -> None:

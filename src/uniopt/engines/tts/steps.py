@@ -24,47 +24,100 @@ from torch import Tensor, nn
 
 from ...optimizer.install import twin
 from ...optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, past_names, present_names
-from .layers import apply_rope
 
 __all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step", "dual_ar_decode_steps"]
 
 
-def attention_step(
-    attention: Any, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past_key: Tensor, past_value: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped-query attention of ``x [1, L, dim]`` at ``positions`` over the past keys and its own.
+def halves_order(head_dim: int) -> Tensor:
+    """A head's dims reordered, even ones first, then odd ones.
 
-    ``attention`` is a Fish-Speech ``Attention`` (fused ``wqkv``, optional ``q_norm``/``k_norm``,
-    RoPE on interleaved pairs, ``wo``). Returns the output and the caches with the step appended.
-    Query head ``h`` reads kv head ``h // groups``, as ``repeat_interleave`` gives; each query sees
-    the keys at positions up to its own.
+    Rotating the pairs ``(2i, 2i+1)`` of a head (Fish-Speech's RoPE) is rotating its halves
+    ``(i, i + head_dim/2)`` once its dims are in this order. Queries and keys reordered alike give
+    the same attention, and the halves form is the one graph backends fuse into a single RoPE op.
     """
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def rotation_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[L, d/2]`` of the pairs as tables ``[1, L, 1, d]`` for :func:`rotate_halves`."""
+    return torch.cat([cos, cos], dim=-1)[None, :, None, :], torch.cat([sin, sin], dim=-1)[None, :, None, :]
+
+
+def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the halves of ``x [b, L, heads, d]`` (dims in :func:`halves_order`); tables from
+    :func:`rotation_tables`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([x[..., half:] * -1.0, x[..., :half]], dim=-1)  # a product by -1, as the fusion expects
+    return x * cos + rotated * sin
+
+
+def _head_norm(norm: Any, x: Tensor, order: Tensor) -> Tensor:
+    """``norm`` (an ``nn.RMSNorm`` over a head's dims) of ``x`` whose dims are in ``order``."""
+    if not isinstance(norm, nn.RMSNorm):
+        raise TypeError(f"q/k norms must be torch.nn.RMSNorm to run as decode steps; got {type(norm).__name__}")
+    weight = None if norm.weight is None else norm.weight.index_select(0, order)
+    return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
+
+
+def _projections(attention: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys ``[b, L, heads, d]`` (normed when the attention has q/k norms, dims in
+    :func:`halves_order`) and values, from ``wqkv``'s rows reordered (a graph backend folds the
+    reordered weight into a constant)."""
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
-    q, k, v = attention.wqkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    order = halves_order(head_dim)
+    starts = torch.arange(heads + kv_heads)[:, None] * head_dim
+    rows = torch.cat(
+        [(starts + order).flatten(), torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)]
+    )
+    wqkv = attention.wqkv
+    bias = None if wqkv.bias is None else wqkv.bias.index_select(0, rows)
+    qkv = F.linear(x, wqkv.weight.index_select(0, rows), bias)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(b, length, heads, head_dim), k.view(b, length, kv_heads, head_dim)
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
     if q_norm is not None and k_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-    q = apply_rope(q, cos, sin).transpose(1, 2)
-    k = torch.cat([past_key, apply_rope(k, cos, sin).transpose(1, 2)], dim=2)
-    v = torch.cat([past_value, v.view(b, length, kv_heads, head_dim).transpose(1, 2)], dim=2)
+        q, k = _head_norm(q_norm, q, order), _head_norm(k_norm, k, order)
+    return q, k, v.view(b, length, kv_heads, head_dim)
+
+
+def attention_step(
+    attention: Any, x: Tensor, cos: Tensor, sin: Tensor, visible: Tensor, past_key: Tensor, past_value: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped-query attention of ``x [1, L, dim]`` over the past keys and its own.
+
+    ``attention`` is a Fish-Speech ``Attention`` (fused ``wqkv``, optional ``q_norm``/``k_norm``,
+    RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables`;
+    ``visible [1, 1, L, P+L]`` says which keys each query sees. Returns the output and the caches
+    with the step appended; the cached keys' dims are in :func:`halves_order`. Query head ``h``
+    reads kv head ``h // groups``, as ``repeat_interleave`` gives.
+    """
+    b, length, _ = x.shape
+    heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
+    q, k, v = _projections(attention, x)
+    q = rotate_halves(q, cos, sin).transpose(1, 2)
+    k = torch.cat([past_key, rotate_halves(k, cos, sin).transpose(1, 2)], dim=2)
+    v = torch.cat([past_value, v.transpose(1, 2)], dim=2)
     keys, groups = k.shape[2], heads // kv_heads
     expanded_k = k[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
     expanded_v = v[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
-    visible = torch.arange(keys, device=x.device)[None, :] <= positions[:, None]
-    y = F.scaled_dot_product_attention(q, expanded_k, expanded_v, attn_mask=visible[None, None])
+    y = F.scaled_dot_product_attention(q, expanded_k, expanded_v, attn_mask=visible)
     return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
 
 
 def _blocks(
     blocks: Any, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past: tuple[Tensor, ...]
 ) -> tuple[Tensor, list[Tensor]]:
-    """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x``; the new caches, key then value per layer."""
+    """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x`` at ``positions``, RoPE tables
+    ``cos``/``sin`` ``[L, d/2]``; the new caches, key then value per layer. Each query sees the keys
+    at positions up to its own."""
+    cos, sin = rotation_tables(cos, sin)
+    keys = past[0].shape[2] + x.shape[1]
+    visible = (torch.arange(keys, device=x.device)[None, :] <= positions[:, None])[None, None]
     present: list[Tensor] = []
     for index, block in enumerate(blocks):
         out, k, v = attention_step(
-            block.attention, block.attention_norm(x), cos, sin, positions, past[2 * index], past[2 * index + 1]
+            block.attention, block.attention_norm(x), cos, sin, visible, past[2 * index], past[2 * index + 1]
         )
         h = x + out
         x = h + block.feed_forward(block.ffn_norm(h))
