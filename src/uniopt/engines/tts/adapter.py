@@ -133,11 +133,11 @@ class RealTokenGenerator(nn.Module):
         if frame_runner is not None:
             zero = hidden.new_zeros(())
             window = torch.full((rows, 1), -1, dtype=torch.long, device=hidden.device)
-            noise = hidden.new_full((rows, self.frame_limit()), 0.5)
+            gumbel = hidden.new_zeros((rows, self.frame_limit()))
             given = torch.zeros(rows, dtype=torch.long, device=hidden.device) if forced is None else forced
             use_forced = torch.tensor(forced is not None, device=hidden.device)
             params = (zero, zero, zero + 1)  # greedy: temperature 0, no top-p cut, no repetition penalty
-            codes, scores = frame_runner(hidden, code.reshape(1), window, *params, noise, given, use_forced)
+            codes, scores = frame_runner(hidden, code.reshape(1), window, *params, gumbel, given, use_forced)
             return codes, scores
         model.forward_generate_fast(hidden, self.fast_positions[:1])
         codes, scores = [], []

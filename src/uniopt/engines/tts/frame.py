@@ -2,7 +2,7 @@
 
 :class:`FastFrame` runs what the decode loop does per frame after the slow step: the fast decoder
 primed with the slow hidden state, then fed codebook 0's code, each next code drawn by
-:func:`~uniopt.engines.tts.generation.sample_token` from the frame's seeded noise, or taken from
+:func:`~uniopt.engines.tts.generation.sample_with_gumbel` from the frame's seeded noise, or taken from
 ``forced`` (teacher forcing). The cache grows as tensors inside the module (it starts empty every
 frame), so a graph backend runs a frame's C-1 codebooks in one call, with no state to keep.
 """
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...optimizer.steps import FrameGraph
-from .generation import sample_token
+from .generation import sample_with_gumbel
 from .steps import DualARParts, _blocks
 
 __all__ = ["FastFrame", "frame_graph", "frame_inputs"]
@@ -21,11 +21,12 @@ __all__ = ["FastFrame", "frame_graph", "frame_inputs"]
 
 class FastFrame(nn.Module):
     """``(hidden [1, 1, fast_dim], code [1], window [C-1, W], temperature, top_p, repetition_penalty,
-    noise [C-1, K], forced [C-1], use_forced) -> (codes [C-1], logits [C-1, K])``.
+    gumbel [C-1, K], forced [C-1], use_forced) -> (codes [C-1], logits [C-1, K])``.
 
-    ``window`` holds the repetition-window rows of codebooks 1..C-1, ``noise`` their uniforms
-    (any values in (0, 1) when ``temperature == 0``), ``K`` the codes scored (the fast logits cut
-    to ``limit``). With ``use_forced`` true (0-d bool) the codes fed on are ``forced``.
+    ``window`` holds the repetition-window rows of codebooks 1..C-1, ``gumbel`` the Gumbel noise
+    of their draws (:func:`~uniopt.engines.tts.generation.gumbel_noise` of their uniforms, computed
+    outside the graph; any finite values when ``temperature == 0``), ``K`` the codes scored (the
+    fast logits cut to ``limit``). With ``use_forced`` true (0-d bool) the codes fed on are ``forced``.
     """
 
     code_ids: Tensor
@@ -47,7 +48,7 @@ class FastFrame(nn.Module):
         temperature: Tensor,
         top_p: Tensor,
         repetition_penalty: Tensor,
-        noise: Tensor,
+        gumbel: Tensor,
         forced: Tensor,
         use_forced: Tensor,
     ) -> tuple[Tensor, Tensor]:
@@ -59,12 +60,12 @@ class FastFrame(nn.Module):
         for index in range(parts.num_codebooks):
             position = self.positions[index : index + 1]
             cos, sin = parts.fast_rope[0][index : index + 1], parts.fast_rope[1][index : index + 1]
-            out, present = _blocks(parts.fast_layers, x, cos, sin, position, past)
+            out, present = _blocks(parts.fast_layers, x, cos, sin, position, past, expand_groups=False)
             past = tuple(present)
             if index > 0:
                 logits = model.fast_output(model.fast_norm(out))[0, -1, : self.limit]
-                drawn = sample_token(
-                    logits, self.code_ids, window[index - 1], temperature, top_p, repetition_penalty, noise[index - 1]
+                drawn = sample_with_gumbel(
+                    logits, self.code_ids, window[index - 1], temperature, top_p, repetition_penalty, gumbel[index - 1]
                 )
                 code = torch.where(use_forced, forced[index - 1], drawn).reshape(1)
                 codes.append(code)
@@ -87,7 +88,7 @@ def frame_inputs(parts: DualARParts, limit: int, window: int) -> tuple[Tensor, .
         torch.tensor(0.0),
         torch.tensor(0.9),
         torch.tensor(1.1),
-        torch.full((rows, limit), 0.5),
+        torch.zeros(rows, limit),
         torch.zeros(rows, dtype=torch.long),
         torch.tensor(False),
     )
@@ -109,7 +110,7 @@ def frame_graph(parts: DualARParts, limit: int, window: int) -> FrameGraph:
             "temperature",
             "top_p",
             "repetition_penalty",
-            "noise",
+            "gumbel",
             "forced",
             "use_forced",
         ),

@@ -19,7 +19,16 @@ from ...optimizer.component import Component, Metric
 from ...optimizer.steps import DecodeSteps
 from .model import DualARTransformer
 
-__all__ = ["TokenGenerator", "check_forced", "decode_steps", "decoder_component", "sample_token", "uniform_noise"]
+__all__ = [
+    "TokenGenerator",
+    "check_forced",
+    "decode_steps",
+    "decoder_component",
+    "gumbel_noise",
+    "sample_token",
+    "sample_with_gumbel",
+    "uniform_noise",
+]
 
 _MASK32 = 0xFFFFFFFF
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
@@ -47,6 +56,11 @@ def uniform_noise(seed: Tensor, position: Tensor, stream: int, index: Tensor) ->
     return (torch.div(bits, 512, rounding_mode="floor").float() + 0.5) / float(2**23)
 
 
+def gumbel_noise(uniforms: Tensor) -> Tensor:
+    """Gumbel noise from uniforms in ``(0, 1)``: adding it to scores and taking the argmax draws a sample."""
+    return -torch.log(-torch.log(uniforms))
+
+
 def sample_token(
     logits: Tensor,
     ids: Tensor,
@@ -61,18 +75,31 @@ def sample_token(
     ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [N]`` uniforms for the draw
     (None: the caller knows ``temperature == 0``, so only the greedy choice is computed).
     """
+    gumbel = None if noise is None else gumbel_noise(noise)
+    return sample_with_gumbel(logits, ids, window, temperature, top_p, repetition_penalty, gumbel)
+
+
+def sample_with_gumbel(
+    logits: Tensor,
+    ids: Tensor,
+    window: Tensor,
+    temperature: Tensor,
+    top_p: Tensor,
+    repetition_penalty: Tensor,
+    gumbel: Tensor | None,
+) -> Tensor:
+    """:func:`sample_token` given the draw's Gumbel noise (:func:`gumbel_noise` of its uniforms)."""
     logits = logits.float()
     seen = (window[:, None] == ids[None, :]).any(dim=0)
     penalty = repetition_penalty.float()
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     greedy = logits.argmax(dim=-1)
-    if noise is None:
+    if gumbel is None:
         return greedy
     probs = logits.softmax(dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     kept = (sorted_probs.cumsum(dim=-1) <= top_p.float()).sum(dim=-1, keepdim=True).clamp_min(1)
     threshold = sorted_probs.gather(-1, kept - 1)
-    gumbel = -torch.log(-torch.log(noise))
     scores = logits / temperature.float().clamp_min(1e-5) + gumbel
     sampled = torch.where(probs >= threshold, scores, torch.full_like(scores, float("-inf"))).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
@@ -241,9 +268,9 @@ class TokenGenerator(nn.Module):
         if frame_runner is not None:
             rows = c.num_codebooks - 1
             window = torch.full((rows, self.repetition_window), -1, dtype=torch.long, device=frame.device)
-            zero, noise = hidden.new_zeros(()), hidden.new_full((rows, c.codebook_size), 0.5)
+            zero, gumbel = hidden.new_zeros(()), hidden.new_zeros((rows, c.codebook_size))
             forced = frame[2:]
-            _, fast_logits = frame_runner(hidden, frame[1:2], window, zero, zero, zero + 1, noise, forced, _TRUE)
+            _, fast_logits = frame_runner(hidden, frame[1:2], window, zero, zero, zero + 1, gumbel, forced, _TRUE)
             return logits[c.semantic_begin_id :], fast_logits
         codes = self._codebooks(hidden, frame[1], lambda index, _: frame[index + 1])
         return logits[c.semantic_begin_id :], _stacked(codes, hidden, c.codebook_size)
@@ -277,10 +304,10 @@ class TokenGenerator(nn.Module):
         frame_runner = getattr(self.model, "frame_runner", None)
         if frame_runner is not None:
             rows = c.num_codebooks - 1
-            noise_rows = hidden.new_full((rows, c.codebook_size), 0.5) if codes_noise is None else codes_noise[1:]
+            gumbel = hidden.new_zeros((rows, c.codebook_size)) if codes_noise is None else gumbel_noise(codes_noise[1:])
             unforced = torch.zeros(rows, dtype=torch.long, device=hidden.device)
             codes, fast_logits = frame_runner(
-                hidden, tokens[1].reshape(1), window[2:], *params, noise_rows, unforced, _FALSE
+                hidden, tokens[1].reshape(1), window[2:], *params, gumbel, unforced, _FALSE
             )
             return torch.cat([torch.stack(tokens), codes]), fast_logits
 

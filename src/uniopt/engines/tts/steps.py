@@ -82,7 +82,14 @@ def _projections(attention: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_step(
-    attention: Any, x: Tensor, cos: Tensor, sin: Tensor, visible: Tensor, past_key: Tensor, past_value: Tensor
+    attention: Any,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    visible: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    expand_groups: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped-query attention of ``x [1, L, dim]`` over the past keys and its own.
 
@@ -90,7 +97,9 @@ def attention_step(
     RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables`;
     ``visible [1, 1, L, P+L]`` says which keys each query sees. Returns the output and the caches
     with the step appended; the cached keys' dims are in :func:`halves_order`. Query head ``h``
-    reads kv head ``h // groups``, as ``repeat_interleave`` gives.
+    reads kv head ``h // groups``, as ``repeat_interleave`` gives: through keys and values expanded
+    to every query head (``expand_groups``, the form OpenVINO fuses with stateful caches), or
+    through the attention's own grouping (fewer ops where no cache state is kept).
     """
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
@@ -98,27 +107,36 @@ def attention_step(
     q = rotate_halves(q, cos, sin).transpose(1, 2)
     k = torch.cat([past_key, rotate_halves(k, cos, sin).transpose(1, 2)], dim=2)
     v = torch.cat([past_value, v.transpose(1, 2)], dim=2)
-    keys, groups = k.shape[2], heads // kv_heads
-    expanded_k = k[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
-    expanded_v = v[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
-    y = F.scaled_dot_product_attention(q, expanded_k, expanded_v, attn_mask=visible)
+    if expand_groups:
+        keys, groups = k.shape[2], heads // kv_heads
+        expanded_k = k[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
+        expanded_v = v[:, :, None].expand(b, kv_heads, groups, keys, head_dim).reshape(b, heads, keys, head_dim)
+        y = F.scaled_dot_product_attention(q, expanded_k, expanded_v, attn_mask=visible)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
     return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
 
 
 def _blocks(
-    blocks: Any, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, past: tuple[Tensor, ...]
+    blocks: Any,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    past: tuple[Tensor, ...],
+    expand_groups: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x`` at ``positions``, RoPE tables
     ``cos``/``sin`` ``[L, d/2]``; the new caches, key then value per layer. Each query sees the keys
-    at positions up to its own."""
+    at positions up to its own; ``expand_groups`` as in :func:`attention_step`."""
     cos, sin = rotation_tables(cos, sin)
     keys = past[0].shape[2] + x.shape[1]
     visible = (torch.arange(keys, device=x.device)[None, :] <= positions[:, None])[None, None]
     present: list[Tensor] = []
     for index, block in enumerate(blocks):
-        out, k, v = attention_step(
-            block.attention, block.attention_norm(x), cos, sin, visible, past[2 * index], past[2 * index + 1]
-        )
+        normed = block.attention_norm(x)
+        past_key, past_value = past[2 * index], past[2 * index + 1]
+        out, k, v = attention_step(block.attention, normed, cos, sin, visible, past_key, past_value, expand_groups)
         h = x + out
         x = h + block.feed_forward(block.ffn_norm(h))
         present += [k, v]
