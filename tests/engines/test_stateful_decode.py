@@ -5,6 +5,7 @@ Everything runs on :meth:`FishSpeechConfig.tiny` and on a tiny ``fish_speech`` `
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import types
 from collections import Counter
@@ -78,7 +79,10 @@ def test_step_graphs_compute_what_the_model_computes(engine: FishSpeechEngine) -
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_the_slow_step_computes_only_the_logits_the_loop_reads(engine: FishSpeechEngine) -> None:
+@pytest.mark.parametrize("allow_eos", [False, True])
+def test_the_slow_step_computes_only_the_logits_the_loop_reads(allow_eos: bool) -> None:
+    config = dataclasses.replace(FishSpeechConfig.tiny(decode_steps=6), allow_eos=allow_eos)
+    engine = FishSpeechEngine.from_config(config, seed=3)
     steps = decode_steps(engine.decoder)
     loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
     allowed, vocab = engine.decoder.allowed_ids, engine.model.config.vocab_size
@@ -101,6 +105,11 @@ def test_the_slow_step_computes_only_the_logits_the_loop_reads(engine: FishSpeec
     others[allowed] = False
     assert torch.isneginf(step_logits[..., others]).all()
     torch.testing.assert_close(step_hidden, eager_hidden)
+    # The whole decode loop on these steps still gives eager's frames, greedy and sampled.
+    component = _decoder(engine)
+    with torch.inference_mode():
+        for inputs in (component.example_inputs, component.calibration_inputs[0]):
+            assert torch.equal(loop(*inputs), engine.decoder(*inputs))
 
 
 def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, built_cache: Path) -> None:

@@ -2,7 +2,7 @@
 
 :class:`FastFrame` runs what the decode loop does per frame after the slow step: the fast decoder
 primed with the slow hidden state, then fed codebook 0's code, each next code drawn by
-:func:`~uniopt.engines.tts.generation.sample_with_gumbel` from the frame's seeded noise, or taken from
+:func:`~uniopt.engines.tts.generation.sample_token` from the frame's seeded noise, or taken from
 ``forced`` (teacher forcing). The cache grows as tensors inside the module (it starts empty every
 frame), so a graph backend runs a frame's C-1 codebooks in one call, with no state to keep.
 """
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...optimizer.steps import FrameGraph
-from .generation import sample_with_gumbel
+from .generation import sample_token
 from .steps import DualARParts, _blocks
 
 __all__ = ["FastFrame", "frame_graph", "frame_inputs"]
@@ -64,7 +64,7 @@ class FastFrame(nn.Module):
             past = tuple(present)
             if index > 0:
                 logits = model.fast_output(model.fast_norm(out))[0, -1, : self.limit]
-                drawn = sample_with_gumbel(
+                drawn = sample_token(
                     logits, self.code_ids, window[index - 1], temperature, top_p, repetition_penalty, gumbel[index - 1]
                 )
                 code = torch.where(use_forced, forced[index - 1], drawn).reshape(1)

@@ -26,7 +26,6 @@ __all__ = [
     "decoder_component",
     "gumbel_noise",
     "sample_token",
-    "sample_with_gumbel",
     "uniform_noise",
 ]
 
@@ -68,27 +67,14 @@ def sample_token(
     temperature: Tensor,
     top_p: Tensor,
     repetition_penalty: Tensor,
-    noise: Tensor | None,
+    gumbel: Tensor | None,
 ) -> Tensor:
     """The index (0-d long) of the drawn entry of ``logits [N]``, the scores of token ids ``ids [N]``.
 
-    ``window [W]`` holds recent ids to penalise (-1 = none); ``noise [N]`` uniforms for the draw
-    (None: the caller knows ``temperature == 0``, so only the greedy choice is computed).
+    ``window [W]`` holds recent ids to penalise (-1 = none); ``gumbel [N]`` the draw's Gumbel noise
+    (:func:`gumbel_noise` of its uniforms; None: the caller knows ``temperature == 0``, so only the
+    greedy choice is computed).
     """
-    gumbel = None if noise is None else gumbel_noise(noise)
-    return sample_with_gumbel(logits, ids, window, temperature, top_p, repetition_penalty, gumbel)
-
-
-def sample_with_gumbel(
-    logits: Tensor,
-    ids: Tensor,
-    window: Tensor,
-    temperature: Tensor,
-    top_p: Tensor,
-    repetition_penalty: Tensor,
-    gumbel: Tensor | None,
-) -> Tensor:
-    """:func:`sample_token` given the draw's Gumbel noise (:func:`gumbel_noise` of its uniforms)."""
     logits = logits.float()
     seen = (window[:, None] == ids[None, :]).any(dim=0)
     penalty = repetition_penalty.float()
@@ -293,27 +279,24 @@ class TokenGenerator(nn.Module):
         c = self.model.config
         params = (temperature, top_p, repetition_penalty)
         allowed = self.allowed_ids
-        noise = None if greedy else uniform_noise(seed, position, 0, allowed)
-        main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, noise)]
-        codes_noise = (
-            None
-            if greedy
-            else uniform_noise(seed, position, 1, self.code_ids + c.codebook_size * self.fast_positions[:, None])
-        )
+        gumbel = None if greedy else gumbel_noise(uniform_noise(seed, position, 0, allowed))
+        main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, gumbel)]
+        codes_ids = self.code_ids + c.codebook_size * self.fast_positions[:, None]
+        codes_gumbel = None if greedy else gumbel_noise(uniform_noise(seed, position, 1, codes_ids))
         tokens = [main, (main - c.semantic_begin_id).clamp_min(0)]
         frame_runner = getattr(self.model, "frame_runner", None)
         if frame_runner is not None:
             rows = c.num_codebooks - 1
-            gumbel = hidden.new_zeros((rows, c.codebook_size)) if codes_noise is None else gumbel_noise(codes_noise[1:])
+            rows_gumbel = hidden.new_zeros((rows, c.codebook_size)) if codes_gumbel is None else codes_gumbel[1:]
             unforced = torch.zeros(rows, dtype=torch.long, device=hidden.device)
             codes, fast_logits = frame_runner(
-                hidden, tokens[1].reshape(1), window[2:], *params, gumbel, unforced, _FALSE
+                hidden, tokens[1].reshape(1), window[2:], *params, rows_gumbel, unforced, _FALSE
             )
             return torch.cat([torch.stack(tokens), codes]), fast_logits
 
         def draw(index: int, fast_logits: Tensor) -> Tensor:
-            noise = None if codes_noise is None else codes_noise[index]
-            tokens.append(sample_token(fast_logits, self.code_ids, window[index + 1], *params, noise))
+            row = None if codes_gumbel is None else codes_gumbel[index]
+            tokens.append(sample_token(fast_logits, self.code_ids, window[index + 1], *params, row))
             return tokens[-1]
 
         scores = self._codebooks(hidden, tokens[1], draw)
