@@ -47,7 +47,7 @@ _EXTRA = "openvino"
 #: The step models' input choosing each cache row (always ``[0]``: one sequence).
 BEAM_INPUT = "beam_idx"
 #: The layout of the step models; a new value is a new cache key (IRs of another layout are not loaded).
-STEP_IR_LAYOUT = 2
+STEP_IR_LAYOUT = 3
 #: Weight compression per variant: nncf mode name and group size (-1: one scale per output channel).
 _COMPRESSION = {"int8": ("INT8_ASYM", -1), "int4": ("INT4_SYM", 128)}
 
