@@ -112,6 +112,15 @@ def test_the_slow_step_computes_only_the_logits_the_loop_reads(allow_eos: bool) 
             assert torch.equal(loop(*inputs), engine.decoder(*inputs))
 
 
+def test_logit_rows_come_with_the_vocabulary_they_widen_to(engine: FishSpeechEngine) -> None:
+    parts = decode_steps(engine.decoder).graph("slow").module.parts
+    assert parts.logit_rows is not None and parts.vocab_size == engine.model.config.vocab_size
+    with pytest.raises(ValueError, match="together"):
+        dataclasses.replace(parts, vocab_size=None)
+    with pytest.raises(ValueError, match="together"):
+        dataclasses.replace(parts, logit_rows=None)
+
+
 def test_stateful_f32_keeps_its_caches_right_over_72_steps(long_engine: FishSpeechEngine, built_cache: Path) -> None:
     component = _decoder(long_engine)
     context, plugins = _context(built_cache)
