@@ -281,8 +281,10 @@ class TokenGenerator(nn.Module):
         allowed = self.allowed_ids
         gumbel = None if greedy else gumbel_noise(uniform_noise(seed, position, 0, allowed))
         main = allowed[sample_token(logits[allowed] + self.logit_bias[allowed], allowed, window[0], *params, gumbel)]
-        codes_ids = self.code_ids + c.codebook_size * self.fast_positions[:, None]
-        codes_gumbel = None if greedy else gumbel_noise(uniform_noise(seed, position, 1, codes_ids))
+        codes_gumbel = None
+        if not greedy:  # one row of noise per codebook, computed only for a draw
+            codes_ids = self.code_ids + c.codebook_size * self.fast_positions[:, None]
+            codes_gumbel = gumbel_noise(uniform_noise(seed, position, 1, codes_ids))
         tokens = [main, (main - c.semantic_begin_id).clamp_min(0)]
         frame_runner = getattr(self.model, "frame_runner", None)
         if frame_runner is not None:
