@@ -41,6 +41,7 @@ from uniopt.tiers import host_profile
 from uniopt.tiers.bandwidth import memory_bandwidth
 
 DEFAULT = (
+    "onnxruntime-steps-int8",
     "openvino-stateful-int8",
     "openvino-stateful-frame-int8",
     "openvino-stateful-frame-int4",

@@ -291,7 +291,7 @@ def _applies(candidate: Candidate, facts: ComponentFacts) -> bool:
     steps = {s.step for s in candidate.steps}
     return not (
         (steps & {"onnx-export", "openvino-ir"} and facts.exporter == "none")
-        or ("openvino-convert-step" in steps and not facts.decode_steps)
+        or (steps & {"openvino-convert-step", "onnxruntime-step-export"} and not facts.decode_steps)
         or ("openvino-convert-frame" in steps and not facts.frame_graph)
         or ("nncf-static" in steps and not facts.held_out_calibration)
         or (steps & {"torch-int8", "torch-int8-weights"} and not facts.has_linear)

@@ -39,16 +39,19 @@ class ThreadBudget:
         except RuntimeError:  # inter-op pool already started; torch allows setting it once
             pass
 
-    def onnxruntime_options(self, options: Any | None = None) -> Any:
-        """An ``onnxruntime.SessionOptions`` (new or given) limited to the budget."""
+    def onnxruntime_options(self, options: Any | None = None, spinning: bool = False) -> Any:
+        """An ``onnxruntime.SessionOptions`` (new or given) limited to the budget.
+
+        Idle ORT workers spin by default, stealing the CPU from whatever runs next (another
+        backend, the engine's own Python code, a neighbour on a shared VM), so they do not here
+        unless ``spinning``: for sessions called back to back, as a decode loop's steps are.
+        """
         import onnxruntime as ort
 
         options = options or ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op
         options.inter_op_num_threads = self.inter_op
-        # Idle ORT workers spin by default, stealing the CPU from whatever runs next (another
-        # backend, the engine's own Python code, a neighbour on a shared VM).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
 

@@ -22,9 +22,10 @@ from uniopt.engines.tts.generation import decode_steps
 from uniopt.errors import InputError, OptimizationError
 from uniopt.optimizer.component import Component
 from uniopt.optimizer.guard import metric_value
+from uniopt.optimizer.steps import StepOrderError
 from uniopt.plugins import BuildContext, BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
-from uniopt.plugins.openvino_decode import StatefulStep, StepOrderError
+from uniopt.plugins.openvino_decode import StatefulStep
 from uniopt.tiers import host_profile
 
 pytest.importorskip("openvino")
@@ -283,7 +284,13 @@ def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_pa
 
     rows = prepare_bundle(["tiny_engines:TtsDecoderOnly"], host_profile(), tmp_path / "bundle")
     decoder = {r.candidate: r for r in rows if r.component == "decoder"}
-    for name in ("openvino-stateful-f32", "openvino-stateful-int8", "openvino-stateful-int4", FRAME):
+    for name in (
+        "openvino-stateful-f32",
+        "openvino-stateful-int8",
+        "openvino-stateful-int4",
+        FRAME,
+        "onnxruntime-steps-int8",
+    ):
         assert decoder[name].status == "built" and decoder[name].entries, decoder[name]
     frame_kinds = {e.kind for e in ArtifactCache(tmp_path / "bundle").entries()}
     assert {"openvino-frame", "openvino-frame-int8"} <= frame_kinds
@@ -297,11 +304,10 @@ def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_pa
         cache_bundle=str(tmp_path / "bundle"),
     )
     report = wrapped.report().component("decoder")
-    assert report.chosen == FRAME, report.candidates
+    assert report.chosen == "onnxruntime-steps-int8", report.candidates  # the tier's first decoder candidate
     assert report.stage.info["from_cache"]
-    assert not any(
-        e.kind.startswith(("openvino-stateful", "openvino-frame")) for e in ArtifactCache(tmp_path / "cache").entries()
-    )
+    built_here = {e.kind for e in ArtifactCache(tmp_path / "cache").entries()}
+    assert not any(k.startswith(("openvino-stateful", "openvino-frame", "onnxruntime-step")) for k in built_here)
     model_cache.clear()
     framed = UniversalOptimizer(
         TtsDecoderOnly(),

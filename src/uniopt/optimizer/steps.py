@@ -17,7 +17,22 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DecodeSteps", "FrameGraph", "StepGraph", "StepRunner", "past_names", "present_names"]
+from ..errors import UniOptError
+
+__all__ = [
+    "DecodeSteps",
+    "FrameGraph",
+    "StepGraph",
+    "StepOrderError",
+    "StepRunner",
+    "continued_length",
+    "past_names",
+    "present_names",
+]
+
+
+class StepOrderError(UniOptError):
+    """A step that neither starts a sequence (position 0) nor continues the one in the caches."""
 
 
 def past_names(layers: int) -> tuple[str, ...]:
@@ -70,6 +85,20 @@ class StepGraph:
         """Past caches holding no position: the start of a sequence."""
         shape = (1, self.kv_heads, 0, self.head_dim)
         return tuple(torch.zeros(shape) for _ in range(2 * self.layers))
+
+
+def continued_length(graph: StepGraph, positions: torch.Tensor, decoded: int) -> int:
+    """The positions decoded after a step of ``graph`` at ``positions``, with ``decoded`` before it.
+
+    A step at position 0 starts a new sequence; any other must start at ``decoded`` and end before
+    the caches' end, or :class:`StepOrderError` is raised.
+    """
+    first, last = int(positions[0]), int(positions[-1])
+    if first not in (0, decoded):
+        raise StepOrderError(f"{graph.name} step at position {first} does not continue the {decoded} decoded")
+    if last >= graph.max_positions:
+        raise StepOrderError(f"{graph.name} step at position {last} is past the caches' end")
+    return last + 1
 
 
 @dataclass(frozen=True)

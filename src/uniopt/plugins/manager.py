@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("eager", "uniopt.plugins.eager"),
     ("torch_native", "uniopt.plugins.torch_native"),
     ("onnx_runtime", "uniopt.plugins.onnx_runtime"),
+    ("onnxruntime_decode", "uniopt.plugins.onnxruntime_decode"),
     ("openvino", "uniopt.plugins.openvino_backend"),
     ("openvino_decode", "uniopt.plugins.openvino_decode"),
 )

@@ -21,7 +21,6 @@ import functools
 import io
 import os
 import shutil
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import NotApplicable, UniOptError
+from ..errors import NotApplicable
 from ..isolation import IsolatedStep, can_isolate, isolated_build, measured_build
-from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner
+from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, continued_length
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import ExportError, quiet_loggers, rebuild_on_failure
-from .fallback import EagerFallback, first_line
 from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step, step_first_call_bytes
 from .openvino_backend import compile_config, converted_model
 from .openvino_step_options import compile_fastest
+from .step_decode import StepDecode
 
-__all__ = ["FrameRunner", "StatefulDecode", "StatefulStep", "StepOrderError"]
+__all__ = ["FrameRunner", "StatefulDecode", "StatefulStep"]
 
 _EXTRA = "openvino"
 #: The step models' input choosing each cache row (always ``[0]``: one sequence).
@@ -52,10 +51,6 @@ STEP_IR_LAYOUT = 3
 _COMPRESSION = {"int8": ("INT8_ASYM", -1), "int4": ("INT4_SYM", 128)}
 
 
-class StepOrderError(UniOptError):
-    """A step that neither starts a sequence (position 0) nor continues the one in the state."""
-
-
 class StatefulStep:
     """One step graph's infer request, its caches held as OpenVINO states (a :class:`StepRunner`)."""
 
@@ -63,9 +58,9 @@ class StatefulStep:
         self._compiled = compiled
         self._graph = graph
         self._request = compiled.create_infer_request()
-        self._position = graph.input_names.index(graph.position_input)
         outputs = len(graph.output_names) - 2 * graph.layers
         self._outputs = [compiled.output(name) for name in graph.output_names[:outputs]]
+        self._position = graph.input_names.index(graph.position_input)
         self._beam = [np.zeros(1, dtype=np.int32)]  # one sequence: the caches' row 0
         self._length = 0
 
@@ -75,18 +70,11 @@ class StatefulStep:
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         positions = inputs[self._position]
-        first = int(positions[0])
-        if first == 0:
+        length = continued_length(self._graph, positions, self._length)
+        if int(positions[0]) == 0:
             self._request.reset_state()
-        elif first != self._length:
-            raise StepOrderError(
-                f"{self._graph.name} step at position {first} does not continue the {self._length} decoded"
-            )
-        last = int(positions[-1])
-        if last >= self._graph.max_positions:
-            raise StepOrderError(f"{self._graph.name} step at position {last} is past the caches' end")
         self._request.infer([*(t.detach().contiguous().numpy() for t in inputs), *self._beam])
-        self._length = last + 1
+        self._length = length
         return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
 
 
@@ -103,46 +91,23 @@ class FrameRunner:
         return tuple(torch.from_numpy(self._request.get_tensor(port).data.copy()) for port in self._outputs)
 
 
-class StatefulDecode(EagerFallback):
-    """The component's decode loop over :class:`StatefulStep` runners, with the one run-time fallback policy.
-
-    A call that fails inside (a step out of order, a backend error) runs the eager module for the
-    whole call, counted in ``fallbacks``; inside :meth:`strict` (the guard) it raises. Each
-    installation gets its own infer requests (:meth:`with_own_state`): two engines never share caches.
-    """
-
-    fixed_shapes = False
+class StatefulDecode(StepDecode):
+    """:class:`StepDecode` over the compiled step models, each installation with its own infer requests."""
 
     def __init__(
         self, component: Any, steps: DecodeSteps, compiled: Mapping[str, Any], candidate: str, allowed: bool
     ) -> None:
-        super().__init__(component.name, component.module, candidate, allowed)
-        self._component = component
-        self._steps = steps
         self._compiled = dict(compiled)
+        super().__init__(component, steps, self._runners, candidate, allowed)
+
+    def _runners(self) -> dict[str, StepRunner]:
         runners: dict[str, StepRunner] = {
-            g.name: StatefulStep(compiled[g.name], g) for g in steps.graphs if g.name in compiled
+            g.name: StatefulStep(self._compiled[g.name], g) for g in self._steps.graphs if g.name in self._compiled
         }
-        if steps.frame is not None and steps.frame.name in compiled:
-            runners[steps.frame.name] = FrameRunner(compiled[steps.frame.name], steps.frame)
-        self._loop = steps.install(runners)
-        self._lock = threading.Lock()
-
-    def with_own_state(self) -> StatefulDecode:
-        """The same compiled steps with new infer requests (their own caches)."""
-        allowed = self.fallbacks.allowed
-        return StatefulDecode(self._component, self._steps, self._compiled, self.fallbacks.candidate, allowed)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with self._lock:  # one set of states: calls of one installation run one at a time
-                return self._loop(*args, **kwargs)
-        except StepOrderError as exc:
-            return self.eager_instead(str(exc), exc, *args, **kwargs)
-        except UniOptError:
-            raise  # the engine's own input errors reach its caller as they would from eager
-        except Exception as exc:  # OpenVINO's errors are many; none reaches the engine's caller
-            return self.eager_instead(f"backend error: {first_line(exc)}", exc, *args, **kwargs)
+        frame = self._steps.frame
+        if frame is not None and frame.name in self._compiled:
+            runners[frame.name] = FrameRunner(self._compiled[frame.name], frame)
+        return runners
 
 
 def _named_model(

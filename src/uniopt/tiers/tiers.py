@@ -67,11 +67,14 @@ class TierChoice:
 
 # Cheap and usually fast first: static int8 needs a calibration pass and often fails the guard.
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
-# A decoder that declares decode steps tries them as stateful OpenVINO models with int8 weights first,
-# with the fast decoder's codebooks as one call per frame where it declares a frame graph: on the
-# Zen 4 host 4.4x eager (3.5x in ten calls, dynamic int8 3.1x), keeping 99-100% of eager's decisive
-# choices where dynamic int8 keeps 88-95% (benchmarks/decoder_speed.py); auto mode times them all.
+# A decoder that declares decode steps tries them as ONNX Runtime steps with 8-bit MatMulNBits weights
+# first, then as stateful OpenVINO models with int8 weights, with the fast decoder's codebooks as one
+# call per frame where it declares a frame graph: on the Zen 4 host ~16 and ~20 ms a frame against
+# eager's ~118 (dynamic int8 ~32), keeping 98-100% of eager's decisive choices
+# (benchmarks/decoder_speed.py); auto mode times them all. Where memory is short the ONNX Runtime
+# export is refused before it runs (its peak is ~4.5x the decoder's weights) and OpenVINO's goes on.
 _DECODER_CPU = (
+    "onnxruntime-steps-int8",
     "openvino-stateful-frame-int8",
     "openvino-stateful-int8",
     "torch-int8",

@@ -117,6 +117,12 @@ def attention_step(
     return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
 
 
+def _feed_forward(ff: Any, x: Tensor) -> Tensor:
+    w1, w3 = ff.w1, ff.w3
+    gate, up = F.linear(x, torch.cat([w1.weight, w3.weight])).split([w1.out_features, w3.out_features], dim=-1)
+    return ff.w2(F.silu(gate) * up)
+
+
 def _blocks(
     blocks: Any,
     x: Tensor,
@@ -138,7 +144,7 @@ def _blocks(
         past_key, past_value = past[2 * index], past[2 * index + 1]
         out, k, v = attention_step(block.attention, normed, cos, sin, visible, past_key, past_value, expand_groups)
         h = x + out
-        x = h + block.feed_forward(block.ffn_norm(h))
+        x = h + _feed_forward(block.feed_forward, block.ffn_norm(h))
         present += [k, v]
     return x, present
 
