@@ -210,6 +210,7 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
     import time
 
     from uniopt.plugins import openvino_decode
+    from uniopt.plugins.side_by_side import build_side_by_side
 
     pytest.importorskip("openvino")
     engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=1)
@@ -226,7 +227,7 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
 
     monkeypatch.setattr(openvino_decode, "_write_plain", write_timed)
     context = build_context(tmp_path)
-    converted = openvino_decode._convert_side_by_side(graphs, component, context)
+    converted = build_side_by_side(openvino_decode._conversions(graphs, component, context), context)
     assert set(converted) == {"slow", "frame"}
     spans = {name: [float(t) for t in (c.folder / "span").read_text().split()] for name, c in converted.items()}
     assert spans["slow"][0] < spans["frame"][1] and spans["frame"][0] < spans["slow"][1]  # they overlapped
@@ -237,7 +238,7 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
         assert not list(converted[graph.name].folder.iterdir())  # moved into the entry
     assert [s["step"] for s in context.memory_steps] == ["openvino-convert-step", "openvino-convert-frame"]
     # Cached now: nothing to convert.
-    assert openvino_decode._convert_side_by_side(graphs, component, context) == {}
+    assert build_side_by_side(openvino_decode._conversions(graphs, component, context), context) == {}
 
 
 def test_a_failed_conversion_leaves_no_scratch_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +261,7 @@ def test_a_failed_conversion_leaves_no_scratch_folder_behind(tmp_path: Path, mon
     candidate = candidates(pm)["openvino-stateful-frame-int8"]
     built = pm.hook.uniopt_build_stage(candidate=candidate, component=component, context=context)
     assert isinstance(built, BuildFailure) and "injected conversion failure" in built.reason
-    assert not [p for p in (tmp_path / "tmp").iterdir() if "convert-" in p.name]  # the frame's went too
+    assert not [p for p in (tmp_path / "tmp").iterdir() if "build-" in p.name]  # the frame's went too
 
 
 def test_the_decode_graphs_convert_one_after_the_other_without_room_for_both(
@@ -268,10 +269,12 @@ def test_the_decode_graphs_convert_one_after_the_other_without_room_for_both(
 ) -> None:
     from uniopt import memory
     from uniopt.plugins import openvino_decode
+    from uniopt.plugins.side_by_side import build_side_by_side
 
     engine = FishSpeechEngine.from_config(FishSpeechConfig.tiny(decode_steps=4), seed=1)
     component = engine.uniopt_components()[0]
     graphs = [component.decode_steps.graph("slow"), component.decode_steps.frame]
     tight = memory.MemoryHeadroom(available_bytes=1, limit_bytes=None, used_bytes=None)
     monkeypatch.setattr(memory, "memory_headroom", lambda: tight)
-    assert openvino_decode._convert_side_by_side(graphs, component, build_context(tmp_path)) == {}
+    context = build_context(tmp_path)
+    assert build_side_by_side(openvino_decode._conversions(graphs, component, context), context) == {}

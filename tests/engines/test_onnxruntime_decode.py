@@ -57,7 +57,8 @@ def _float_matmuls_by_constants(stage: Stage, graph: str) -> tuple[list[str], in
 def test_the_steps_keep_their_caches_right_over_72_steps(long_engine: FishSpeechEngine, cache: Path) -> None:
     component = long_engine.uniopt_components()[0]
     stage, steps = _build(component, cache)
-    assert [s["step"] for s in steps].count("onnxruntime-step-export") == 2  # the slow step and the frame
+    ran = [s["step"] for s in steps]
+    assert ran.count("onnxruntime-step-export") == 1 and ran.count("onnxruntime-frame-export") == 1, ran
     with torch.inference_mode():
         reference = long_engine.decoder(*component.example_inputs)
         forced = component.teacher_forcing(component.example_inputs, reference)

@@ -68,7 +68,7 @@ class StepCost:
 #: child forked from the engine: converting its decode step 194 MiB (0.25), its frame graph 360 MiB;
 #: nncf int8 weights on the step's IR 1011 MiB, of which ~770 are the IR file's mapped pages.
 #: The same decoder's slow step exported for ONNX Runtime, folded and quantized to 8-bit MatMulNBits
-#: in a child: 3533 MiB (4.45); its frame graph 575 MiB.
+#: in a child: 3533 MiB (4.45); its frame graph 575 MiB (0.72).
 #: Pages of a file (a mapped IR, parked weights: :mod:`uniopt.parked`) count in a step's peak but
 #: not against the limit: the kernel drops them before it kills.
 STEP_COSTS: dict[str, StepCost] = {
@@ -81,6 +81,9 @@ STEP_COSTS: dict[str, StepCost] = {
     "onnxruntime-fp16": StepCost(3.0, 96 * MiB, "onnxruntime.transformers float16 conversion"),
     "onnxruntime-step-export": StepCost(
         4.5, 192 * MiB, "a decode step graph exported (dynamo), its computed weights folded, MatMulNBits weights"
+    ),
+    "onnxruntime-frame-export": StepCost(
+        0.8, 192 * MiB, "a frame graph (the codebooks unrolled) exported (dynamo), folded, MatMulNBits weights"
     ),
     "onnxruntime-session": StepCost(0.5, 96 * MiB, "loading the model file into an InferenceSession"),
     "openvino-convert": StepCost(2.0, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),

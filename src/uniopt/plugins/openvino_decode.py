@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import NotApplicable
-from ..isolation import IsolatedStep, can_isolate, isolated_build, measured_build
+from ..isolation import isolated_build
 from ..optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, continued_length
 from ..tiers.cpu import BF16_FLAGS
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
@@ -38,6 +36,7 @@ from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step, step_first_call_bytes
 from .openvino_backend import compile_config, converted_model
 from .openvino_step_options import compile_fastest
+from .side_by_side import ChildBuild, EntryBuild, build_side_by_side
 from .step_decode import StepDecode
 
 __all__ = ["FrameRunner", "StatefulDecode", "StatefulStep"]
@@ -238,70 +237,20 @@ def _write_plain(
     return {"graph": graph.name}
 
 
-class _Conversion:
-    """One graph's conversion, run in a child of its own beside the others' (:func:`_convert_side_by_side`)."""
+def _conversions(graphs: list[StepGraph | FrameGraph], component: Any, context: BuildContext) -> list[EntryBuild]:
+    """Each graph's float IR as an entry to build (its conversion is mostly one thread: they go side by side)."""
+    from .memory_costs import estimate_step, weight_bytes
 
-    def __init__(self, graph: StepGraph | FrameGraph, component: Any, context: BuildContext) -> None:
-        self.folder = context.cache.scratch_dir(f"convert-{graph.name}")
-        step = measured_build(functools.partial(_write_plain, graph, component, context), self.folder, context)
-        what = f"OpenVINO conversion of {graph.name}"
-        try:
-            self.started = IsolatedStep(step, what, enabled=context.settings.isolate_builds)
-        except BaseException:  # no child (fork refused): the folder is nobody's
-            self.discard()
-            raise
-        self.context = context
-
-    def wait(self) -> int:
-        """Wait for the child; its peak bytes (its error, if any, is raised by :meth:`into`)."""
-        with contextlib.suppress(Exception):
-            self.started.result()
-        return self.started.peak_bytes
-
-    def discard(self) -> None:
-        """Remove the scratch folder (its files moved into the cache entry, or not wanted)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def into(self, directory: Path) -> dict[str, Any]:
-        """The cache entry's build: the converted files moved into ``directory``."""
-        extra, measured = self.started.result()
-        self.context.memory_steps.extend(measured)
-        for item in self.folder.iterdir():
-            os.replace(item, directory / item.name)
-        return extra
-
-
-def _convert_side_by_side(
-    graphs: list[StepGraph | FrameGraph], component: Any, context: BuildContext
-) -> dict[str, _Conversion]:
-    """The conversions of the graphs not in the cache yet, each in a child of its own, all at once.
-
-    Each conversion is mostly one thread (the tracer, OpenVINO's frontend): the TTS decoder's two
-    graphs convert in about the time of the longer. Only where the memory left holds every
-    conversion's estimate at once, and builds are isolated; otherwise none is started (``{}``)
-    and each graph converts when its IR is asked for. Returns once every child has ended (what
-    follows is timed).
-    """
-    from ..memory import memory_headroom, note_child_peak
-    from .memory_costs import estimate_step, required_bytes, weight_bytes
-
-    missing = [g for g in graphs if context.cache.get(_ir_key(g, component, _plain_kind(g))) is None]
-    if len(missing) < 2 or not (context.settings.isolate_builds and can_isolate()):
-        return {}
-    needed = sum(estimate_step(_convert_step_name(g), weight_bytes(component)) for g in missing)
-    if required_bytes(needed) > memory_headroom().available_bytes:
-        return {}
-    started: dict[str, _Conversion] = {}
-    try:
-        for graph in missing:
-            started[graph.name] = _Conversion(graph, component, context)
-    except OSError:  # no scratch folder: each converts in turn
-        for conversion in started.values():
-            conversion.wait()
-            conversion.discard()
-        return {}
-    note_child_peak(sum(conversion.wait() for conversion in started.values()))
-    return started
+    return [
+        EntryBuild(
+            g.name,
+            _ir_key(g, component, _plain_kind(g)),
+            functools.partial(_write_plain, g, component, context),
+            f"OpenVINO conversion of {g.name}",
+            estimate_step(_convert_step_name(g), weight_bytes(component)),
+        )
+        for g in graphs
+    ]
 
 
 def _step_ir(
@@ -310,12 +259,12 @@ def _step_ir(
     context: BuildContext,
     variant: str,
     loaded: list[str],
-    converted: _Conversion | None = None,
+    converted: ChildBuild | None = None,
 ) -> tuple[Path, bool]:
     """The IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now.
 
     A step graph is made stateful; a frame graph (kind ``openvino-frame``) is converted as it is.
-    ``converted`` is its conversion run already (:func:`_convert_side_by_side`).
+    ``converted`` is its conversion run already (:func:`~uniopt.plugins.side_by_side.build_side_by_side`).
     """
     import openvino as ov
 
@@ -372,7 +321,7 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
-        converted = _convert_side_by_side(graphs, component, context)
+        converted = build_side_by_side(_conversions(graphs, component, context), context)
         try:
             irs = [_step_ir(g, component, context, variant, loaded, converted.get(g.name)) for g in graphs]
         finally:  # moved into their entries, or left over by a graph that failed before them
