@@ -69,8 +69,8 @@ class TierChoice:
 _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "eager")
 # A decoder that declares decode steps tries them as ONNX Runtime steps with 8-bit MatMulNBits weights
 # first, then as stateful OpenVINO models with int8 weights, with the fast decoder's codebooks as one
-# call per frame where it declares a frame graph: on the Zen 4 host ~16 and ~20 ms a frame against
-# eager's ~118 (dynamic int8 ~32), keeping 98-100% of eager's decisive choices
+# call per frame where it declares a frame graph: on the Zen 4 host 15.2 and 20.2 ms a frame against
+# eager's 120.7 (dynamic int8 32.4), keeping 99-100% of eager's decisive choices
 # (benchmarks/decoder_speed.py); auto mode times them all. Where memory is short the ONNX Runtime
 # export is refused before it runs (its peak is ~4.5x the decoder's weights) and OpenVINO's goes on.
 _DECODER_CPU = (
