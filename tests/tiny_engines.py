@@ -118,6 +118,21 @@ def tiny_fish_model(*, max_seq_len: int = 64, n_fast_layer: int = 1) -> Any:
     return llama.DualARTransformer(args, tokenizer=tokenizer).eval()
 
 
+def tiny_fish_decoder() -> tuple[Any, Any, torch.Tensor]:
+    """A ``FishSpeechAdapter`` over :func:`tiny_fish_model` (two fast layers, 66 decode steps), its
+    decoder component, and a 5-position prompt of semantic tokens with their codes (seeded)."""
+    from uniopt.engines.tts import FishSpeechAdapter
+
+    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
+    no_codec = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=lambda indices, feature_lengths: None))
+    adapter = FishSpeechAdapter(no_codec, model, decode_steps=66, prompt_length=5)
+    decoder = adapter.uniopt_components()[0]
+    prompt = decoder.example_inputs[0]
+    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])  # semantic tokens: their codebook embeddings count
+    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3), generator=torch.Generator().manual_seed(2))
+    return adapter, decoder, prompt
+
+
 class TorchSteps:
     """A step runner that keeps the caches as PyTorch tensors (the step graph run as it is)."""
 

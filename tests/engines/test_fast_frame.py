@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_engines import TorchSteps, build_context, tiny_fish_model
+from tiny_engines import TorchSteps, build_context, tiny_fish_decoder
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
@@ -155,14 +155,9 @@ def test_int8_frame_candidate_passes_the_guard_falls_back_counted_and_warm_start
 # -- the fish_speech package ------------------------------------------------------------------------------------
 def test_the_real_dual_ar_transformer_runs_a_frame_in_one_call(tmp_path: Path) -> None:
     pytest.importorskip("nncf")
-    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
-    adapter = FishSpeechAdapter(_NO_CODEC, model, decode_steps=66, prompt_length=5)
-    decoder = adapter.uniopt_components()[0]
+    adapter, decoder, prompt = tiny_fish_decoder()
     steps = decoder.decode_steps
     assert steps is not None and steps.frame is not None
-    prompt = decoder.example_inputs[0]
-    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])
-    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         reference = adapter.decoder(prompt)
         loop = steps.install({**{g.name: TorchSteps(g) for g in steps.graphs}, "frame": steps.frame.module})
@@ -175,7 +170,7 @@ def test_the_real_dual_ar_transformer_runs_a_frame_in_one_call(tmp_path: Path) -
         assert torch.equal(frames, reference)
         assert all(torch.equal(a, b) for a, b in zip(scores, adapter.decoder(*forced), strict=True))
     options = {"allow": ["openvino-stateful-frame-int8"], "model_warmup_runs": 0, "min_speedup": 0.01}
-    adapter = FishSpeechAdapter(_NO_CODEC, model, decode_steps=8, prompt_length=5)
+    adapter = FishSpeechAdapter(_NO_CODEC, adapter.decoder.model, decode_steps=8, prompt_length=5)
     with torch.inference_mode():
         reference = adapter.decoder(prompt)
     wrapped = UniversalOptimizer(adapter, cache_dir=str(tmp_path), **options)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_engines import build_context, tiny_fish_model
+from tiny_engines import build_context, tiny_fish_decoder
 from uniopt import UniversalOptimizer
-from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
+from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.optimizer.steps import StepOrderError
 from uniopt.plugins import BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
@@ -119,13 +118,7 @@ def test_auto_mode_guards_it_and_a_warm_start_exports_nothing(tmp_path: Path) ->
 
 
 def test_the_real_dual_ar_transformer_decodes_on_onnxruntime_steps(tmp_path: Path) -> None:
-    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
-    stand_in = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=lambda indices, feature_lengths: None))
-    adapter = FishSpeechAdapter(stand_in, model, decode_steps=66, prompt_length=5)
-    decoder = adapter.uniopt_components()[0]
-    prompt = decoder.example_inputs[0]
-    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])  # semantic tokens: their codebook embeddings count
-    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3))
+    adapter, decoder, prompt = tiny_fish_decoder()
     stage, _ = _build(decoder, tmp_path)
     with torch.inference_mode():
         reference = adapter.decoder(prompt)

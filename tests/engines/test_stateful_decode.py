@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_engines import TorchSteps, build_context, tiny_fish_model
+from tiny_engines import TorchSteps, build_context, tiny_fish_decoder
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
-from uniopt.engines.tts import FishSpeechAdapter, FishSpeechConfig, FishSpeechEngine
+from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
 from uniopt.engines.tts.generation import decode_steps
 from uniopt.errors import InputError, OptimizationError
 from uniopt.optimizer.component import Component
@@ -253,15 +252,9 @@ def test_two_engines_with_equal_weights_keep_their_own_states(tmp_path: Path) ->
 
 # -- the fish_speech package ------------------------------------------------------------------------------------
 def test_the_real_dual_ar_transformer_decodes_on_stateful_steps(built_cache: Path) -> None:
-    model = tiny_fish_model(max_seq_len=96, n_fast_layer=2)
-    stand_in = types.SimpleNamespace(decoder_model=types.SimpleNamespace(decode=lambda indices, feature_lengths: None))
-    adapter = FishSpeechAdapter(stand_in, model, decode_steps=66, prompt_length=5)
-    decoder = adapter.uniopt_components()[0]
+    adapter, decoder, prompt = tiny_fish_decoder()
     assert decoder.decode_steps is not None
     steps = decoder.decode_steps
-    prompt = decoder.example_inputs[0]
-    prompt[0, 0, 2:] = torch.tensor([205, 230, 250])  # semantic tokens: their codebook embeddings count
-    prompt[0, 1:, 2:] = torch.randint(0, 64, (4, 3))
     with torch.inference_mode():
         reference = adapter.decoder(prompt)
         loop = steps.install({g.name: TorchSteps(g) for g in steps.graphs})
