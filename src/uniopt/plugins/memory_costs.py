@@ -67,8 +67,8 @@ class StepCost:
 #: peak of the eager reference calls (the base of "first-calls"). The TTS decoder (771 MiB), in a
 #: child forked from the engine: converting its decode step 194 MiB (0.25), its frame graph 360 MiB;
 #: nncf int8 weights on the step's IR 1011 MiB, of which ~770 are the IR file's mapped pages.
-#: The same decoder's slow step exported for ONNX Runtime, folded and quantized to 8-bit MatMulNBits
-#: in a child: 3533 MiB (4.45); its frame graph 575 MiB (0.72).
+#: The same decoder's slow step exported for ONNX Runtime, folded (on the IR, weights mapped) and
+#: quantized to 8-bit MatMulNBits in a child: 1275 MiB (1.60); its frame graph 419 MiB (0.53).
 #: Pages of a file (a mapped IR, parked weights: :mod:`uniopt.parked`) count in a step's peak but
 #: not against the limit: the kernel drops them before it kills.
 STEP_COSTS: dict[str, StepCost] = {
@@ -80,10 +80,10 @@ STEP_COSTS: dict[str, StepCost] = {
     "onnxruntime-quantize": StepCost(4.2, 96 * MiB, "onnxruntime.quantization.quantize_dynamic"),
     "onnxruntime-fp16": StepCost(3.0, 96 * MiB, "onnxruntime.transformers float16 conversion"),
     "onnxruntime-step-export": StepCost(
-        4.5, 192 * MiB, "a decode step graph exported (dynamo), its computed weights folded, MatMulNBits weights"
+        1.8, 192 * MiB, "a decode step graph exported (dynamo), its computed weights folded, MatMulNBits weights"
     ),
     "onnxruntime-frame-export": StepCost(
-        0.8, 192 * MiB, "a frame graph (the codebooks unrolled) exported (dynamo), folded, MatMulNBits weights"
+        0.7, 192 * MiB, "a frame graph (the codebooks unrolled) exported (dynamo), folded, MatMulNBits weights"
     ),
     "onnxruntime-session": StepCost(0.5, 96 * MiB, "loading the model file into an InferenceSession"),
     "openvino-convert": StepCost(2.0, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),
