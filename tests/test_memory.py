@@ -9,6 +9,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 import types
 import weakref
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from small_vm_script import small_vm
-from test_selection import SlowNet, _fake, _optimize, fake_plugins  # noqa: F401 - the fixture is used by name
+from test_selection import EAGER_SLEEP, SlowNet, _fake, _optimize, fake_plugins  # noqa: F401 - the fixture is used by name
 from uniopt import UniversalOptimizer
 from uniopt.cache import ArtifactCache
 from uniopt.errors import MemoryBudgetError
@@ -303,6 +304,32 @@ def test_a_build_larger_than_the_best_runs_with_the_best_released(fake_plugins: 
     assert report.chosen == "d0"
     # d0 stayed the best while set aside; it is rebuilt once, alone, when the search ends.
     assert log.built_beside == [("d0", []), ("d1", []), ("d2", []), ("d0", [])]
+
+
+class _PagedNet(SlowNet):
+    """Eager slows down tenfold while a stage of the named candidate is alive (its weights paged out)."""
+
+    def __init__(self, log: _BuildLog, hog: str) -> None:
+        super().__init__()
+        self.log, self.hog = log, hog
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s.candidate == self.hog for s in self.log.alive):
+            time.sleep(9 * EAGER_SLEEP)
+        return super().forward(x)
+
+
+def test_a_challenger_must_beat_the_best_set_aside_by_its_own_time_too(
+    fake_plugins: Any,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """Compared by speed-up over eager alone, a slower challenger that slows eager down would win."""
+    log, large = _BuildLog(), "torch-compile"
+    fake_plugins(log.candidate("fast", 0.002, large), log.candidate("hog", 0.006, large))
+    report = _optimize(_PagedNet(log, "hog"), tmp_path, search_budget_s=60).report().component("module")
+    fast, hog = report.candidate("fast"), report.candidate("hog")
+    assert hog.speedup > fast.speedup and hog.p50_ms > fast.p50_ms, (hog, fast)  # eager was slow beside it
+    assert report.chosen == "fast"
 
 
 def test_a_challenger_refused_for_memory_beside_the_best_is_built_again_without_it(

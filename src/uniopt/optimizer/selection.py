@@ -462,7 +462,7 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     if challenger is None or challenger == "eager":
         return
     if aside is not None:
-        faster = (_result(selector, challenger).speedup or 0.0) > (_result(selector, aside.name).speedup or 0.0)
+        faster = _beats(_result(selector, challenger), _result(selector, aside.name))
         loser = "eager" if faster else challenger
         if faster:
             selector.best, selector.set_aside = challenger, None
@@ -473,6 +473,18 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     if loser != "eager":
         _close_trial(selector.stages.pop(loser))
         release_memory()
+
+
+def _beats(challenger: CandidateResult, best: CandidateResult) -> bool:
+    """Whether ``challenger``, timed in a duel of its own, beats the ``best`` set aside while it ran.
+
+    Their speed-ups over eager come from two duels, and eager's own time can move between them: other
+    load on the host, or its weights paged out while a large challenger held the memory (seen in a
+    1.5 GiB cgroup: eager 4x slower beside one candidate, whose speed-up looked 2.6x the best's while
+    it ran 1.5x slower). So the challenger must be faster both by its speed-up and by its own time.
+    """
+    quicker = (challenger.p50_ms or float("inf")) < (best.p50_ms or float("inf"))
+    return quicker and (challenger.speedup or 0.0) > (best.speedup or 0.0)
 
 
 def _record_timings(selector: _Selector, timings: dict[str, Any]) -> None:
