@@ -2,12 +2,14 @@
 
 For a decoder component that declares :class:`~uniopt.optimizer.steps.DecodeSteps`, each step graph
 (and the frame graph that replaces the fast decoder's codebook loop, where there is one) is exported
-with the dynamo exporter, a step graph with its length and its caches' length dynamic. The weights
-the graphs compute from parameters (rows reordered, projections fused) are then folded into
-constants, and every matmul by a constant becomes ONNX Runtime's ``MatMulNBits``: 8-bit symmetric
-weights in blocks of 128, with int8 dot products (accuracy level 4: each call quantizes the
-activations per block). On the Zen 4 host that kernel streams int8 weights faster than OpenVINO's
-(``benchmarks/decoder_speed.py``); with float activations it ran 30x slower.
+with the dynamo exporter at opset 23, a step graph with its length and its caches' length dynamic,
+each graph in a child of its own (side by side where the memory left holds both). The weights the
+graphs compute from parameters (rows reordered, projections fused) are then folded into constants,
+on the ONNX IR with the weights mapped from the export's file, and every matmul by a constant
+becomes ONNX Runtime's ``MatMulNBits``: 8-bit symmetric weights in blocks of 128, with int8 dot
+products (accuracy level 4: each call quantizes the activations per block). On the Zen 4 host that
+kernel streams int8 weights faster than OpenVINO's (``benchmarks/decoder_speed.py``); with float
+activations (accuracy level 1) the slow step ran ~30x slower.
 
 A step's session takes the caches as inputs and gives them back with the step appended (the
 ``present`` outputs); :class:`CachedStep` keeps them between calls, so the engine's own loop and
@@ -49,7 +51,7 @@ FOLD_LIMIT = 1 << 31
 
 
 class SessionRunner:
-    """A frame graph's session: no state, one ``run()`` a call."""
+    """A graph's session with no state, one ``run()`` a call: a frame graph's runner, and :class:`CachedStep`'s base."""
 
     def __init__(self, session: Any, graph: StepGraph | FrameGraph) -> None:
         self._session = session
