@@ -118,7 +118,12 @@ def attention_step(
 
 
 def _feed_forward(ff: Any, x: Tensor) -> Tensor:
-    w1, w3 = ff.w1, ff.w3
+    """Fish-Speech's SwiGLU, ``w2(silu(w1 x) * w3 x)``, with the gate and up projections as one matmul
+    over their weights stacked (a constant once a graph backend folds it). A feed-forward of another
+    form (no ``w1``/``w3`` Linear layers, or biases) runs as it is."""
+    w1, w3 = getattr(ff, "w1", None), getattr(ff, "w3", None)
+    if not (isinstance(w1, nn.Linear) and isinstance(w3, nn.Linear)) or w1.bias is not None or w3.bias is not None:
+        return ff(x)
     gate, up = F.linear(x, torch.cat([w1.weight, w3.weight])).split([w1.out_features, w3.out_features], dim=-1)
     return ff.w2(F.silu(gate) * up)
 
