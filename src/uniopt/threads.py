@@ -44,7 +44,9 @@ class ThreadBudget:
 
         Idle ORT workers spin by default, stealing the CPU from whatever runs next (another
         backend, the engine's own Python code, a neighbour on a shared VM), so they do not here
-        unless ``spinning``: for sessions called back to back, as a decode loop's steps are.
+        unless ``spinning``: for sessions called back to back, as a decode loop's steps are. Even
+        then they stop at the end of each run, so one session's workers never spin through
+        another's run.
         """
         import onnxruntime as ort
 
@@ -53,6 +55,8 @@ class ThreadBudget:
         options.inter_op_num_threads = self.inter_op
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
     def openvino_config(self) -> dict[str, str]:

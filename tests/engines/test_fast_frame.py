@@ -227,8 +227,11 @@ def test_the_decode_graphs_convert_side_by_side_where_the_memory_left_holds_both
     spans = {name: [float(t) for t in (c.folder / "span").read_text().split()] for name, c in converted.items()}
     assert spans["slow"][0] < spans["frame"][1] and spans["frame"][0] < spans["slow"][1]  # they overlapped
     loaded: list[str] = []
-    for graph in graphs:  # the cache entries take the converted files; the scratch folders go
-        path, from_cache = openvino_decode._step_ir(graph, component, context, "float", loaded, converted[graph.name])
+    conversions = openvino_decode._conversions(graphs, component, context)
+    for graph, conversion in zip(graphs, conversions, strict=True):  # the entries take the files; the folders go
+        path, from_cache = openvino_decode._step_ir(
+            graph, conversion, component, context, "float", loaded, converted[graph.name]
+        )
         assert path.is_file() and path.with_suffix(".bin").is_file() and not from_cache
         assert not list(converted[graph.name].folder.iterdir())  # moved into the entry
     assert [s["step"] for s in context.memory_steps] == ["openvino-convert-step", "openvino-convert-frame"]

@@ -28,13 +28,12 @@ from typing import Any
 import torch
 
 from ..errors import NotApplicable
-from ..isolation import isolated_build
 from ..optimizer.steps import FrameGraph, StepGraph, StepRunner, continued_length
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
 from .memory_costs import estimate_step, file_bytes, memory_step, weight_bytes
-from .side_by_side import ChildBuild, EntryBuild, build_side_by_side
+from .side_by_side import ChildBuild, EntryBuild, entry_writer, side_by_side
 from .step_decode import StepDecode
 
 __all__ = ["CachedStep", "SessionRunner"]
@@ -192,7 +191,7 @@ def _exports(graphs: list[StepGraph | FrameGraph], component: Any, context: Buil
 
 def _step_model(build: EntryBuild, context: BuildContext, loaded: list[str], started: ChildBuild | None = None) -> Path:
     """The quantized model of ``build``'s graph, from the cache, from ``started``, or made now in a child."""
-    write = started.into if started is not None else isolated_build(build.write, context, build.what)
+    write = entry_writer(build, context, started)
     description = {"graph": build.name}
     entry, built = context.cache.get_or_build(build.key, write, kind="onnxruntime-step", description=description)
     if not built:
@@ -211,7 +210,6 @@ def _session(path: Path, component: Any, context: BuildContext) -> Any:
     import onnxruntime as ort
 
     options = context.threads.onnxruntime_options(spinning=True)
-    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     with memory_step("onnxruntime-session", component, context, file_bytes(path, path.with_name(path.name + ".data"))):
@@ -227,14 +225,9 @@ def _build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
     if steps.frame is not None:  # the frame serves in place of the graph it replaces
         graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
     builds = _exports(graphs, component, context)
-    started = build_side_by_side(builds, context)
-    built_before = len(loaded)
-    try:
+    with side_by_side(builds, context) as started:
         paths = {b.name: _step_model(b, context, loaded, started.get(b.name)) for b in builds}
-    finally:  # moved into their entries, or left over by a graph that failed before them
-        for child in started.values():
-            child.discard()
-    from_cache = len(loaded) - built_before == len(graphs)
+    from_cache = len(loaded) == len(graphs)  # every model loaded from its entry
     sessions = {name: _session(path, component, context) for name, path in paths.items()}
 
     def runners() -> dict[str, StepRunner]:

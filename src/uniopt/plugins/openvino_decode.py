@@ -36,7 +36,7 @@ from .hookspecs import hookimpl
 from .memory_costs import file_bytes, memory_step, step_first_call_bytes
 from .openvino_backend import compile_config, converted_model
 from .openvino_step_options import compile_fastest
-from .side_by_side import ChildBuild, EntryBuild, build_side_by_side
+from .side_by_side import ChildBuild, EntryBuild, entry_writer, side_by_side
 from .step_decode import StepDecode
 
 __all__ = ["FrameRunner", "StatefulDecode", "StatefulStep"]
@@ -255,6 +255,7 @@ def _conversions(graphs: list[StepGraph | FrameGraph], component: Any, context: 
 
 def _step_ir(
     graph: StepGraph | FrameGraph,
+    conversion: EntryBuild,
     component: Any,
     context: BuildContext,
     variant: str,
@@ -264,22 +265,16 @@ def _step_ir(
     """The IR of ``graph`` (float, or with ``variant`` weight compression), from the cache or made now.
 
     A step graph is made stateful; a frame graph (kind ``openvino-frame``) is converted as it is.
-    ``converted`` is its conversion run already (:func:`~uniopt.plugins.side_by_side.build_side_by_side`).
+    ``conversion`` is its float IR's entry (:func:`_conversions`); ``converted`` that conversion run
+    already (:func:`~uniopt.plugins.side_by_side.side_by_side`).
     """
     import openvino as ov
 
     base = _plain_kind(graph)
-    plain_key = _ir_key(graph, component, base)
-    build = (
-        converted.into
-        if converted is not None
-        else isolated_build(
-            functools.partial(_write_plain, graph, component, context), context, f"OpenVINO conversion of {graph.name}"
-        )
-    )
-    plain, plain_built = context.cache.get_or_build(plain_key, build, kind=base, description={"graph": graph.name})
+    build = entry_writer(conversion, context, converted)
+    plain, plain_built = context.cache.get_or_build(conversion.key, build, kind=base, description={"graph": graph.name})
     if not plain_built:
-        loaded.append(plain_key)
+        loaded.append(conversion.key)
     if variant == "float":
         return plain.path / "model.xml", not plain_built
 
@@ -321,12 +316,12 @@ def _builder(variant: str, precision: str, name: str, frame: bool = False) -> Ca
         graphs: list[StepGraph | FrameGraph] = [*steps.graphs]
         if frame and steps.frame is not None:  # the frame serves in place of the graph it replaces
             graphs = [*(g for g in graphs if g.name != steps.frame.replaces), steps.frame]
-        converted = build_side_by_side(_conversions(graphs, component, context), context)
-        try:
-            irs = [_step_ir(g, component, context, variant, loaded, converted.get(g.name)) for g in graphs]
-        finally:  # moved into their entries, or left over by a graph that failed before them
-            for conversion in converted.values():
-                conversion.discard()
+        conversions = _conversions(graphs, component, context)
+        with side_by_side(conversions, context) as converted:
+            irs = [
+                _step_ir(g, c, component, context, variant, loaded, converted.get(g.name))
+                for g, c in zip(graphs, conversions, strict=True)
+            ]
         for graph, (path, from_cache) in zip(graphs, irs, strict=True):
             cached.append(from_cache)
             hint = "f32" if precision == "fp32" else "bf16"

@@ -5,7 +5,7 @@ mostly one thread (a tracer, an exporter): on a 2-vCPU host two of them side by 
 time of the longer. :func:`build_side_by_side` starts every build whose entry is not in the cache
 yet, where builds are isolated and the memory left holds all their estimates at once, and waits for
 them; each entry's build then moves its child's files in (:meth:`ChildBuild.into`). Otherwise it
-starts nothing, and each entry is built when it is asked for.
+starts nothing, and each entry is built in a child when it is asked for (:func:`entry_writer`).
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..isolation import IsolatedStep, can_isolate, measured_build
+from ..isolation import IsolatedStep, can_isolate, isolated_build, measured_build
 from .candidate import BuildContext
 from .memory_costs import required_bytes
 
-__all__ = ["ChildBuild", "EntryBuild", "build_side_by_side"]
+__all__ = ["ChildBuild", "EntryBuild", "build_side_by_side", "entry_writer", "side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,23 @@ def build_side_by_side(builds: list[EntryBuild], context: BuildContext) -> dict[
         return {}
     note_child_peak(sum(child.wait() for child in started.values()))
     return started
+
+
+@contextlib.contextmanager
+def side_by_side(builds: list[EntryBuild], context: BuildContext) -> Iterator[dict[str, ChildBuild]]:
+    """:func:`build_side_by_side`, each child's scratch folder removed when the block ends (its files
+    moved into their entry, or left over by a build that failed before them)."""
+    started = build_side_by_side(builds, context)
+    try:
+        yield started
+    finally:
+        for child in started.values():
+            child.discard()
+
+
+def entry_writer(
+    build: EntryBuild, context: BuildContext, started: ChildBuild | None = None
+) -> Callable[[Path], dict[str, Any]]:
+    """What builds ``build``'s cache entry: the files of its child where it ran side by side
+    (``started``), else ``write`` run in a child now."""
+    return started.into if started is not None else isolated_build(build.write, context, build.what)
