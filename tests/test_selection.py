@@ -139,6 +139,36 @@ def test_search_budget_skips_remaining_candidates(fake_plugins: Any, tmp_path: A
     assert report.candidate("first").accepted
 
 
+def _slow_build(name: str, seconds: float) -> Candidate:
+    fast = _fake(name, 0.001)
+
+    def build(component: Any, context: Any) -> Stage:
+        time.sleep(seconds)
+        return fast.build(component, context)
+
+    return Candidate(name, "fake", f"{seconds} s to build", build)
+
+
+def test_an_engines_components_share_one_search_budget(fake_plugins: Any, tmp_path: Any) -> None:
+    """Each search gets an equal part of what is left: the first half the budget, the second the rest."""
+    fake_plugins(*(_slow_build(name, 0.5) for name in ("first", "second", "third")))
+    first, second = SlowNet(0), SlowNet(1)
+    components = [Component(n, m, (torch.randn(2, 8),)) for n, m in (("first", first), ("second", second))]
+    engine = types.SimpleNamespace(first=first, second=second, uniopt_components=lambda: components)
+    gc.collect()
+    reports = UniversalOptimizer(
+        engine, cache_dir=str(tmp_path), mode="auto", model_warmup_runs=1, search_budget_s=2.0
+    ).report()
+    before, after = reports.component("first"), reports.component("second")
+    # 1 s for the first: after one 0.5 s build, what is left cannot hold another.
+    assert before.candidate("first").accepted
+    assert before.candidate("second").reason.startswith("search budget")
+    # The second gets the rest (~1.4 s): two builds, then no room for a third.
+    assert after.candidate("first").accepted and after.candidate("second").accepted
+    assert after.candidate("third").reason.startswith("search budget")
+    assert before.search_seconds + after.search_seconds < 2.0 + 0.6  # one build past the budget at most
+
+
 def test_build_failure_is_recorded_and_can_be_raised(fake_plugins: Any, tmp_path: Any) -> None:
     fake_plugins(_fake("broken", 0.001, fails=True))
     report = _optimize(SlowNet(), tmp_path).report().component("module")

@@ -196,7 +196,7 @@ class Settings:
         "UNIOPT_SEARCH_BUDGET",
         _positive_float,
         300.0,
-        "seconds auto mode may spend on one component, builds included",
+        "seconds auto mode may spend on one engine (its components share them), builds included",
         "a positive number of seconds",
     )
     compile_mode: str = _setting(

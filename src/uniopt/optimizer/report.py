@@ -45,6 +45,8 @@ class ComponentReport:
     stage: Any = field(default=None, repr=False, compare=False)
     #: Whether the auto-mode search that made the decision ran over its search budget.
     search_cut_short: bool = False
+    #: Seconds this process spent searching (0 when it applied a stored decision).
+    search_seconds: float = 0.0
     #: For a component found by ``sample=``: the engine method whose call reached it.
     found_by: str = ""
     #: Bytes of the eager module's weights parked in a file (:mod:`uniopt.parked`), and why or why not.
@@ -64,6 +66,7 @@ class ComponentReport:
             "chosen": self.chosen,
             "decision_from_cache": self.decision_from_cache,
             "search_cut_short": self.search_cut_short,
+            "search_seconds": self.search_seconds,
             "found_by": self.found_by,
             "parked_bytes": self.parked_bytes,
             "parked": self.parked,

@@ -19,7 +19,9 @@ again when it is applied, against the FP32 reference outputs the cache keeps:
 :mod:`uniopt.optimizer.references`).
 
 The search budget bounds the whole search, builds included: a candidate is started only while
-the budget left holds what the last candidate that built and was checked took. It is recorded
+the budget left holds what the last candidate that built and was checked took. An engine's
+components share one budget (:func:`budget_part`: each search gets an equal part of what is left
+when it starts, so what one leaves unspent goes to the next). The setting is recorded
 in the decision instead of its key: a search that finished within
 its budget is reused at any budget; one cut short by its budget is stored as partial, and is
 searched again by a process with a larger budget. Several processes starting cold on one cache
@@ -111,10 +113,12 @@ def _decision_key(component: Component, context: BuildContext, names: list[str])
 
 
 class _Selector:
-    def __init__(self, component: Component, context: BuildContext, pm: pluggy.PluginManager) -> None:
+    def __init__(self, component: Component, context: BuildContext, pm: pluggy.PluginManager, budget_s: float) -> None:
         self.component = component
         self.context = context
         self.pm = pm
+        #: Seconds this component's search may take (its part of the engine's budget).
+        self.budget_s = budget_s
         self.results: list[CandidateResult] = []
         #: Built stages still in the running: eager, the best so far, and the one being tried.
         self.stages: dict[str, Stage] = {}
@@ -396,7 +400,7 @@ class _Selector:
         return verdict
 
     def over_budget(self) -> bool:
-        return time.perf_counter() - self.started > self.context.settings.search_budget_s
+        return time.perf_counter() - self.started > self.budget_s
 
     def budget_refusal(self) -> str | None:
         """Why the next candidate is not started, if the budget cannot hold it; None when it can.
@@ -406,7 +410,7 @@ class _Selector:
         """
         if self.over_budget():
             return "search budget spent"
-        left = self.context.settings.search_budget_s - (time.perf_counter() - self.started)
+        left = self.budget_s - (time.perf_counter() - self.started)
         if self.last_cost_s is not None and left < self.last_cost_s:
             return f"search budget: {left:.0f} s left, the last candidate took {self.last_cost_s:.0f} s"
         return None
@@ -448,7 +452,7 @@ def _duel(selector: _Selector, challenger: str | None) -> None:
     names = list(dict.fromkeys(n for n in ("eager", best, challenger) if n is not None))
     inputs = selector.component.example_inputs
     calls = {name: _call(selector.stages[name], inputs) for name in names}
-    remaining = max(1.0, selector.context.settings.search_budget_s - (time.perf_counter() - selector.started))
+    remaining = max(1.0, selector.budget_s - (time.perf_counter() - selector.started))
     timed = time.perf_counter()
     timings = measure_interleaved(calls, budget_s=remaining)
     log.debug(
@@ -580,20 +584,34 @@ def _store_decision(context: BuildContext, key: str, component: Component, repor
     )
 
 
-def optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
+def budget_part(budget_s: float, spent_s: float, searches_left: int) -> float:
+    """The part of an engine's search budget the next of ``searches_left`` searches gets.
+
+    An equal part of what is left, so what one search leaves unspent goes to the ones after it.
+    """
+    return max(0.0, budget_s - spent_s) / max(1, searches_left)
+
+
+def optimize_component(
+    component: Component, context: BuildContext, pm: pluggy.PluginManager, budget_s: float | None = None
+) -> ComponentReport:
     """Pick the stage for ``component`` according to ``context.settings.mode``.
 
-    Its eager weights are parked first where memory is short (see :mod:`uniopt.parked`).
+    Auto mode's search takes at most ``budget_s`` (default: the whole search budget). Its eager
+    weights are parked first where memory is short (see :mod:`uniopt.parked`).
     """
     parking = park_for_room(component.module, component.key(), context.cache, context.settings.park_weights)
-    report = _optimize_component(component, context, pm)
+    budget = context.settings.search_budget_s if budget_s is None else budget_s
+    report = _optimize_component(component, context, pm, budget)
     report.parked_bytes, report.parked = parking.parked_bytes, parking.note
     return report
 
 
-def _optimize_component(component: Component, context: BuildContext, pm: pluggy.PluginManager) -> ComponentReport:
+def _optimize_component(
+    component: Component, context: BuildContext, pm: pluggy.PluginManager, budget_s: float
+) -> ComponentReport:
     registered = candidates(pm)
-    selector = _Selector(component, context, pm)
+    selector = _Selector(component, context, pm, budget_s)
     ordered = _ordered(registered, component, context)
     usable = []
     for cand in ordered:
@@ -664,6 +682,8 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
     """Tier mode: the first candidate that passes. Auto mode: time the survivors, keep the fastest."""
     component, context = selector.component, selector.context
     selector.started = time.perf_counter()  # the budget is the search's, not a wait for another's decision
+    if context.settings.mode == "auto":
+        log.info("%s: searching within %.0f s", component.name, selector.budget_s)
     with _progress(len(usable), f"optimizing {component.name}") as advance:
         for cand in usable:
             refusal = selector.budget_refusal() if context.settings.mode == "auto" and cand.name != "eager" else None
@@ -686,7 +706,8 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
                     selector.last_cost_s = time.perf_counter() - started
                 continue
             if context.settings.mode == "tier":
-                return ComponentReport(component.name, cand.name, selector.results, stage=stage)
+                seconds = time.perf_counter() - selector.started
+                return ComponentReport(component.name, cand.name, selector.results, stage=stage, search_seconds=seconds)
             selector.stages[cand.name] = stage
             del stage  # the selector alone holds it, so a loser is freed as soon as it loses
             if cand.name != "eager":
@@ -703,7 +724,12 @@ def _search(selector: _Selector, usable: list[Candidate]) -> ComponentReport:
     if chosen != "eager" and (chosen not in selector.stages or TRIAL_PROCESS in selector.stages[chosen].info):
         chosen = selector.install_in_process({c.name: c for c in usable}[chosen])
     report = ComponentReport(
-        component.name, chosen, selector.results, stage=selector.stages[chosen], search_cut_short=selector.cut_short()
+        component.name,
+        chosen,
+        selector.results,
+        stage=selector.stages[chosen],
+        search_cut_short=selector.cut_short(),
+        search_seconds=time.perf_counter() - selector.started,
     )
     selector.stages.clear()
     release_memory()

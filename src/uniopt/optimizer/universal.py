@@ -85,7 +85,7 @@ class UniversalOptimizer:
             components = engine_components(engine, example_inputs)
         started = time.perf_counter()
         detached = [self._detached(c) for c in components]
-        reports = [self._optimize(c) for c in detached]
+        reports = self._optimize_all(detached)
         for report in reports:
             report.found_by = found_by.get(report.component, "")
         reports.extend(kept)
@@ -110,16 +110,23 @@ class UniversalOptimizer:
         module.eval()
         return dataclasses.replace(component, module=twin(module))
 
-    def _optimize(self, component: Component) -> ComponentReport:
-        from .selection import optimize_component
+    def _optimize_all(self, components: list[Component]) -> list[ComponentReport]:
+        """Each component's report, its search within its part of the engine's one search budget."""
+        from .selection import budget_part, optimize_component
 
-        if self._context is None:
-            threads = thread_budget(self._profile.usable_cpus, self._settings.threads)
-            threads.apply_torch()
-            cache = _cache(self._settings)
-            self._context = BuildContext(self._settings, self._profile, self._tier.tier, threads, cache=cache)
-            self._plugins = plugin_manager(self._settings.plugins)
-        return optimize_component(component, self._context, self._plugins)
+        reports: list[ComponentReport] = []
+        spent = 0.0
+        for index, component in enumerate(components):
+            if self._context is None:
+                threads = thread_budget(self._profile.usable_cpus, self._settings.threads)
+                threads.apply_torch()
+                cache = _cache(self._settings)
+                self._context = BuildContext(self._settings, self._profile, self._tier.tier, threads, cache=cache)
+                self._plugins = plugin_manager(self._settings.plugins)
+            part = budget_part(self._settings.search_budget_s, spent, len(components) - index)
+            reports.append(optimize_component(component, self._context, self._plugins, part))
+            spent += reports[-1].search_seconds
+        return reports
 
     def _install(self, module: Any, component: Component, report: ComponentReport) -> None:
         """Route ``module``'s forward through the chosen stage (eager: only to time it, when logging)."""
