@@ -142,15 +142,16 @@ def test_a_component_whose_chain_cannot_build_it_names_what_does() -> None:
     row = engine_memory("tts", 64 * 2**30, tier, cands, facts=[decoder, codec])
     names = {c.name: [n.candidate for n in c.needs] for c in row.components}
     assert set(names["decoder"]) == {"torch-int8", "torch-int8-weights", "torch-bf16"}
-    assert names["codec"] == ["onnxruntime-fp32"]  # the generic chain; no Linear layer for torch-int8
+    # The codec chain, cheapest first; no Linear layer for OpenVINO's int8 matmuls.
+    assert names["codec"] == ["torch-bf16", "onnxruntime-fp32", "openvino-int8-weights"]
     codec_need = row.components[1].needs[0].required_bytes
     tight = engine_memory(
         "tts", row.eager_bytes + codec_need, tier, cands, facts=[decoder, codec], park_setting="false"
     )
-    assert tight.verdict == "only codec: onnxruntime-fp32 fit (decoder stays eager)"
+    assert tight.verdict == "only codec: torch-bf16 fit (decoder stays eager)"
     data = tight.to_dict()
     assert data["least_bytes"] == codec_need and data["fits"] is False
-    assert data["components"][0]["fitting"] == [] and data["components"][1]["fitting"] == ["onnxruntime-fp32"]
+    assert data["components"][0]["fitting"] == [] and data["components"][1]["fitting"] == ["torch-bf16"]
 
 
 def test_parked_weights_go_back_to_the_builds() -> None:

@@ -83,6 +83,10 @@ _DECODER_CPU = (
     "eager",
 )
 _EMBEDDING_CPU = ("openvino-bf16", "onnxruntime-fp32", "eager")
+# A convolutional codec (the TTS engine's vocoder): PyTorch's bf16 convolutions where the CPU computes
+# bf16 (1.58x eager on the Zen 4 host), else OpenVINO with int8 matmuls (1.16x on the AVX2 host);
+# ONNX Runtime int8 and OpenVINO static int8 ran at 0.3-0.5x on both (benchmarks/results*.md).
+_CODEC_CPU = ("torch-bf16", "openvino-int8-matmul", "openvino-int8-weights", "onnxruntime-fp32", "eager")
 # A small VM often cannot afford an export of a large model (refused for memory), so the PyTorch
 # candidates, which build without one (a bf16 copy, int8 Linear layers), come before ONNX Runtime.
 _ENCODER_SMALL = ("openvino-bf16", "openvino-int8-matmul", "torch-bf16", "torch-int8", "onnxruntime-fp32", "eager")
@@ -103,6 +107,7 @@ TIERS: tuple[Tier, ...] = (
         chains={
             "encoder": _ENCODER_SMALL,
             "decoder": _DECODER_CPU,
+            "codec": _CODEC_CPU,
             "embedding": _EMBEDDING_SMALL,
             "segmentation": ("openvino-f32", "eager"),
             "generic": ("onnxruntime-fp32", "eager"),
@@ -117,6 +122,7 @@ TIERS: tuple[Tier, ...] = (
         chains={
             "encoder": _ENCODER_CPU,
             "decoder": _DECODER_CPU,
+            "codec": _CODEC_CPU,
             "embedding": _EMBEDDING_CPU,
             "segmentation": ("openvino-f32", "eager"),
             "generic": ("openvino-f32", "onnxruntime-fp32", "eager"),
@@ -129,6 +135,7 @@ TIERS: tuple[Tier, ...] = (
         chains={
             "encoder": ("openvino-f32", "onnxruntime-fp32", "eager"),
             "decoder": ("openvino-stateful-int8", "torch-int8", "eager"),
+            "codec": ("openvino-int8-matmul", "onnxruntime-fp32", "eager"),
             "generic": ("onnxruntime-fp32", "eager"),
         },
     ),
