@@ -2,7 +2,8 @@
 
     python benchmarks/results.py [ENGINE ...] [--budget S] [--from FILE] [--section NAME]
 
-Runs ``optimize bench --json`` on the engines (default: all built-in), or reads a saved JSON file,
+Runs ``optimize bench --json`` on the engines (default: all built-in) with a new, empty cache, so
+every component is searched rather than its stored decision applied, or reads a saved JSON file,
 then writes ``benchmarks/results.json``, ``benchmarks/results.md`` and ``benchmarks/results.png``
 and replaces the README section between the ``bench:start`` / ``bench:end`` markers.
 ``--section NAME`` keeps a second host's results apart: ``results-NAME.*`` and the
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +95,15 @@ def main() -> None:
     if args.source:
         results = json.loads(Path(args.source).read_text())
     else:
-        out = subprocess.run(
-            [sys.executable, "-m", "uniopt.cli", *command[1:]], capture_output=True, text=True, check=True
-        )
+        # A cache of its own: decisions stored by earlier runs would be applied instead of searched.
+        with tempfile.TemporaryDirectory(prefix="uniopt-results-") as cache:
+            out = subprocess.run(
+                [sys.executable, "-m", "uniopt.cli", *command[1:]],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "UNIOPT_CACHE_DIR": cache},
+            )
         results = json.loads(out.stdout)
     (HERE / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = _table(results)

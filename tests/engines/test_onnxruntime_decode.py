@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,12 +40,17 @@ def _build(component: object, cache: Path, **settings: object) -> tuple[Stage, l
     return built, context.memory_steps
 
 
-def _float_matmuls_by_constants(stage: Stage, graph: str) -> tuple[list[str], int]:
-    """The float MatMul/Gemm nodes of ``graph``'s model that multiply by a constant, and its MatMulNBits count."""
+def _graph(stage: Stage, graph: str) -> Any:
+    """The ONNX graph (no weights) of the stage's ``graph`` model."""
     import onnx
 
     runner = stage.run._loop.model.frame_runner if graph == "frame" else stage.run._loop.model._slow
-    model = onnx.load(runner._session._model_path, load_external_data=False).graph
+    return onnx.load(runner._session._model_path, load_external_data=False).graph
+
+
+def _float_matmuls_by_constants(stage: Stage, graph: str) -> tuple[list[str], int]:
+    """The float MatMul/Gemm nodes of ``graph``'s model that multiply by a constant, and its MatMulNBits count."""
+    model = _graph(stage, graph)
     constants = {i.name for i in model.initializer}
     constants |= {out for node in model.node if node.op_type == "Constant" for out in node.output}
     float_ones = [
@@ -81,6 +87,26 @@ def test_every_matmul_by_a_weight_runs_on_8_bit_weights(long_engine: FishSpeechE
         # The weights the graphs compute (rows reordered, projections fused) were folded first.
         assert not float_ones, (graph, float_ones)
         assert quantized >= least, (graph, quantized)
+
+
+def test_each_layers_attention_is_one_node_with_the_caches_in_and_out(
+    long_engine: FishSpeechEngine, cache: Path
+) -> None:
+    """ONNX's RoPE and attention ops: no grouping, transposes or cache concatenation spelled out."""
+    component = long_engine.uniopt_components()[0]
+    stage, _ = _build(component, cache)
+    layers, fast_layers = long_engine.model.config.n_layer, long_engine.model.config.n_fast_layer
+    codebooks = long_engine.model.config.num_codebooks
+    slow = _graph(stage, "slow")
+    kinds = [n.op_type for n in slow.node]
+    attention = [n for n in slow.node if n.op_type == "Attention"]
+    assert len(attention) == layers and kinds.count("RotaryEmbedding") == 2 * layers
+    assert {i.name for i in slow.input} >= {n.input[4] for n in attention}  # each fed its layer's past caches
+    assert all(len(n.output) == 3 for n in attention)
+    assert not {"Transpose", "Expand", "Concat"} & set(kinds), kinds
+    frame = _graph(stage, "frame")
+    attention = [n for n in frame.node if n.op_type == "Attention"]
+    assert len(attention) == fast_layers * codebooks and all(len(n.output) == 3 for n in attention)
 
 
 def test_a_step_that_does_not_continue_the_sequence_is_refused(long_engine: FishSpeechEngine, cache: Path) -> None:

@@ -11,7 +11,9 @@ gives a callable that runs the component's own loop with each step served by a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +28,8 @@ __all__ = [
     "StepOrderError",
     "StepRunner",
     "continued_length",
+    "onnx_ops",
+    "onnx_ops_on",
     "past_names",
     "present_names",
 ]
@@ -33,6 +37,29 @@ __all__ = [
 
 class StepOrderError(UniOptError):
     """A step that neither starts a sequence (position 0) nor continues the one in the caches."""
+
+
+_ONNX_OPS: ContextVar[bool] = ContextVar("uniopt_onnx_ops", default=False)
+
+
+@contextmanager
+def onnx_ops() -> Iterator[None]:
+    """Within it, step graphs are traced for an ONNX export that runs ONNX's own fused ops.
+
+    A step module may then compute with ``torch.onnx.ops`` (``RotaryEmbedding``, ``Attention``
+    with past and present caches), which the exporter writes as one node each; outside it, the
+    same module computes with the plain PyTorch ops every other backend converts.
+    """
+    token = _ONNX_OPS.set(True)
+    try:
+        yield
+    finally:
+        _ONNX_OPS.reset(token)
+
+
+def onnx_ops_on() -> bool:
+    """Whether step graphs are being traced within :func:`onnx_ops`."""
+    return _ONNX_OPS.get()
 
 
 def past_names(layers: int) -> tuple[str, ...]:

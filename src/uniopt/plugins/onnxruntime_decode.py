@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import NotApplicable
-from ..optimizer.steps import FrameGraph, StepGraph, StepRunner, continued_length
+from ..optimizer.steps import FrameGraph, StepGraph, StepRunner, continued_length, onnx_ops
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
@@ -40,7 +40,7 @@ __all__ = ["CachedStep", "SessionRunner"]
 
 NAME = "onnxruntime-steps-int8"
 #: How the exported step models are made; a new value is a new cache key.
-STEP_ONNX_LAYOUT = 2
+STEP_ONNX_LAYOUT = 3
 #: Opset 23 has ``RMSNormalization`` and ``Attention``: one node each where opset 18 spells out five to a dozen.
 OPSET = 23
 #: ``MatMulNBits`` weights: bits, block size along the input dimension, accuracy level (4: int8 dot products).
@@ -112,7 +112,7 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
         example, dynamic = (*graph.example_inputs, *graph.example_caches()), _dynamic_shapes(graph)
     else:
         example, dynamic = graph.example_inputs, None
-    with torch.no_grad(), quiet_loggers("torch", "onnxscript", "onnx_ir"), warnings.catch_warnings():
+    with torch.no_grad(), onnx_ops(), quiet_loggers("torch", "onnxscript", "onnx_ir"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation and axis-naming notes
         torch.onnx.export(
             graph.module.eval(),
@@ -132,6 +132,7 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
     with quiet_loggers("onnxscript", "onnx_ir"):
         onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
         onnxscript.optimizer.remove_unused_nodes(model)
+    _give_attention_its_present_outputs(model)
     folded = directory / "folded.onnx"
     ir.save(model, str(folded), external_data=folded.name + ".data")
     del model
@@ -149,6 +150,27 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
     quantizer.model.save_model_to_file(str(directory / "model.onnx"), use_external_data_format=True)
     for leftover in directory.glob("folded.onnx*"):
         leftover.unlink()
+
+
+def _give_attention_its_present_outputs(model: Any) -> None:
+    """Give every ``Attention`` node fed past caches its present outputs, where the exporter dropped them.
+
+    ONNX Runtime's CPU kernel refuses past caches without present outputs; in a frame graph the
+    last pass's presents are read by nothing, so the exporter leaves them out.
+    """
+    from onnxscript import ir
+
+    for node in list(model.graph):
+        has_past = len(node.inputs) > 4 and node.inputs[4] is not None
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or not has_past or len(node.outputs) >= 3:
+            continue
+        full = ir.Node(
+            node.domain, "Attention", node.inputs, node.attributes.values(), num_outputs=3, version=node.version
+        )
+        model.graph.insert_before(node, full)
+        kept = list(node.outputs)
+        ir.convenience.replace_all_uses_with(kept, full.outputs[: len(kept)], replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
 
 
 def _model_key(graph: StepGraph | FrameGraph, component: Any) -> str:

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...optimizer.install import twin
-from ...optimizer.steps import DecodeSteps, FrameGraph, StepGraph, StepRunner, past_names, present_names
+from ...optimizer.steps import (
+    DecodeSteps,
+    FrameGraph,
+    StepGraph,
+    StepRunner,
+    onnx_ops_on,
+    past_names,
+    present_names,
+)
 
 __all__ = ["DualARParts", "FastStep", "SlowStep", "StepModel", "attention_step", "dual_ar_decode_steps"]
 
@@ -94,7 +102,8 @@ def attention_step(
     """Grouped-query attention of ``x [1, L, dim]`` over the past keys and its own.
 
     ``attention`` is a Fish-Speech ``Attention`` (fused ``wqkv``, optional ``q_norm``/``k_norm``,
-    RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables`;
+    RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables` (within
+    :func:`~uniopt.optimizer.steps.onnx_ops`, the pairs' tables ``[1, L, d/2]``);
     ``visible [1, 1, L, P+L]`` says which keys each query sees. Returns the output and the caches
     with the step appended; the cached keys' dims are in :func:`halves_order`. Query head ``h``
     reads kv head ``h // groups``, as ``repeat_interleave`` gives: through keys and values expanded
@@ -104,6 +113,8 @@ def attention_step(
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
     q, k, v = _projections(attention, x)
+    if onnx_ops_on():
+        return _onnx_attention_step(attention, q, k, v, cos, sin, visible, past_key, past_value)
     q = rotate_halves(q, cos, sin).transpose(1, 2)
     k = torch.cat([past_key, rotate_halves(k, cos, sin).transpose(1, 2)], dim=2)
     v = torch.cat([past_value, v.transpose(1, 2)], dim=2)
@@ -115,6 +126,39 @@ def attention_step(
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
     return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
+
+
+def _onnx_attention_step(
+    attention: Any,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    visible: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`attention_step` on ONNX's ``RotaryEmbedding`` and ``Attention`` ops (within
+    :func:`~uniopt.optimizer.steps.onnx_ops`): queries, keys and values stay ``[1, L, heads * d]``,
+    the grouping and the caches' concatenation are the attention op's, so a layer's attention is
+    two RoPE nodes and one attention node where the plain form spells out two dozen. ``cos``/``sin``
+    are the pairs' tables ``[1, L, d/2]``."""
+    b, length = q.shape[:2]
+    heads, kv_heads = attention.n_head, attention.n_local_heads
+    q = torch.onnx.ops.rotary_embedding(q.reshape(b, length, -1), cos, sin, num_heads=heads)
+    k = torch.onnx.ops.rotary_embedding(k.reshape(b, length, -1), cos, sin, num_heads=kv_heads)
+    y, present_key, present_value, _ = torch.onnx.ops.attention(
+        q,
+        k,
+        v.reshape(b, length, -1),
+        visible,
+        past_key,
+        past_value,
+        q_num_heads=heads,
+        kv_num_heads=kv_heads,
+    )
+    return attention.wo(y), present_key, present_value
 
 
 def _feed_forward(ff: Any, x: Tensor) -> Tensor:
@@ -140,7 +184,8 @@ def _blocks(
     """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x`` at ``positions``, RoPE tables
     ``cos``/``sin`` ``[L, d/2]``; the new caches, key then value per layer. Each query sees the keys
     at positions up to its own; ``expand_groups`` as in :func:`attention_step`."""
-    cos, sin = rotation_tables(cos, sin)
+    # The ONNX form's RoPE op takes the pairs' tables as they are, [1, L, d/2].
+    cos, sin = (cos[None], sin[None]) if onnx_ops_on() else rotation_tables(cos, sin)
     keys = past[0].shape[2] + x.shape[1]
     visible = (torch.arange(keys, device=x.device)[None, :] <= positions[:, None])[None, None]
     present: list[Tensor] = []
