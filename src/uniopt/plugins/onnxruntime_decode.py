@@ -3,7 +3,10 @@
 For a decoder component that declares :class:`~uniopt.optimizer.steps.DecodeSteps`, each step graph
 (and the frame graph that replaces the fast decoder's codebook loop, where there is one) is exported
 with the dynamo exporter at opset 23, a step graph with its length and its caches' length dynamic,
-each graph in a child of its own (side by side where the memory left holds both). The weights the
+each graph in a child of its own (side by side where the memory left holds both). The graphs are
+traced within :func:`~uniopt.optimizer.steps.onnx_ops`, so a step module that offers them computes
+with ONNX's own ``RotaryEmbedding`` and ``Attention`` ops (the attention taking the past caches and
+giving the present ones): a few nodes per layer instead of dozens. The weights the
 graphs compute from parameters (rows reordered, projections fused) are then folded into constants,
 on the ONNX IR with the weights mapped from the export's file, and every matmul by a constant
 becomes ONNX Runtime's ``MatMulNBits``: 8-bit symmetric weights in blocks of 128, with int8 dot
