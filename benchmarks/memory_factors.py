@@ -6,7 +6,8 @@ Every candidate is built in a fresh process with an empty cache, so each step ru
 (export, ORT optimization or quantization, OpenVINO convert, nncf, compile, torch copies). Prints,
 per step: its base MiB (the component's weights, or the model file a load step reads), the
 measured peak RSS increase, peak / base, the estimate and whether the estimate covered it.
-``--json FILE`` keeps the rows.
+``--json FILE`` keeps the rows. The decode-step candidates run only when named, on the decoder:
+``--component decoder --candidate onnxruntime-steps-int8``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ CANDIDATES = (
     "openvino-int8-static",
     "openvino-int8-matmul",
 )
+#: Candidates for a decoder that declares decode steps (``--component decoder``): not in the default run.
+STEP_CANDIDATES = ("onnxruntime-steps-int8", "openvino-stateful-frame-int8", "openvino-stateful-int8")
 
 WORKER = """
 import dataclasses, json, sys
@@ -79,7 +82,7 @@ def run(component: str, candidate: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--component", action="append", choices=("phoneme", "codec", "decoder"))
-    parser.add_argument("--candidate", action="append", choices=CANDIDATES)
+    parser.add_argument("--candidate", action="append", choices=CANDIDATES + STEP_CANDIDATES)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []

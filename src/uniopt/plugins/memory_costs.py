@@ -68,7 +68,9 @@ class StepCost:
 #: child forked from the engine: converting its decode step 194 MiB (0.25), its frame graph 360 MiB;
 #: nncf int8 weights on the step's IR 1011 MiB, of which ~770 are the IR file's mapped pages.
 #: The same decoder's slow step exported for ONNX Runtime, folded (on the IR, weights mapped) and
-#: quantized to 8-bit MatMulNBits in a child: 1275 MiB (1.60); its frame graph 419 MiB (0.53).
+#: quantized to 8-bit MatMulNBits in a child: 1275 MiB (1.60); its frame graph 419 MiB (0.53); traced
+#: on ONNX's attention ops, 1254 and 412 MiB (``python benchmarks/memory_factors.py --component decoder
+#: --candidate onnxruntime-steps-int8``).
 #: Pages of a file (a mapped IR, parked weights: :mod:`uniopt.parked`) count in a step's peak but
 #: not against the limit: the kernel drops them before it kills.
 STEP_COSTS: dict[str, StepCost] = {
@@ -122,6 +124,13 @@ STEP_FIRST_CALL_FACTORS = {"compressed": 1.75, "float": 0.4}
 #: Measured on the same slow step: 492 MiB instead of 319 with dynamic quantization off, 354
 #: instead of 182 with it on, a file's worth more each time; its f32 model 300 MiB either way.
 STEP_BLOB_FIRST_CALL_FACTOR = 1.0
+
+
+#: What ONNX Runtime decode steps' first calls add, per byte of their model files (the sessions'
+#: buffers for the steps' activations and caches). Measured on the TTS decoder's slow step and frame
+#: graph with 8-bit ``MatMulNBits`` weights (324 MiB of files): 70 MiB over the reference calls' peak
+#: (``python benchmarks/memory_factors.py --component decoder --candidate onnxruntime-steps-int8``).
+ORT_STEP_FIRST_CALL_FACTOR = 0.25
 
 
 def step_first_call_bytes(weights_bytes: int, compressed: bool, from_blob: bool) -> int:

@@ -35,7 +35,7 @@ from ..optimizer.steps import FrameGraph, StepGraph, StepRunner, continued_lengt
 from .candidate import BuildContext, BuildStep, Candidate, Requirements, Stage
 from .export import quiet_loggers, rebuild_on_failure
 from .hookspecs import hookimpl
-from .memory_costs import estimate_step, file_bytes, memory_step, weight_bytes
+from .memory_costs import ORT_STEP_FIRST_CALL_FACTOR, estimate_step, file_bytes, memory_step, weight_bytes
 from .side_by_side import ChildBuild, EntryBuild, entry_writer, side_by_side
 from .step_decode import StepDecode
 
@@ -261,7 +261,14 @@ def _build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
             for g in graphs
         }
 
-    info = {"from_cache": from_cache, "weights": f"int{BITS}", "block_size": BLOCK_SIZE, "device": "CPU"}
+    files = sum(file_bytes(path, path.with_name(path.name + ".data")) for path in paths.values())
+    info = {
+        "from_cache": from_cache,
+        "weights": f"int{BITS}",
+        "block_size": BLOCK_SIZE,
+        "device": "CPU",
+        "first_call_bytes": int(ORT_STEP_FIRST_CALL_FACTOR * files),
+    }
     allowed = context.settings.fallback_on_optimization_error
     return Stage(NAME, StepDecode(component, steps, runners, NAME, allowed), info)
 
