@@ -243,7 +243,9 @@ def bench(
         None, help="Built-in engines (phoneme, diarization, tts) or package.module:factory."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    budget: float = typer.Option(None, "--budget", help="Seconds of measuring per component."),
+    budget: float = typer.Option(
+        None, "--budget", help="Seconds auto mode may spend searching for each engine (its components share them)."
+    ),
     mode: str = typer.Option("auto", "--mode", help="auto or tier."),
 ) -> None:
     """Optimize engines on this host and print each candidate's latency, speed-up and accuracy."""
