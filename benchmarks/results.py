@@ -101,9 +101,10 @@ def main() -> None:
                 [sys.executable, "-m", "uniopt.cli", *command[1:]],
                 capture_output=True,
                 text=True,
-                check=True,
                 env={**os.environ, "UNIOPT_CACHE_DIR": cache},
             )
+        if out.returncode != 0:  # the bench's own error message is on its stdout (a table run) or stderr
+            sys.exit(f"{' '.join(command)} failed ({out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         results = json.loads(out.stdout)
     (HERE / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = _table(results)
