@@ -593,16 +593,15 @@ def budget_part(budget_s: float, spent_s: float, searches_left: int) -> float:
 
 
 def optimize_component(
-    component: Component, context: BuildContext, pm: pluggy.PluginManager, budget_s: float | None = None
+    component: Component, context: BuildContext, pm: pluggy.PluginManager, budget_s: float
 ) -> ComponentReport:
     """Pick the stage for ``component`` according to ``context.settings.mode``.
 
-    Auto mode's search takes at most ``budget_s`` (default: the whole search budget). Its eager
-    weights are parked first where memory is short (see :mod:`uniopt.parked`).
+    Auto mode's search takes at most ``budget_s`` (its part of the engine's budget: :func:`budget_part`).
+    Its eager weights are parked first where memory is short (see :mod:`uniopt.parked`).
     """
     parking = park_for_room(component.module, component.key(), context.cache, context.settings.park_weights)
-    budget = context.settings.search_budget_s if budget_s is None else budget_s
-    report = _optimize_component(component, context, pm, budget)
+    report = _optimize_component(component, context, pm, budget_s)
     report.parked_bytes, report.parked = parking.parked_bytes, parking.note
     return report
 

@@ -224,6 +224,11 @@ def _step_model(build: EntryBuild, context: BuildContext, loaded: list[str], sta
     return entry.path / "model.onnx"
 
 
+def _model_bytes(path: Path) -> int:
+    """The size of a quantized model: its graph file and its weights' file."""
+    return file_bytes(path, path.with_name(path.name + ".data"))
+
+
 def _session(path: Path, component: Any, context: BuildContext) -> Any:
     """A session over ``path`` whose workers spin inside a run and stop at its end.
 
@@ -237,7 +242,7 @@ def _session(path: Path, component: Any, context: BuildContext) -> Any:
     options = context.threads.onnxruntime_options(spinning=True)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    with memory_step("onnxruntime-session", component, context, file_bytes(path, path.with_name(path.name + ".data"))):
+    with memory_step("onnxruntime-session", component, context, _model_bytes(path)):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -261,7 +266,7 @@ def _build(component: Any, context: BuildContext, loaded: list[str]) -> Stage:
             for g in graphs
         }
 
-    files = sum(file_bytes(path, path.with_name(path.name + ".data")) for path in paths.values())
+    files = sum(_model_bytes(path) for path in paths.values())
     info = {
         "from_cache": from_cache,
         "weights": f"int{BITS}",
