@@ -92,20 +92,22 @@ def test_every_matmul_by_a_weight_runs_on_8_bit_weights(long_engine: FishSpeechE
 def test_each_layers_attention_is_one_node_with_the_caches_in_and_out(
     long_engine: FishSpeechEngine, cache: Path
 ) -> None:
-    """ONNX's RoPE and attention ops: no grouping, transposes or cache concatenation spelled out."""
+    """ONNX Runtime's GroupQueryAttention (RoPE, grouping and caches inside) and a skip-RMSNorm per residual add."""
     component = long_engine.uniopt_components()[0]
     stage, _ = _build(component, cache)
     layers, fast_layers = long_engine.model.config.n_layer, long_engine.model.config.n_fast_layer
     codebooks = long_engine.model.config.num_codebooks
     slow = _graph(stage, "slow")
     kinds = [n.op_type for n in slow.node]
-    attention = [n for n in slow.node if n.op_type == "Attention"]
-    assert len(attention) == layers and kinds.count("RotaryEmbedding") == 2 * layers
-    assert {i.name for i in slow.input} >= {n.input[4] for n in attention}  # each fed its layer's past caches
+    attention = [n for n in slow.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == layers and all(n.domain == "com.microsoft" for n in attention)
+    fed = [(n.input[3], n.input[4]) for n in attention]  # each fed its layer's past caches
+    assert fed == [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(layers)]
     assert all(len(n.output) == 3 for n in attention)
-    assert not {"Transpose", "Expand", "Concat"} & set(kinds), kinds
+    assert kinds.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
+    assert not {"Transpose", "Expand", "RotaryEmbedding", "Attention", "Softmax"} & set(kinds), kinds
     frame = _graph(stage, "frame")
-    attention = [n for n in frame.node if n.op_type == "Attention"]
+    attention = [n for n in frame.node if n.op_type == "GroupQueryAttention"]
     assert len(attention) == fast_layers * codebooks and all(len(n.output) == 3 for n in attention)
 
 

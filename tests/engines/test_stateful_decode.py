@@ -318,10 +318,10 @@ def test_a_bundle_holds_the_step_models_and_a_tier_start_converts_nothing(tmp_pa
 
 def test_the_step_graphs_feed_forward_is_the_models_own() -> None:
     from uniopt.engines.tts.layers import FeedForward
-    from uniopt.engines.tts.steps import _feed_forward
+    from uniopt.engines.tts.steps import feed_forward
 
     torch.manual_seed(0)
     ff, x = FeedForward(8, 16), torch.randn(1, 3, 8)
-    torch.testing.assert_close(_feed_forward(ff, x), ff(x), atol=1e-6, rtol=1e-6)  # gate and up as one matmul
+    torch.testing.assert_close(feed_forward(ff, x), ff(x), atol=1e-6, rtol=1e-6)  # gate and up as one matmul
     ff.w1 = torch.nn.Linear(8, 16)  # with a bias: not stacked, the module runs as it is
-    assert torch.equal(_feed_forward(ff, x), ff(x))
+    assert torch.equal(feed_forward(ff, x), ff(x))

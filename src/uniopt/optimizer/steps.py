@@ -44,11 +44,12 @@ _ONNX_OPS: ContextVar[bool] = ContextVar("uniopt_onnx_ops", default=False)
 
 @contextmanager
 def onnx_ops() -> Iterator[None]:
-    """Within it, step graphs are traced for an ONNX export that runs ONNX's own fused ops.
+    """Within it, step graphs are traced for an ONNX export that runs on ONNX Runtime's fused ops.
 
-    A step module may then compute with ``torch.onnx.ops`` (``RotaryEmbedding``, ``Attention``
-    with past and present caches), which the exporter writes as one node each; outside it, the
-    same module computes with the plain PyTorch ops every other backend converts.
+    A step module may then compute with ``torch.onnx.ops`` (ONNX Runtime's ``GroupQueryAttention``
+    with past and present caches, say), which the exporter writes as one node each; such a module
+    is only traced within it, never run. Outside it, the same module computes with the plain
+    PyTorch ops every other backend converts.
     """
     token = _ONNX_OPS.set(True)
     try:

@@ -5,14 +5,15 @@ For a decoder component that declares :class:`~uniopt.optimizer.steps.DecodeStep
 with the dynamo exporter at opset 23, a step graph with its length and its caches' length dynamic,
 each graph in a child of its own (side by side where the memory left holds both). The graphs are
 traced within :func:`~uniopt.optimizer.steps.onnx_ops`, so a step module that offers them computes
-with ONNX's own ``RotaryEmbedding`` and ``Attention`` ops (the attention taking the past caches and
-giving the present ones): a few nodes per layer instead of dozens. The weights the
-graphs compute from parameters (rows reordered, projections fused) are then folded into constants,
-on the ONNX IR with the weights mapped from the export's file, and every matmul by a constant
-becomes ONNX Runtime's ``MatMulNBits``: 8-bit symmetric weights in blocks of 128, with int8 dot
-products (accuracy level 4: each call quantizes the activations per block). On the Zen 4 host that
-kernel streams int8 weights faster than OpenVINO's (``benchmarks/decoder_speed.py``); with float
-activations (accuracy level 1) the slow step ran ~30x slower.
+with ONNX Runtime's fused CPU ops (the TTS steps: one ``GroupQueryAttention`` per layer, RoPE and
+the caches inside, and a ``SkipSimplifiedLayerNormalization`` per residual add and RMS norm):
+about 15 nodes per layer instead of dozens. The weights the graphs compute from parameters (rows
+reordered, projections fused) are then folded into constants, on the ONNX IR with the weights mapped
+from the export's file, and every matmul by a constant becomes ONNX Runtime's ``MatMulNBits``: 8-bit
+symmetric weights in blocks of 128, with int8 dot products (accuracy level 4: each call quantizes
+the activations per block). On the Zen 4 host that kernel streams int8 weights faster than
+OpenVINO's (``benchmarks/decoder_speed.py``); with float activations (accuracy level 1) the slow
+step ran ~30x slower.
 
 A step's session takes the caches as inputs and gives them back with the step appended (the
 ``present`` outputs); :class:`CachedStep` keeps them between calls, so the engine's own loop and
@@ -43,8 +44,8 @@ __all__ = ["CachedStep", "SessionRunner"]
 
 NAME = "onnxruntime-steps-int8"
 #: How the exported step models are made; a new value is a new cache key.
-STEP_ONNX_LAYOUT = 3
-#: Opset 23 has ``RMSNormalization`` and ``Attention``: one node each where opset 18 spells out five to a dozen.
+STEP_ONNX_LAYOUT = 4
+#: Opset 23 has ``RMSNormalization``: one node where opset 18 spells out five.
 OPSET = 23
 #: ``MatMulNBits`` weights: bits, block size along the input dimension, accuracy level (4: int8 dot products).
 BITS, BLOCK_SIZE, ACCURACY_LEVEL = 8, 128, 4
@@ -155,20 +156,25 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
         leftover.unlink()
 
 
-def _give_attention_its_present_outputs(model: Any) -> None:
-    """Give every ``Attention`` node fed past caches its present outputs, where the exporter dropped them.
+#: Attention nodes that take past caches, by (domain, op): the index of their past key input.
+_PAST_KEY_INPUT = {("", "Attention"): 4, ("ai.onnx", "Attention"): 4, ("com.microsoft", "GroupQueryAttention"): 3}
 
-    ONNX Runtime's CPU kernel refuses past caches without present outputs; in a frame graph the
+
+def _give_attention_its_present_outputs(model: Any) -> None:
+    """Give every attention node fed past caches its present outputs, where the exporter dropped them.
+
+    ONNX Runtime's CPU kernels refuse past caches without present outputs; in a frame graph the
     last pass's presents are read by nothing, so the exporter leaves them out.
     """
     from onnxscript import ir
 
     for node in list(model.graph):
-        has_past = len(node.inputs) > 4 and node.inputs[4] is not None
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or not has_past or len(node.outputs) >= 3:
+        past_key = _PAST_KEY_INPUT.get((node.domain, node.op_type))
+        has_past = past_key is not None and len(node.inputs) > past_key and node.inputs[past_key] is not None
+        if not has_past or len(node.outputs) >= 3:
             continue
         full = ir.Node(
-            node.domain, "Attention", node.inputs, node.attributes.values(), num_outputs=3, version=node.version
+            node.domain, node.op_type, node.inputs, node.attributes.values(), num_outputs=3, version=node.version
         )
         model.graph.insert_before(node, full)
         kept = list(node.outputs)

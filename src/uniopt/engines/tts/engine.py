@@ -67,7 +67,7 @@ class FishSpeechConfig:
             n_fast_layer=2,
             fast_n_head=4,
             fast_n_local_heads=2,
-            fast_head_dim=8,
+            fast_head_dim=16,
             fast_intermediate_size=64,
             codebook_size=64,
             max_seq_len=160,

@@ -59,8 +59,7 @@ class FastFrame(nn.Module):
         x, codes, scores = hidden.reshape(1, 1, -1).float(), [], []
         for index in range(parts.num_codebooks):
             position = self.positions[index : index + 1]
-            cos, sin = parts.fast_rope[0][index : index + 1], parts.fast_rope[1][index : index + 1]
-            out, present = _blocks(parts.fast_layers, x, cos, sin, position, past, expand_groups=False)
+            out, present = _blocks(parts.fast_layers, x, parts.fast_rope, position, past, expand_groups=False)
             past = tuple(present)
             if index > 0:
                 logits = model.fast_output(model.fast_norm(out))[0, -1, : self.limit]

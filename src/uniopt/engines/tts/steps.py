@@ -67,17 +67,21 @@ def _head_norm(norm: Any, x: Tensor, order: Tensor) -> Tensor:
     return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
 
 
+def qkv_rows(attention: Any) -> Tensor:
+    """The rows of ``wqkv`` in the order the steps compute with: each query and key head's dims in
+    :func:`halves_order`, the values as they are (a graph backend folds the reordered weight into a constant)."""
+    heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
+    starts = torch.arange(heads + kv_heads)[:, None] * head_dim
+    ordered = (starts + halves_order(head_dim)).flatten()
+    return torch.cat([ordered, torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)])
+
+
 def _projections(attention: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys ``[b, L, heads, d]`` (normed when the attention has q/k norms, dims in
-    :func:`halves_order`) and values, from ``wqkv``'s rows reordered (a graph backend folds the
-    reordered weight into a constant)."""
+    :func:`halves_order`) and values, from ``wqkv``'s rows reordered (:func:`qkv_rows`)."""
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
-    order = halves_order(head_dim)
-    starts = torch.arange(heads + kv_heads)[:, None] * head_dim
-    rows = torch.cat(
-        [(starts + order).flatten(), torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)]
-    )
+    rows = qkv_rows(attention)
     wqkv = attention.wqkv
     bias = None if wqkv.bias is None else wqkv.bias.index_select(0, rows)
     qkv = F.linear(x, wqkv.weight.index_select(0, rows), bias)
@@ -85,6 +89,7 @@ def _projections(attention: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q, k = q.view(b, length, heads, head_dim), k.view(b, length, kv_heads, head_dim)
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
     if q_norm is not None and k_norm is not None:
+        order = halves_order(head_dim)
         q, k = _head_norm(q_norm, q, order), _head_norm(k_norm, k, order)
     return q, k, v.view(b, length, kv_heads, head_dim)
 
@@ -102,8 +107,7 @@ def attention_step(
     """Grouped-query attention of ``x [1, L, dim]`` over the past keys and its own.
 
     ``attention`` is a Fish-Speech ``Attention`` (fused ``wqkv``, optional ``q_norm``/``k_norm``,
-    RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables` (within
-    :func:`~uniopt.optimizer.steps.onnx_ops`, the pairs' tables ``[1, L, d/2]``);
+    RoPE on interleaved pairs, ``wo``); ``cos``/``sin`` come from :func:`rotation_tables`;
     ``visible [1, 1, L, P+L]`` says which keys each query sees. Returns the output and the caches
     with the step appended; the cached keys' dims are in :func:`halves_order`. Query head ``h``
     reads kv head ``h // groups``, as ``repeat_interleave`` gives: through keys and values expanded
@@ -113,8 +117,6 @@ def attention_step(
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
     q, k, v = _projections(attention, x)
-    if onnx_ops_on():
-        return _onnx_attention_step(attention, q, k, v, cos, sin, visible, past_key, past_value)
     q = rotate_halves(q, cos, sin).transpose(1, 2)
     k = torch.cat([past_key, rotate_halves(k, cos, sin).transpose(1, 2)], dim=2)
     v = torch.cat([past_value, v.transpose(1, 2)], dim=2)
@@ -128,40 +130,7 @@ def attention_step(
     return attention.wo(y.transpose(1, 2).reshape(b, length, heads * head_dim)), k, v
 
 
-def _onnx_attention_step(
-    attention: Any,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    visible: Tensor,
-    past_key: Tensor,
-    past_value: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`attention_step` on ONNX's ``RotaryEmbedding`` and ``Attention`` ops (within
-    :func:`~uniopt.optimizer.steps.onnx_ops`): queries, keys and values stay ``[1, L, heads * d]``,
-    the grouping and the caches' concatenation are the attention op's, so a layer's attention is
-    two RoPE nodes and one attention node where the plain form spells out two dozen. ``cos``/``sin``
-    are the pairs' tables ``[1, L, d/2]``."""
-    b, length = q.shape[:2]
-    heads, kv_heads = attention.n_head, attention.n_local_heads
-    q = torch.onnx.ops.rotary_embedding(q.reshape(b, length, -1), cos, sin, num_heads=heads)
-    k = torch.onnx.ops.rotary_embedding(k.reshape(b, length, -1), cos, sin, num_heads=kv_heads)
-    y, present_key, present_value, _ = torch.onnx.ops.attention(
-        q,
-        k,
-        v.reshape(b, length, -1),
-        visible,
-        past_key,
-        past_value,
-        q_num_heads=heads,
-        kv_num_heads=kv_heads,
-    )
-    return attention.wo(y), present_key, present_value
-
-
-def _feed_forward(ff: Any, x: Tensor) -> Tensor:
+def feed_forward(ff: Any, x: Tensor) -> Tensor:
     """Fish-Speech's SwiGLU, ``w2(silu(w1 x) * w3 x)``, with the gate and up projections as one matmul
     over their weights stacked (a constant once a graph backend folds it). A feed-forward of another
     form (no ``w1``/``w3`` Linear layers, or biases) runs as it is."""
@@ -175,17 +144,21 @@ def _feed_forward(ff: Any, x: Tensor) -> Tensor:
 def _blocks(
     blocks: Any,
     x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    rope: tuple[Tensor, Tensor],
     positions: Tensor,
     past: tuple[Tensor, ...],
     expand_groups: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """Pre-RMSNorm blocks (attention then SwiGLU, residuals) over ``x`` at ``positions``, RoPE tables
-    ``cos``/``sin`` ``[L, d/2]``; the new caches, key then value per layer. Each query sees the keys
-    at positions up to its own; ``expand_groups`` as in :func:`attention_step`."""
-    # The ONNX form's RoPE op takes the pairs' tables as they are, [1, L, d/2].
-    cos, sin = (cos[None], sin[None]) if onnx_ops_on() else rotation_tables(cos, sin)
+    ``rope`` (cos, sin ``[max positions, d/2]``); the new caches, key then value per layer. Each
+    query sees the keys at positions up to its own; ``expand_groups`` as in :func:`attention_step`.
+    Within :func:`~uniopt.optimizer.steps.onnx_ops`, the blocks are traced on ONNX Runtime's fused
+    ops instead (:mod:`.onnx_blocks`)."""
+    if onnx_ops_on():
+        from .onnx_blocks import onnx_blocks  # it builds on this module's helpers
+
+        return onnx_blocks(blocks, x, rope, positions, past)
+    cos, sin = rotation_tables(rope[0][positions], rope[1][positions])
     keys = past[0].shape[2] + x.shape[1]
     visible = (torch.arange(keys, device=x.device)[None, :] <= positions[:, None])[None, None]
     present: list[Tensor] = []
@@ -194,7 +167,7 @@ def _blocks(
         past_key, past_value = past[2 * index], past[2 * index + 1]
         out, k, v = attention_step(block.attention, normed, cos, sin, visible, past_key, past_value, expand_groups)
         h = x + out
-        x = h + _feed_forward(block.feed_forward, block.ffn_norm(h))
+        x = h + feed_forward(block.feed_forward, block.ffn_norm(h))
         present += [k, v]
     return x, present
 
@@ -257,8 +230,7 @@ class SlowStep(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         parts, model = self.parts, self.parts.model
-        cos, sin = parts.rope[0][input_pos], parts.rope[1][input_pos]
-        x, present = _blocks(parts.layers, parts.embed(tokens), cos, sin, input_pos, past)
+        x, present = _blocks(parts.layers, parts.embed(tokens), parts.rope, input_pos, past)
         x = x[:, -1:]
         return (parts.logits(model.norm(x)), model.fast_project_in(x), *present)
 
@@ -273,8 +245,7 @@ class FastStep(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         parts, model = self.parts, self.parts.model
-        cos, sin = parts.fast_rope[0][input_pos], parts.fast_rope[1][input_pos]
-        x, present = _blocks(parts.fast_layers, x, cos, sin, input_pos, past)
+        x, present = _blocks(parts.fast_layers, x, parts.fast_rope, input_pos, past)
         return (model.fast_output(model.fast_norm(x)), *present)
 
 
