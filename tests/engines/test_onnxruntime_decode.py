@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from tiny_engines import build_context, tiny_fish_decoder
 from uniopt import UniversalOptimizer
 from uniopt.engines.tts import FishSpeechConfig, FishSpeechEngine
+from uniopt.errors import NotApplicable
 from uniopt.optimizer.steps import StepOrderError
 from uniopt.plugins import BuildFailure, Stage, candidates, plugin_manager
 from uniopt.plugins.model_cache import model_cache
@@ -109,6 +111,18 @@ def test_each_layers_attention_is_one_node_with_the_caches_in_and_out(
     frame = _graph(stage, "frame")
     attention = [n for n in frame.node if n.op_type == "GroupQueryAttention"]
     assert len(attention) == fast_layers * codebooks and all(len(n.output) == 3 for n in attention)
+
+
+def test_head_sizes_its_attention_cannot_take_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """ONNX Runtime's CPU GroupQueryAttention takes head sizes that are multiples of 16: a recorded refusal."""
+    config = FishSpeechConfig.tiny()
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, fast_head_dim=8))
+    component = FishSpeechEngine.from_config(config, seed=3).uniopt_components()[0]
+    context = build_context(tmp_path)
+    pm = plugin_manager(context.settings.plugins)
+    built = pm.hook.uniopt_build_stage(candidate=candidates(pm)[NAME], component=component, context=context)
+    assert isinstance(built, BuildFailure) and isinstance(built.error, NotApplicable)
+    assert "multiples of 16" in built.reason and "are 8" in built.reason
 
 
 def test_a_step_that_does_not_continue_the_sequence_is_refused(long_engine: FishSpeechEngine, cache: Path) -> None:

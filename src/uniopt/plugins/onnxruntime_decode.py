@@ -118,18 +118,24 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
         example, dynamic = graph.example_inputs, None
     with torch.no_grad(), onnx_ops(), quiet_loggers("torch", "onnxscript", "onnx_ir"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation and axis-naming notes
-        torch.onnx.export(
-            graph.module.eval(),
-            example,
-            str(plain),
-            input_names=list(graph.input_names),
-            output_names=list(graph.output_names),
-            dynamic_shapes=dynamic,
-            dynamo=True,
-            opset_version=OPSET,
-            external_data=True,
-            verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                graph.module.eval(),
+                example,
+                str(plain),
+                input_names=list(graph.input_names),
+                output_names=list(graph.output_names),
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=True,
+                verbose=False,
+            )
+        except Exception as error:
+            refusal = _refusal(error)
+            if refusal is None:
+                raise
+            raise refusal from None
     # Folded on the IR, whose weights stay mapped from the export's file, and written out again: on the
     # TTS decoder's slow step (795 MiB of weights) this step peaked at 1.3 GiB, against 3.1 GiB through protos.
     model = ir.load(str(plain))
@@ -154,6 +160,16 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
     quantizer.model.save_model_to_file(str(directory / "model.onnx"), use_external_data_format=True)
     for leftover in directory.glob("folded.onnx*"):
         leftover.unlink()
+
+
+def _refusal(error: BaseException) -> NotApplicable | None:
+    """The :class:`NotApplicable` a step module raised while traced, under the exporter's own errors."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, NotApplicable):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 #: Attention nodes that take past caches, by (domain, op): the index of their past key input.
