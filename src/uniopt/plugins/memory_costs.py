@@ -69,8 +69,9 @@ class StepCost:
 #: nncf int8 weights on the step's IR 1011 MiB, of which ~770 are the IR file's mapped pages.
 #: The same decoder's slow step exported for ONNX Runtime, folded (on the IR, weights mapped) and
 #: quantized to 8-bit MatMulNBits in a child: 1275 MiB (1.60); its frame graph 419 MiB (0.53); traced
-#: on ONNX's attention ops, 1254 and 412 MiB (``python benchmarks/memory_factors.py --component decoder
-#: --candidate onnxruntime-steps-int8``).
+#: on ONNX's attention ops, 1254 and 412 MiB; on ONNX Runtime's fused ops and quantized on the IR one
+#: weight at a time (the folded model no longer loaded whole), 605 and 292 MiB
+#: (``python benchmarks/memory_factors.py --component decoder --candidate onnxruntime-steps-int8``).
 #: Pages of a file (a mapped IR, parked weights: :mod:`uniopt.parked`) count in a step's peak but
 #: not against the limit: the kernel drops them before it kills.
 STEP_COSTS: dict[str, StepCost] = {
@@ -82,10 +83,10 @@ STEP_COSTS: dict[str, StepCost] = {
     "onnxruntime-quantize": StepCost(4.2, 96 * MiB, "onnxruntime.quantization.quantize_dynamic"),
     "onnxruntime-fp16": StepCost(3.0, 96 * MiB, "onnxruntime.transformers float16 conversion"),
     "onnxruntime-step-export": StepCost(
-        1.8, 192 * MiB, "a decode step graph exported (dynamo), its computed weights folded, MatMulNBits weights"
+        0.75, 192 * MiB, "a decode step graph exported (dynamo), its computed weights folded, MatMulNBits weights"
     ),
     "onnxruntime-frame-export": StepCost(
-        0.7, 192 * MiB, "a frame graph (the codebooks unrolled) exported (dynamo), folded, MatMulNBits weights"
+        0.25, 192 * MiB, "a frame graph (the codebooks unrolled) exported (dynamo), folded, MatMulNBits weights"
     ),
     "onnxruntime-session": StepCost(0.5, 96 * MiB, "loading the model file into an InferenceSession"),
     "openvino-convert": StepCost(2.0, 160 * MiB, "openvino.convert_model of the ONNX file and save_model"),

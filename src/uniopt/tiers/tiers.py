@@ -72,7 +72,8 @@ _ENCODER_CPU = ("openvino-bf16", "openvino-int8-matmul", "onnxruntime-fp32", "ea
 # call per frame where it declares a frame graph: on the Zen 4 host 15.2 and 20.2 ms a frame against
 # eager's 120.7 (dynamic int8 32.4), keeping 99-100% of eager's decisive choices
 # (benchmarks/decoder_speed.py); auto mode times them all. Where memory is short the ONNX Runtime
-# export is refused before it runs (its peak is ~1.6x the decoder's weights) and OpenVINO's goes on.
+# export is refused before it runs (its peak is ~0.8x the decoder's weights: it fits in the 1.5 GiB
+# cgroup once the decoder's eager weights are parked) and OpenVINO's goes on.
 _DECODER_CPU = (
     "onnxruntime-steps-int8",
     "openvino-stateful-frame-int8",
