@@ -71,7 +71,9 @@ class StepCost:
 #: quantized to 8-bit MatMulNBits in a child: 1275 MiB (1.60); its frame graph 419 MiB (0.53); traced
 #: on ONNX's attention ops, 1254 and 412 MiB; on ONNX Runtime's fused ops and quantized on the IR one
 #: weight at a time (the folded model no longer loaded whole), 605 and 292 MiB
-#: (``python benchmarks/memory_factors.py --component decoder --candidate onnxruntime-steps-int8``).
+#: (``python benchmarks/memory_factors.py --component decoder --candidate onnxruntime-steps-int8``); in
+#: the 1.5 GiB cgroup, with the decoder's weights parked, the slow step's export peaked at 1070 MiB:
+#: the parked weights it reads back count there as a file's pages (``benchmarks/memory.py tts``).
 #: Pages of a file (a mapped IR, parked weights: :mod:`uniopt.parked`) count in a step's peak but
 #: not against the limit: the kernel drops them before it kills.
 STEP_COSTS: dict[str, StepCost] = {
