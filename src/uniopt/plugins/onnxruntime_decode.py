@@ -24,7 +24,6 @@ models are cache entries: a warm start loads them without exporting anything.
 from __future__ import annotations
 
 import functools
-import gc
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,8 +145,6 @@ def _quantized_onnx(graph: StepGraph | FrameGraph, directory: Path) -> None:
     if not _to_matmul_nbits(model):
         raise RuntimeError(f"{graph.name}: no matmul by a constant weight to quantize")
     ir.save(model, str(directory / "model.onnx"), external_data="model.onnx.data")
-    del model
-    gc.collect()
     for leftover in directory.glob("plain.onnx*"):
         leftover.unlink()
 
@@ -216,21 +213,17 @@ def _refusal(error: BaseException) -> NotApplicable | None:
     return None
 
 
-#: Attention nodes that take past caches, by (domain, op): the index of their past key input.
-_PAST_KEY_INPUT = {("", "Attention"): 4, ("ai.onnx", "Attention"): 4, ("com.microsoft", "GroupQueryAttention"): 3}
-
-
 def _give_attention_its_present_outputs(model: Any) -> None:
-    """Give every attention node fed past caches its present outputs, where the exporter dropped them.
+    """Give every ``GroupQueryAttention`` fed past caches its present outputs, where the exporter dropped them.
 
-    ONNX Runtime's CPU kernels refuse past caches without present outputs; in a frame graph the
+    ONNX Runtime's CPU kernel refuses past caches without present outputs; in a frame graph the
     last pass's presents are read by nothing, so the exporter leaves them out.
     """
     from onnxscript import ir
 
     for node in list(model.graph):
-        past_key = _PAST_KEY_INPUT.get((node.domain, node.op_type))
-        has_past = past_key is not None and len(node.inputs) > past_key and node.inputs[past_key] is not None
+        attention = node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention"
+        has_past = attention and len(node.inputs) > 3 and node.inputs[3] is not None  # input 3: the past key
         if not has_past or len(node.outputs) >= 3:
             continue
         full = ir.Node(

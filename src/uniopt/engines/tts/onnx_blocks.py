@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import NotApplicable
-from .steps import feed_forward, halves_order, qkv_rows
+from .steps import feed_forward, halves_order, reordered_qkv
 
 __all__ = ["onnx_blocks"]
 
@@ -110,10 +110,7 @@ def _attention(
             f"ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of {HEAD_SIZE_MULTIPLE}; "
             f"this decoder's are {head_dim}"
         )
-    rows = qkv_rows(attention)
-    wqkv = attention.wqkv
-    bias = None if wqkv.bias is None else wqkv.bias.index_select(0, rows)
-    qkv = _normed_heads(attention, F.linear(x, wqkv.weight.index_select(0, rows), bias))
+    qkv = _normed_heads(attention, reordered_qkv(attention, x))
     past_key, past_value = past
     cache = (b, kv_heads, past_key.shape[2] + length, head_dim)
     y, present_key, present_value = torch.onnx.ops.symbolic_multi_out(

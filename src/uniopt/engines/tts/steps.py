@@ -67,24 +67,24 @@ def _head_norm(norm: Any, x: Tensor, order: Tensor) -> Tensor:
     return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
 
 
-def qkv_rows(attention: Any) -> Tensor:
-    """The rows of ``wqkv`` in the order the steps compute with: each query and key head's dims in
-    :func:`halves_order`, the values as they are (a graph backend folds the reordered weight into a constant)."""
+def reordered_qkv(attention: Any, x: Tensor) -> Tensor:
+    """``wqkv(x)`` with each query and key head's dims in :func:`halves_order`, the values as they are:
+    ``wqkv``'s rows reordered (a graph backend folds the reordered weight into a constant)."""
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
     starts = torch.arange(heads + kv_heads)[:, None] * head_dim
     ordered = (starts + halves_order(head_dim)).flatten()
-    return torch.cat([ordered, torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)])
+    rows = torch.cat([ordered, torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)])
+    wqkv = attention.wqkv
+    bias = None if wqkv.bias is None else wqkv.bias.index_select(0, rows)
+    return F.linear(x, wqkv.weight.index_select(0, rows), bias)
 
 
 def _projections(attention: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys ``[b, L, heads, d]`` (normed when the attention has q/k norms, dims in
-    :func:`halves_order`) and values, from ``wqkv``'s rows reordered (:func:`qkv_rows`)."""
+    :func:`halves_order`) and values, from :func:`reordered_qkv`."""
     b, length, _ = x.shape
     heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
-    rows = qkv_rows(attention)
-    wqkv = attention.wqkv
-    bias = None if wqkv.bias is None else wqkv.bias.index_select(0, rows)
-    qkv = F.linear(x, wqkv.weight.index_select(0, rows), bias)
+    qkv = reordered_qkv(attention, x)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(b, length, heads, head_dim), k.view(b, length, kv_heads, head_dim)
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
